@@ -1,0 +1,37 @@
+//! The smallest complete embedder: a daemon whose answer is the request's `ops`.
+//!
+//! ```text
+//! cargo run --release --example echo          # serves $HOME/.khive/khived.sock
+//! KHIVE_SOCKET=/tmp/echo/echo.sock cargo run --example echo
+//! ```
+
+use khived::{Config, Daemon, Dispatch};
+
+struct Echo;
+
+impl Dispatch for Echo {
+    async fn dispatch(
+        &self,
+        ops: &str,
+        _presentation: Option<&str>,
+        _presentation_per_op: Option<&[Option<String>]>,
+    ) -> Result<String, String> {
+        Ok(ops.to_owned())
+    }
+
+    fn namespace(&self) -> &str {
+        "echo"
+    }
+
+    fn config_id(&self) -> &str {
+        ""
+    }
+}
+
+fn main() {
+    khived::init_stderr_logger(log::LevelFilter::Info);
+    if let Err(e) = Daemon::new(Config::from_env(), Echo).run_blocking() {
+        log::error!("{e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,175 @@
+//! A blocking client: one deadline covers connecting, writing and reading.
+//!
+//! This module depends on the wire format only, so a front-end can use it without the server.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures_lite::io::AssertAsync;
+use rustix::net::{sockopt, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+
+use crate::wire::{encode_frame, read_frame, ProbeInfo, Request, Response};
+
+/// A connection to a daemon, for one or several requests under one deadline.
+///
+/// ```no_run
+/// use std::time::Duration;
+///
+/// let mut client = khived::Client::connect(khived::socket_path(), Duration::from_secs(5))?;
+/// let response = client.request(&khived::Request::new("search foo", "khive", ""))?;
+/// println!("{:?}", response.result);
+/// # std::io::Result::Ok(())
+/// ```
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    path: PathBuf,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Connects to the daemon at `path`; `timeout` bounds this call and every request made
+    /// on the connection afterwards, all together.
+    ///
+    /// A missing socket is [`io::ErrorKind::NotFound`]; a socket nobody listens on is
+    /// [`io::ErrorKind::ConnectionRefused`]; both messages name the path.
+    pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> io::Result<Client> {
+        let path = path.as_ref();
+        let deadline = Instant::now() + timeout;
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        // A blocking connect to a Unix socket whose backlog is full waits, bounded by the
+        // send timeout: that makes the connect honour the deadline too.
+        let connect_timeout = timeout.max(Duration::from_millis(1));
+        sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, Some(connect_timeout))?;
+        let addr = SocketAddrUnix::new(path)?;
+        if let Err(e) = rustix::net::connect(&fd, &addr) {
+            let e = io::Error::from(e);
+            let message = match e.kind() {
+                io::ErrorKind::NotFound => "no daemon socket at",
+                io::ErrorKind::ConnectionRefused => "no daemon listening on (stale socket)",
+                io::ErrorKind::WouldBlock => "timed out connecting to (daemon busy)",
+                _ => "cannot connect to",
+            };
+            let kind = match e.kind() {
+                io::ErrorKind::WouldBlock => io::ErrorKind::TimedOut,
+                kind => kind,
+            };
+            return Err(io::Error::new(
+                kind,
+                format!("{message} {}: {e}", path.display()),
+            ));
+        }
+        Ok(Client {
+            stream: UnixStream::from(fd),
+            path: path.to_owned(),
+            deadline,
+            timeout,
+        })
+    }
+
+    /// Sends one request and reads its response.
+    pub fn request(&mut self, request: &Request<'_>) -> io::Result<Response> {
+        let frame = encode_frame(request)?;
+        let body = self.exchange(&frame)?;
+        serde_json::from_slice(&body).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad response from {}: {e}", self.path.display()),
+            )
+        })
+    }
+
+    /// Asks the daemon who it is; see [`ProbeInfo`].
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// let mut client = khived::Client::connect(khived::socket_path(), Duration::from_secs(1))?;
+    /// println!("pid {}", client.probe()?.pid);
+    /// # std::io::Result::Ok(())
+    /// ```
+    pub fn probe(&mut self) -> io::Result<ProbeInfo> {
+        let response = self.request(&Request::probe())?;
+        let text = match (response.ok, response.result) {
+            (true, Some(text)) => text,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} answered a probe with an error: {}",
+                        self.path.display(),
+                        response.error.unwrap_or_default()
+                    ),
+                ))
+            }
+        };
+        serde_json::from_str(&text).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} answered a probe with {text:?}: {e}", self.path.display()),
+            )
+        })
+    }
+
+    /// Writes one raw frame and reads one raw frame back, within the deadline.
+    pub fn exchange(&mut self, frame: &[u8]) -> io::Result<Vec<u8>> {
+        use std::io::Write;
+        self.arm_timeouts()?;
+        let timed_out = |e: io::Error, doing: &str| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "no answer from {} within {:?} ({doing})",
+                    self.path.display(),
+                    self.timeout
+                ),
+            ),
+            _ => e,
+        };
+        (&self.stream)
+            .write_all(frame)
+            .map_err(|e| timed_out(e, "writing the request"))?;
+        self.arm_timeouts()?;
+        // The socket blocks, bounded by its timeouts; the async reader just runs to completion.
+        let mut reader = AssertAsync::new(&self.stream);
+        futures_lite::future::block_on(read_frame(&mut reader))
+            .map_err(|e| timed_out(e, "reading the response"))
+    }
+
+    fn arm_timeouts(&self) -> io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "no answer from {} within {:?}",
+                    self.path.display(),
+                    self.timeout
+                ),
+            ));
+        }
+        self.stream.set_write_timeout(Some(left))?;
+        self.stream.set_read_timeout(Some(left))?;
+        Ok(())
+    }
+}
+
+/// Probes the daemon at `path`: connects, asks who it is, and returns the answer.
+///
+/// ```no_run
+/// # use std::time::Duration;
+/// match khived::probe(khived::socket_path(), Duration::from_secs(1)) {
+///     Ok(info) => println!("running as pid {}", info.pid),
+///     Err(e) => println!("not running: {e}"),
+/// }
+/// ```
+pub fn probe(path: impl AsRef<Path>, timeout: Duration) -> io::Result<ProbeInfo> {
+    Client::connect(path, timeout)?.probe()
+}

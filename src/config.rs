@@ -1,0 +1,177 @@
+//! Where the daemon lives and the limits it keeps: paths, timeouts, environment variables.
+
+use std::env;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the daemon needs to know besides its dispatcher.
+///
+/// Every field can be set in code; [`Config::from_env`] fills them from the `KHIVE_*`
+/// environment variables the way existing clients expect.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// let mut config = khived::Config::from_env();
+/// config.drain_timeout = Duration::from_secs(3);
+/// config.idle_shutdown = Some(Duration::from_secs(600));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// The Unix socket the daemon listens on.
+    pub socket: PathBuf,
+    /// The PID file, locked for the daemon's whole life so that one daemon runs per socket.
+    pub pid_file: PathBuf,
+    /// How long requests in flight may take to finish after a shutdown starts (default 10 s).
+    pub drain_timeout: Duration,
+    /// Stop after this long with no connection open (default: never).
+    pub idle_shutdown: Option<Duration>,
+    /// How long a new connection may take to deliver its first complete request (default 30 s).
+    pub first_request_timeout: Duration,
+    /// How long a connection may stay open between requests (default 5 min).
+    pub idle_connection_timeout: Duration,
+    /// How long writing one response may take before the client is dropped (default 30 s).
+    pub write_timeout: Duration,
+    /// How many connections may be open at once (default 512, lowered at start to what the
+    /// open-file limit allows). Over the cap a new connection gets one `daemon_busy` reply.
+    pub max_connections: usize,
+    /// Whether the daemon stops on SIGTERM and SIGINT (default true). Turn it off when the
+    /// embedding application handles signals itself and stops the daemon with a
+    /// [`ShutdownHandle`](crate::ShutdownHandle).
+    pub handle_signals: bool,
+}
+
+impl Default for Config {
+    /// The default paths (see [`socket_path`]) and limits, ignoring the environment.
+    fn default() -> Self {
+        let dir = state_dir();
+        Config {
+            socket: dir.join("khived.sock"),
+            pid_file: dir.join("khived.pid"),
+            drain_timeout: Duration::from_secs(10),
+            idle_shutdown: None,
+            first_request_timeout: Duration::from_secs(30),
+            idle_connection_timeout: Duration::from_secs(300),
+            write_timeout: Duration::from_secs(30),
+            max_connections: 512,
+            handle_signals: true,
+        }
+    }
+}
+
+impl Config {
+    /// The defaults, with `KHIVE_SOCKET`, `KHIVE_PID` and `KHIVE_DRAIN_TIMEOUT_SECS` applied
+    /// where they are set (empty paths and unparsable numbers are ignored).
+    ///
+    /// ```
+    /// let config = khived::Config::from_env();
+    /// assert_eq!(config.socket, khived::socket_path());
+    /// ```
+    pub fn from_env() -> Self {
+        let mut config = Config {
+            socket: socket_path(),
+            pid_file: pid_path(),
+            ..Config::default()
+        };
+        if let Some(secs) = env_secs("KHIVE_DRAIN_TIMEOUT_SECS") {
+            config.drain_timeout = Duration::from_secs(secs);
+        }
+        config
+    }
+
+    /// A configuration for a daemon on `socket`, with its PID file beside it (the socket's
+    /// path with the extension `pid`) and default limits; the environment is not read.
+    ///
+    /// ```
+    /// let config = khived::Config::at("/run/user/1000/app/app.sock");
+    /// assert_eq!(config.pid_file.to_str(), Some("/run/user/1000/app/app.pid"));
+    /// ```
+    pub fn at(socket: impl Into<PathBuf>) -> Self {
+        let socket = socket.into();
+        Config {
+            pid_file: socket.with_extension("pid"),
+            socket,
+            ..Config::default()
+        }
+    }
+}
+
+/// The state directory: `$HOME/.khive`, or `./.khive` when `HOME` is unset.
+///
+/// ```
+/// assert!(khived::state_dir().ends_with(".khive"));
+/// ```
+pub fn state_dir() -> PathBuf {
+    match env::var_os("HOME") {
+        Some(home) if !home.is_empty() => PathBuf::from(home).join(".khive"),
+        _ => PathBuf::from(".khive"),
+    }
+}
+
+/// The socket path: `KHIVE_SOCKET` when set and non-empty, else `<state dir>/khived.sock`.
+///
+/// ```
+/// let path = khived::socket_path();
+/// assert!(path.is_absolute() || path.starts_with(".khive") || std::env::var_os("KHIVE_SOCKET").is_some());
+/// ```
+pub fn socket_path() -> PathBuf {
+    env_path("KHIVE_SOCKET").unwrap_or_else(|| state_dir().join("khived.sock"))
+}
+
+/// The PID file path: `KHIVE_PID` when set and non-empty, else `<state dir>/khived.pid`.
+///
+/// ```
+/// if std::env::var_os("KHIVE_PID").is_none() {
+///     assert!(khived::pid_path().ends_with(".khive/khived.pid"));
+/// }
+/// ```
+pub fn pid_path() -> PathBuf {
+    env_path("KHIVE_PID").unwrap_or_else(|| state_dir().join("khived.pid"))
+}
+
+/// Whether the variable `key` is set to something other than empty, `0` or `false` (any
+/// case), after trimming white space.
+///
+/// ```
+/// std::env::set_var("KHIVE_DOC_FLAG", " True ");
+/// assert!(khived::env_truthy("KHIVE_DOC_FLAG"));
+/// std::env::set_var("KHIVE_DOC_FLAG", "0");
+/// assert!(!khived::env_truthy("KHIVE_DOC_FLAG"));
+/// ```
+pub fn env_truthy(key: &str) -> bool {
+    match env::var(key) {
+        Ok(value) => is_truthy(&value),
+        Err(_) => false,
+    }
+}
+
+pub(crate) fn is_truthy(value: &str) -> bool {
+    let value = value.trim();
+    !value.is_empty() && value != "0" && !value.eq_ignore_ascii_case("false")
+}
+
+fn env_path(key: &str) -> Option<PathBuf> {
+    env::var_os(key)
+        .filter(|value| !value.is_empty())
+        .map(PathBuf::from)
+}
+
+fn env_secs(key: &str) -> Option<u64> {
+    env::var(key).ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_truthy;
+
+    #[test]
+    fn truthy_values() {
+        for value in ["1", "yes", "true", "TRUE", " on ", "2"] {
+            assert!(is_truthy(value), "{value:?}");
+        }
+        for value in ["", "  ", "0", "false", "False", " FALSE "] {
+            assert!(!is_truthy(value), "{value:?}");
+        }
+    }
+}

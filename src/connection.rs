@@ -1,0 +1,384 @@
+//! One connection from accept to close: read a frame, decide, dispatch, write the answer,
+//! and again for the next request on the same connection.
+//!
+//! The socket is registered with the reactor only when a read or write would block: a fresh
+//! connection usually has its request waiting already, and a registration costs three
+//! `epoll_ctl` calls.
+
+use std::any::Any;
+use std::io::{self, Read};
+use std::ops::Range;
+use std::os::unix::net::UnixStream;
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use async_io::{Async, Timer};
+use futures_lite::future::{self, FutureExt};
+use rustix::net::SendFlags;
+
+use crate::dispatch::Dispatch;
+use crate::inflight::Flag;
+use crate::server::Shared;
+use crate::wire::{encode_frame_into, ProbeInfo, Request, Response, MAX_FRAME_BYTES, READ_CHUNK};
+
+/// The read buffer's size when a connection starts; it grows only as a frame needs it.
+const INITIAL_BUFFER: usize = 4096;
+
+/// Serves one connection until the client closes it, a deadline passes, or the daemon drains.
+pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
+    let mut conn = Connection::new(stream);
+    let config = &shared.config;
+    let mut deadline = Instant::now() + config.first_request_timeout;
+    // A client that has connected but not yet sent its first request is owed an answer, so
+    // draining waits for it; between requests a connection is idle and is closed at once.
+    let mut idle_stop = None;
+    loop {
+        let body = match conn.read_frame(deadline, idle_stop).await {
+            Ok(Some(body)) => body,
+            Ok(None) => return,
+            Err(ReadError::TooLarge(len)) => {
+                let error = format!("frame too large: {len} bytes (limit {MAX_FRAME_BYTES})");
+                conn.reply_and_close(shared, &error);
+                return;
+            }
+            Err(ReadError::Truncated(what)) => {
+                conn.reply_and_close(shared, &format!("bad request: {what}"));
+                return;
+            }
+            Err(ReadError::TimedOut) if idle_stop.is_none() => {
+                let error = format!(
+                    "bad request: no complete request within {:?}",
+                    config.first_request_timeout
+                );
+                conn.reply_and_close(shared, &error);
+                return;
+            }
+            Err(ReadError::TimedOut) => return,
+            Err(ReadError::Io(e)) => {
+                log::debug!("connection read failed: {e}");
+                return;
+            }
+        };
+        let (response, keep_open) = answer(shared, &conn.buf[body.clone()]).await;
+        conn.consume(body);
+        conn.encode(&response);
+        if let Err(e) = conn.write_out(Instant::now() + config.write_timeout).await {
+            log::debug!("connection write failed: {e}");
+            return;
+        }
+        shared.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !keep_open || shared.draining.is_set() {
+            return;
+        }
+        deadline = Instant::now() + config.idle_connection_timeout;
+        idle_stop = Some(&shared.draining);
+        // Let other connections run before looking for this client's next request.
+        future::yield_now().await;
+    }
+}
+
+/// Decides what to answer to one frame body; the flag says whether the stream can still be
+/// trusted for another request.
+async fn answer<D: Dispatch>(shared: &Shared<D>, body: &[u8]) -> (Response, bool) {
+    let dispatcher = &shared.dispatcher;
+    let config_id = dispatcher.config_id();
+    let request: Request<'_> = match serde_json::from_slice(body) {
+        Ok(request) => request,
+        Err(e) => return (Response::error(format!("bad request: {e}"), config_id), false),
+    };
+    let mut response = Response {
+        served_config_id: Some(config_id.to_owned()),
+        ..Response::default()
+    };
+    if request.probe {
+        response.ok = true;
+        response.result = Some(probe_text(shared));
+    } else if request.namespace != dispatcher.namespace() {
+        response.namespace_mismatch = true;
+    } else if request.config_id != config_id {
+        response.config_mismatch = true;
+    } else {
+        let dispatched = AssertUnwindSafe(dispatcher.dispatch(
+            &request.ops,
+            request.presentation.as_deref(),
+            request.presentation_per_op.as_deref(),
+        ))
+        .catch_unwind()
+        .await;
+        match dispatched {
+            Ok(Ok(result)) => {
+                response.ok = true;
+                response.result = Some(result);
+            }
+            Ok(Err(error)) => response.error = Some(error),
+            Err(panic) => {
+                let message = panic_message(&*panic);
+                log::error!("dispatcher panicked: {message}");
+                response.error = Some(format!("dispatcher panicked: {message}"));
+            }
+        }
+    }
+    (response, true)
+}
+
+fn probe_text<D: Dispatch>(shared: &Shared<D>) -> String {
+    let info = ProbeInfo {
+        pid: std::process::id(),
+        namespace: shared.dispatcher.namespace().to_owned(),
+        config_id: shared.dispatcher.config_id().to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_ms: shared.started.elapsed().as_millis() as u64,
+        in_flight: shared.in_flight.get() as u64,
+        served: shared.served.load(std::sync::atomic::Ordering::Relaxed),
+    };
+    serde_json::to_string(&info).unwrap_or_default()
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s
+    } else {
+        "(a panic that is not a string)"
+    }
+}
+
+enum ReadError {
+    /// The header announced more than the cap; the body was not read.
+    TooLarge(usize),
+    /// The client closed its side inside a frame.
+    Truncated(String),
+    TimedOut,
+    Io(io::Error),
+}
+
+enum Wake {
+    Ready,
+    TimedOut,
+    Stopped,
+}
+
+/// The socket, registered with the reactor only once something had to wait.
+enum Io {
+    Plain(UnixStream),
+    Registered(Async<UnixStream>),
+    /// Registration failed and took the socket with it.
+    Closed,
+}
+
+impl Io {
+    fn stream(&self) -> io::Result<&UnixStream> {
+        match self {
+            Io::Plain(stream) => Ok(stream),
+            Io::Registered(registered) => Ok(registered.get_ref()),
+            Io::Closed => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    fn registered(&mut self) -> io::Result<&Async<UnixStream>> {
+        if let Io::Plain(_) = self {
+            if let Io::Plain(stream) = std::mem::replace(self, Io::Closed) {
+                *self = Io::Registered(Async::new_nonblocking(stream)?);
+            }
+        }
+        match self {
+            Io::Registered(registered) => Ok(registered),
+            _ => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+struct Connection {
+    io: Io,
+    /// Bytes read so far; `start..end` holds those not yet consumed.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The encoded response, written in one piece.
+    out: Vec<u8>,
+}
+
+impl Connection {
+    fn new(stream: UnixStream) -> Self {
+        Connection {
+            io: Io::Plain(stream),
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            out: Vec::new(),
+        }
+    }
+
+    /// Reads until a whole frame is buffered and returns the range of its body in `buf`.
+    /// `Ok(None)` is a clean end: the client closed between frames, or `idle_stop` was set
+    /// while no byte of a next frame had arrived.
+    async fn read_frame(
+        &mut self,
+        deadline: Instant,
+        idle_stop: Option<&Flag>,
+    ) -> Result<Option<Range<usize>>, ReadError> {
+        loop {
+            let buffered = self.end - self.start;
+            let needed = if buffered >= 4 {
+                let header = self.buf[self.start..self.start + 4].try_into();
+                let len = u32::from_be_bytes(header.unwrap_or_default()) as usize;
+                if len > MAX_FRAME_BYTES {
+                    return Err(ReadError::TooLarge(len));
+                }
+                if buffered >= 4 + len {
+                    let body = self.start + 4..self.start + 4 + len;
+                    return Ok(Some(body));
+                }
+                4 + len
+            } else {
+                4
+            };
+            self.make_room(needed);
+            let read = match self.io.stream() {
+                Ok(mut stream) => stream.read(&mut self.buf[self.end..]),
+                Err(e) => Err(e),
+            };
+            match read {
+                Ok(0) if buffered == 0 => return Ok(None),
+                Ok(0) => {
+                    let what = if buffered < 4 {
+                        format!("connection closed inside a frame header ({buffered} of 4 bytes)")
+                    } else {
+                        format!(
+                            "connection closed inside a frame body ({} of {} bytes)",
+                            buffered - 4,
+                            needed - 4
+                        )
+                    };
+                    return Err(ReadError::Truncated(what));
+                }
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let stop = if buffered == 0 { idle_stop } else { None };
+                    match self.wait(true, deadline, stop).await {
+                        Ok(Wake::Ready) => {}
+                        Ok(Wake::Stopped) => return Ok(None),
+                        Ok(Wake::TimedOut) => return Err(ReadError::TimedOut),
+                        Err(e) => return Err(ReadError::Io(e)),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+
+    /// Makes space to read into, growing the buffer towards a frame of `needed` bytes but
+    /// never more than [`READ_CHUNK`] beyond what has arrived.
+    fn make_room(&mut self, needed: usize) {
+        if self.end < self.buf.len() {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end < self.buf.len() {
+            return;
+        }
+        let target = needed.max(INITIAL_BUFFER).min(self.end + READ_CHUNK);
+        self.buf.reserve_exact(target - self.buf.len());
+        self.buf.resize(target, 0);
+    }
+
+    /// Marks a frame as handled.
+    fn consume(&mut self, body: Range<usize>) {
+        self.start = body.end;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            // Do not keep a large frame's buffer for the rest of a long-lived connection.
+            if self.buf.len() > READ_CHUNK {
+                self.buf = Vec::new();
+            }
+        }
+    }
+
+    /// Encodes `response` into `out`, replacing it with an error if it is above the cap.
+    fn encode(&mut self, response: &Response) {
+        self.out.clear();
+        if let Err(e) = encode_frame_into(&mut self.out, response, "response") {
+            let served = response.served_config_id.as_deref().unwrap_or_default();
+            let error = Response::error(e.to_string(), served);
+            // A short error response always fits.
+            let _ = encode_frame_into(&mut self.out, &error, "response");
+        }
+        if self.out.capacity() > READ_CHUNK {
+            self.out.shrink_to(READ_CHUNK);
+        }
+    }
+
+    /// Writes `out` completely, waiting for the socket to drain until `deadline`.
+    async fn write_out(&mut self, deadline: Instant) -> io::Result<()> {
+        let mut written = 0;
+        while written < self.out.len() {
+            let sent = rustix::net::send(
+                self.io.stream()?,
+                &self.out[written..],
+                SendFlags::NOSIGNAL,
+            );
+            match sent {
+                Ok(n) => written += n,
+                Err(rustix::io::Errno::AGAIN) => match self.wait(false, deadline, None).await? {
+                    Wake::Ready | Wake::Stopped => {}
+                    Wake::TimedOut => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "client did not read its response in time",
+                        ))
+                    }
+                },
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a last error frame if the socket takes it without waiting, then closes. The
+    /// client is misbehaving or gone; it does not get to hold the connection any longer.
+    fn reply_and_close<D: Dispatch>(mut self, shared: &Shared<D>, error: &str) {
+        log::debug!("closing a connection: {error}");
+        self.encode(&Response::error(error, shared.dispatcher.config_id()));
+        if let Ok(stream) = self.io.stream() {
+            let _ = rustix::net::send(stream, &self.out, SendFlags::NOSIGNAL);
+        }
+    }
+
+    /// Waits until the socket is readable (or writable), the deadline passes, or `stop` is set.
+    async fn wait(
+        &mut self,
+        readable: bool,
+        deadline: Instant,
+        stop: Option<&Flag>,
+    ) -> io::Result<Wake> {
+        let io = self.io.registered()?;
+        let ready = async {
+            if readable {
+                io.readable().await?;
+            } else {
+                io.writable().await?;
+            }
+            Ok(Wake::Ready)
+        };
+        let stopped = async {
+            match stop {
+                Some(flag) => flag.wait().await,
+                None => future::pending().await,
+            }
+            Ok(Wake::Stopped)
+        };
+        let timed_out = async {
+            Timer::at(deadline).await;
+            Ok(Wake::TimedOut)
+        };
+        ready.or(stopped).or(timed_out).await
+    }
+}

@@ -1,0 +1,320 @@
+//! One daemon per socket: the state directory, the PID file lock, the socket file.
+//!
+//! The kernel decides who runs: the daemon takes a non-blocking exclusive `flock` on the PID
+//! file and holds it until it exits, so two daemons started at the same moment cannot both
+//! pass a check-then-act test. Only the lock holder touches the socket path.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::fs::{FlockOperation, Mode, OFlags};
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+
+use crate::config::{state_dir, Config};
+use crate::Error;
+
+/// The longest socket path the platform accepts, in bytes (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// How many connections may wait in the kernel's queue before `accept`.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// What a running daemon owns on the file system, removed when it stops if still its own.
+#[derive(Debug)]
+pub(crate) struct Instance {
+    pid_file: File,
+    pid_path: PathBuf,
+    socket_path: PathBuf,
+    /// Device and inode of the socket we bound: a socket put there by anyone else survives.
+    socket_id: (u64, u64),
+    cleaned: bool,
+}
+
+impl Instance {
+    /// Claims the socket for this process and returns the listener, bound and listening.
+    pub(crate) fn start(config: &Config) -> Result<(Instance, UnixListener), Error> {
+        check_socket_path(&config.socket)?;
+        prepare_dir(&config.socket)?;
+        if config.pid_file.parent() != config.socket.parent() {
+            prepare_dir(&config.pid_file)?;
+        }
+        let pid_file = lock_pid_file(&config.pid_file)?;
+        clear_leftover_socket(&config.socket)?;
+        let (listener, socket_id) = bind_private(&config.socket)?;
+        Ok((
+            Instance {
+                pid_file,
+                pid_path: config.pid_file.clone(),
+                socket_path: config.socket.clone(),
+                socket_id,
+                cleaned: false,
+            },
+            listener,
+        ))
+    }
+
+    /// Removes the socket and the PID file, each only if it is still ours.
+    pub(crate) fn cleanup(&mut self) {
+        if std::mem::replace(&mut self.cleaned, true) {
+            return;
+        }
+        match fs::symlink_metadata(&self.socket_path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == self.socket_id => {
+                if let Err(e) = fs::remove_file(&self.socket_path) {
+                    log::warn!("cannot remove {}: {e}", self.socket_path.display());
+                }
+            }
+            Ok(_) => log::warn!(
+                "{} was replaced by another file; leaving it in place",
+                self.socket_path.display()
+            ),
+            Err(_) => {}
+        }
+        let ours = read_pid(&mut self.pid_file) == Some(std::process::id())
+            && same_file(&self.pid_file, &self.pid_path);
+        if ours {
+            if let Err(e) = fs::remove_file(&self.pid_path) {
+                log::warn!("cannot remove {}: {e}", self.pid_path.display());
+            }
+        } else {
+            log::warn!(
+                "{} no longer holds our pid; leaving it in place",
+                self.pid_path.display()
+            );
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Whether a process with this id exists (a signal-0 probe). PID 0 and ids that do not fit
+/// an `i32` are never running; a process of another user counts as running.
+///
+/// ```
+/// assert!(khived::is_process_running(std::process::id()));
+/// assert!(!khived::is_process_running(0));
+/// assert!(!khived::is_process_running(u32::MAX));
+/// ```
+pub fn is_process_running(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+        return false;
+    };
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e == rustix::io::Errno::PERM,
+    }
+}
+
+fn check_socket_path(path: &Path) -> io::Result<()> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "socket path {} is {len} bytes long; the limit here is {MAX_SOCKET_PATH} bytes: \
+                 choose a shorter path (KHIVE_SOCKET)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the directory that will hold `file` (mode 0700) and checks that only we can
+/// write to it: anyone who can write there could replace our socket or PID file.
+fn prepare_dir(file: &Path) -> io::Result<()> {
+    let dir = match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| annotate(e, "cannot create", dir))?;
+        // The mode given to mkdir is filtered by the umask; set it exactly.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| annotate(e, "cannot set permissions on", dir))?;
+    }
+    let meta = fs::metadata(dir).map_err(|e| annotate(e, "cannot inspect", dir))?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a directory", dir.display()),
+        ));
+    }
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing to use {}: it is owned by uid {}, not by this user (uid {euid}); \
+                 choose a directory of your own (KHIVE_SOCKET, KHIVE_PID)",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        // Our own default state directory is ours to fix; anyone else's is not.
+        if dir == state_dir() {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(|e| annotate(e, "cannot set permissions on", dir))?;
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "refusing to use {}: it is writable by group or others (mode {mode:04o}); \
+                     fix it with `chmod 700 {}`",
+                    dir.display(),
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the PID file without following symbolic links, takes the lock, and writes our PID.
+fn lock_pid_file(path: &Path) -> Result<File, Error> {
+    loop {
+        let fd = open_pid_file(path)?;
+        match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(Error::AlreadyRunning {
+                    pid: wait_for_pid(File::from(fd)),
+                })
+            }
+            Err(e) => return Err(annotate(e.into(), "cannot lock", path).into()),
+        }
+        let mut file = File::from(fd);
+        // The previous holder may have removed the file between our open and our lock; a
+        // lock on an unlinked file guards nothing, so start over with the file now there.
+        if !same_file(&file, path) {
+            continue;
+        }
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(0o600)).map_err(io::Error::from)?;
+        file.set_len(0)?;
+        file.rewind()?;
+        file.write_all(std::process::id().to_string().as_bytes())?;
+        return Ok(file);
+    }
+}
+
+fn open_pid_file(path: &Path) -> io::Result<OwnedFd> {
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    let fd = rustix::fs::open(path, flags, Mode::from_raw_mode(0o600)).map_err(|e| {
+        if e == rustix::io::Errno::LOOP {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "PID file {} is a symbolic link; refusing to follow it (remove the link)",
+                    path.display()
+                ),
+            )
+        } else {
+            annotate(e.into(), "cannot open PID file", path)
+        }
+    })?;
+    if rustix::fs::fstat(&fd)?.st_mode & 0o170000 != 0o100000 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("PID file {} is not a regular file", path.display()),
+        ));
+    }
+    Ok(fd)
+}
+
+/// The lock holder writes its PID right after locking; give it a moment to do so.
+fn wait_for_pid(mut file: File) -> Option<u32> {
+    for _ in 0..200 {
+        if let Some(pid) = read_pid(&mut file) {
+            return Some(pid);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+fn read_pid(file: &mut File) -> Option<u32> {
+    let mut text = String::new();
+    file.rewind().ok()?;
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok().filter(|&pid| pid != 0)
+}
+
+fn same_file(file: &File, path: &Path) -> bool {
+    match (file.metadata(), fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Removes a socket left by a daemon that died without cleaning up. Called only with the
+/// lock held. A khived answering a probe there (one that lost its PID file) is left alone.
+fn clear_leftover_socket(path: &Path) -> Result<(), Error> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(annotate(e, "cannot inspect", path).into()),
+    };
+    if meta.mode() & 0o170000 != 0o140000 {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; move it away or choose another path",
+                path.display()
+            ),
+        )
+        .into());
+    }
+    if let Ok(info) = crate::client::probe(path, Duration::from_secs(1)) {
+        return Err(Error::AlreadyRunning {
+            pid: Some(info.pid),
+        });
+    }
+    log::info!("removing stale socket {}", path.display());
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(annotate(e, "cannot remove stale socket", path).into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Binds a listening socket that is mode 0600 from the moment its file exists.
+///
+/// On Linux the file created by `bind` takes the socket's own inode mode (less the umask), so
+/// setting that mode before `bind` leaves no window in which the umask decides who may connect.
+fn bind_private(path: &Path) -> io::Result<(UnixListener, (u64, u64))> {
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    // Not every platform lets a socket be chmod-ed; the chmod after bind still applies there.
+    let _ = rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600));
+    let addr = SocketAddrUnix::new(path)?;
+    rustix::net::bind(&fd, &addr).map_err(|e| annotate(e.into(), "cannot bind", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    rustix::net::listen(&fd, LISTEN_BACKLOG)?;
+    let meta = fs::symlink_metadata(path)?;
+    Ok((UnixListener::from(fd), (meta.dev(), meta.ino())))
+}
+
+fn annotate(e: io::Error, doing: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{doing} {}: {e}", path.display()))
+}
