@@ -103,6 +103,19 @@ pub(crate) struct Shared<D> {
     pub(crate) draining: Flag,
 }
 
+impl<D> Shared<D> {
+    pub(crate) fn new(dispatcher: D, config: Config) -> Self {
+        Shared {
+            dispatcher,
+            config,
+            in_flight: Arc::default(),
+            served: AtomicU64::new(0),
+            started: Instant::now(),
+            draining: Flag::default(),
+        }
+    }
+}
+
 impl<D: Dispatch> Daemon<D> {
     /// A daemon for `dispatcher`, configured by `config`; nothing happens until it runs.
     pub fn new(config: Config, dispatcher: D) -> Self {
@@ -152,14 +165,7 @@ impl<D: Dispatch> Daemon<D> {
             config.socket.display(),
             std::process::id()
         );
-        let shared = Arc::new(Shared {
-            dispatcher,
-            config,
-            in_flight: Arc::default(),
-            served: AtomicU64::new(0),
-            started: Instant::now(),
-            draining: Flag::default(),
-        });
+        let shared = Arc::new(Shared::new(dispatcher, config));
         let executor = Arc::new(Executor::new());
         let supervise = supervise(
             &executor,
