@@ -305,11 +305,19 @@ fn bind_private(path: &Path) -> io::Result<(UnixListener, (u64, u64))> {
         SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
         None,
     )?;
-    // Not every platform lets a socket be chmod-ed; the chmod after bind still applies there.
+    // Not every platform lets a socket be chmod-ed; the check after bind covers those.
     let _ = rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600));
     let addr = SocketAddrUnix::new(path)?;
     rustix::net::bind(&fd, &addr).map_err(|e| annotate(e.into(), "cannot bind", path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    let mode = fs::symlink_metadata(path)?.mode() & 0o777;
+    if mode != 0o600 {
+        log::warn!(
+            "{} was created with mode {mode:03o}, fixed to 600: this platform leaves a moment \
+             in which the umask decides who may connect",
+            path.display()
+        );
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    }
     rustix::net::listen(&fd, LISTEN_BACKLOG)?;
     let meta = fs::symlink_metadata(path)?;
     Ok((UnixListener::from(fd), (meta.dev(), meta.ino())))

@@ -1,0 +1,301 @@
+//! Shared pieces of the integration tests: a dispatcher with slow, failing and panicking
+//! requests, daemons run in this process or as child processes, and raw frame helpers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_io::Timer;
+use khived::{Client, Config, Daemon, Dispatch, Request, Response, ShutdownHandle};
+
+pub const NAMESPACE: &str = "test";
+pub const CONFIG_ID: &str = "cfg-1";
+
+/// Echoes `ops`, except: `sleep:MS` answers after MS milliseconds, `fail:MSG` fails with
+/// MSG, `panic` panics, `warming` says whether `warm_all` is still running.
+#[derive(Debug, Default)]
+pub struct TestDispatch {
+    pub warming: Arc<AtomicBool>,
+    pub warm_for: Duration,
+}
+
+impl Dispatch for TestDispatch {
+    async fn dispatch(
+        &self,
+        ops: &str,
+        _presentation: Option<&str>,
+        _presentation_per_op: Option<&[Option<String>]>,
+    ) -> Result<String, String> {
+        if let Some(ms) = ops.strip_prefix("sleep:") {
+            Timer::after(Duration::from_millis(ms.parse().unwrap())).await;
+        } else if let Some(message) = ops.strip_prefix("fail:") {
+            return Err(message.to_owned());
+        } else if ops == "panic" {
+            panic!("asked to panic");
+        } else if ops == "warming" {
+            return Ok(self.warming.load(Ordering::SeqCst).to_string());
+        }
+        Ok(ops.to_owned())
+    }
+
+    async fn warm_all(&self) {
+        self.warming.store(true, Ordering::SeqCst);
+        Timer::after(self.warm_for).await;
+        self.warming.store(false, Ordering::SeqCst);
+    }
+
+    fn namespace(&self) -> &str {
+        NAMESPACE
+    }
+
+    fn config_id(&self) -> &str {
+        CONFIG_ID
+    }
+}
+
+pub fn request(ops: &str) -> Request<'_> {
+    Request::new(ops, NAMESPACE, CONFIG_ID)
+}
+
+/// A fresh private directory for one test's socket and PID file.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("khived-test").tempdir().unwrap()
+}
+
+/// A daemon running on a thread of this process, stopped through its shutdown handle.
+pub struct InProcess {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub pid_file: PathBuf,
+    pub stop: ShutdownHandle,
+    thread: Option<JoinHandle<Result<(), khived::Error>>>,
+}
+
+impl InProcess {
+    pub fn start(tweak: impl FnOnce(&mut Config, &mut TestDispatch)) -> InProcess {
+        let dir = temp_dir();
+        let socket = dir.path().join("run").join("khived.sock");
+        let mut config = Config::at(&socket);
+        config.handle_signals = false;
+        let mut dispatch = TestDispatch::default();
+        tweak(&mut config, &mut dispatch);
+        let pid_file = config.pid_file.clone();
+        let daemon = Daemon::new(config, dispatch);
+        let stop = daemon.shutdown_handle();
+        let thread = std::thread::spawn(move || daemon.run_blocking());
+        wait_until_serving(&socket);
+        InProcess {
+            dir,
+            socket,
+            pid_file,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket, Duration::from_secs(10)).unwrap()
+    }
+
+    pub fn connect_raw(&self) -> UnixStream {
+        let stream = UnixStream::connect(&self.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    }
+
+    /// Stops the daemon and returns what `run` returned.
+    pub fn shutdown(mut self) -> Result<(), khived::Error> {
+        self.stop.shutdown();
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.stop.shutdown();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Waits until a daemon answers a probe on `socket`.
+pub fn wait_until_serving(socket: &Path) -> khived::ProbeInfo {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match khived::probe(socket, Duration::from_secs(2)) {
+            Ok(info) => return info,
+            Err(e) if Instant::now() > deadline => panic!("no daemon on {socket:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// Sends `bytes` as they are and reads one response frame.
+pub fn raw_exchange(stream: &mut UnixStream, bytes: &[u8]) -> io::Result<Response> {
+    stream.write_all(bytes)?;
+    read_response(stream)
+}
+
+pub fn read_response(stream: &mut UnixStream) -> io::Result<Response> {
+    let mut header = [0; 4];
+    stream.read_exact(&mut header)?;
+    let mut body = vec![0; u32::from_be_bytes(header) as usize];
+    stream.read_exact(&mut body)?;
+    Ok(serde_json::from_slice(&body).unwrap())
+}
+
+/// Whether the peer has closed: a read returns end of stream (or a reset).
+pub fn is_closed(stream: &mut UnixStream) -> bool {
+    let mut byte = [0; 1];
+    matches!(stream.read(&mut byte), Ok(0) | Err(_))
+}
+
+pub fn frame(body: &[u8]) -> Vec<u8> {
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    frame
+}
+
+// ---- Daemons as child processes ----------------------------------------------------------
+
+/// Set in a child process: the test binary runs a daemon instead of tests.
+const CHILD_ENV: &str = "KHIVED_TEST_CHILD";
+const CHILD_TEST: &str = "child_daemon";
+
+/// The body of each test binary's `child_daemon` test. In a normal test run it does nothing;
+/// in a child started by [`ChildDaemon::spawn`] it runs a daemon with [`TestDispatch`] from
+/// the `KHIVE_*` variables and exits with 0 after a clean stop, 3 if another daemon was
+/// already running, 1 on any other error.
+pub fn child_main() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    if let Ok(mask) = std::env::var("KHIVED_TEST_UMASK") {
+        let mask = u32::from_str_radix(&mask, 8).unwrap();
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(mask));
+    }
+    khived::init_stderr_logger(log::LevelFilter::Debug);
+    let mut config = Config::from_env();
+    if let Ok(secs) = std::env::var("KHIVED_TEST_IDLE_SECS") {
+        config.idle_shutdown = Some(Duration::from_secs_f64(secs.parse().unwrap()));
+    }
+    let code = match Daemon::new(config, TestDispatch::default()).run_blocking() {
+        Ok(()) => 0,
+        Err(e @ khived::Error::AlreadyRunning { .. }) => {
+            eprintln!("{e}");
+            3
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// A daemon in a child process (this test binary, re-run as [`child_main`]).
+pub struct ChildDaemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub pid_file: PathBuf,
+    pub log: PathBuf,
+}
+
+impl ChildDaemon {
+    /// Starts a daemon on `socket` with extra environment variables; does not wait for it.
+    pub fn spawn(socket: &Path, env: &[(&str, &str)]) -> ChildDaemon {
+        let pid_file = socket.with_extension("pid");
+        let dir = socket.parent().unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        let log = socket.with_extension(format!("{}.log", rand_suffix()));
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, "1")
+            .env("KHIVE_SOCKET", socket)
+            .env("KHIVE_PID", &pid_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        ChildDaemon {
+            child: command.spawn().unwrap(),
+            socket: socket.to_owned(),
+            pid_file,
+            log,
+        }
+    }
+
+    /// Starts a daemon and waits until it answers.
+    pub fn start(socket: &Path, env: &[(&str, &str)]) -> ChildDaemon {
+        let daemon = ChildDaemon::spawn(socket, env);
+        let info = wait_until_serving(socket);
+        assert_eq!(info.pid, daemon.pid());
+        daemon
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
+    pub fn terminate(&self) {
+        self.signal(rustix::process::Signal::TERM);
+    }
+
+    /// Waits for the process to end, failing the test after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("daemon still running after {timeout:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log().contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} in log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ChildDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}

@@ -1,0 +1,202 @@
+//! The daemon's life as a process: start, one instance per socket, signals, drain, stale files.
+//! Each daemon here is a child process (this test binary re-run as `child_daemon`).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::time::{Duration, Instant};
+
+use common::{request, temp_dir, ChildDaemon};
+use rustix::process::Signal;
+
+/// Entry point of the child daemons; does nothing in a normal test run.
+#[test]
+fn child_daemon() {
+    common::child_main();
+}
+
+const EXIT_WAIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn sigterm_exits_zero_and_removes_files() {
+    let dir = temp_dir();
+    let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &[]);
+    assert!(daemon.pid_file.exists());
+    daemon.terminate();
+    assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
+    assert!(!daemon.socket.exists());
+    assert!(!daemon.pid_file.exists());
+    assert!(daemon.log().contains("SIGTERM received"));
+}
+
+#[test]
+fn sigint_stops_like_sigterm() {
+    let dir = temp_dir();
+    let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &[]);
+    daemon.signal(Signal::INT);
+    assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
+    assert!(!daemon.socket.exists());
+}
+
+/// Starts a request that sleeps `ms` in the daemon and waits until the daemon holds it.
+fn start_slow_request(
+    daemon: &ChildDaemon,
+    ms: u64,
+) -> std::thread::JoinHandle<std::io::Result<khived::Response>> {
+    let socket = daemon.socket.clone();
+    let ops = format!("sleep:{ms}");
+    let slow = std::thread::spawn(move || {
+        let mut client = khived::Client::connect(&socket, Duration::from_secs(30))?;
+        client.request(&request(&ops))
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The probe's own connection is one; the slow request's makes two.
+    while khived::probe(&daemon.socket, Duration::from_secs(5)).unwrap().in_flight < 2 {
+        assert!(Instant::now() < deadline, "the slow request never arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    slow
+}
+
+#[test]
+fn slow_request_is_answered_after_sigterm() {
+    let dir = temp_dir();
+    let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &[]);
+    let slow = start_slow_request(&daemon, 1500);
+    daemon.terminate();
+    daemon.wait_for_log("listener closed");
+    // The listener is closed at once: no new client gets in.
+    assert!(khived::Client::connect(&daemon.socket, Duration::from_secs(1)).is_err());
+    let response = slow.join().unwrap().unwrap();
+    assert_eq!(response.result.as_deref(), Some("sleep:1500"));
+    assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
+    assert!(!daemon.log().contains("cut off"), "{}", daemon.log());
+}
+
+#[test]
+fn drain_timeout_cuts_off_a_request_that_is_too_slow() {
+    let dir = temp_dir();
+    let env = [("KHIVE_DRAIN_TIMEOUT_SECS", "1")];
+    let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
+    let slow = start_slow_request(&daemon, 60_000);
+    let started = Instant::now();
+    daemon.terminate();
+    assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        daemon.log().contains("drain timeout (1s) reached: 1 connection(s) cut off"),
+        "{}",
+        daemon.log()
+    );
+    assert!(slow.join().unwrap().is_err(), "the cut-off client sees the close");
+    assert!(!daemon.socket.exists() && !daemon.pid_file.exists());
+}
+
+#[test]
+fn second_signal_during_the_drain_exits_at_once() {
+    let dir = temp_dir();
+    let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &[]);
+    let _slow = start_slow_request(&daemon, 60_000);
+    daemon.terminate();
+    daemon.wait_for_log("listener closed");
+    let started = Instant::now();
+    daemon.signal(Signal::INT);
+    let status = daemon.wait(EXIT_WAIT);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(status.code(), Some(128 + 2), "{}", daemon.log());
+    assert!(daemon.log().contains("SIGINT received again"), "{}", daemon.log());
+    assert!(!daemon.socket.exists() && !daemon.pid_file.exists());
+}
+
+#[test]
+fn stale_files_after_sigkill_are_cleaned_up() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let mut first = ChildDaemon::start(&socket, &[]);
+    first.signal(Signal::KILL);
+    first.wait(EXIT_WAIT);
+    // SIGKILL leaves both files behind, the PID file naming a dead process.
+    assert!(socket.exists() && first.pid_file.exists());
+    let second = ChildDaemon::start(&socket, &[]);
+    assert!(second.log().contains("removing stale socket"), "{}", second.log());
+    let pid = std::fs::read_to_string(&second.pid_file).unwrap();
+    assert_eq!(pid, second.pid().to_string());
+}
+
+#[test]
+fn eight_daemons_race_and_exactly_one_serves() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let mut daemons: Vec<_> = (0..8).map(|_| ChildDaemon::spawn(&socket, &[])).collect();
+    let info = common::wait_until_serving(&socket);
+    let mut losers = 0;
+    for daemon in &mut daemons {
+        if daemon.pid() == info.pid {
+            continue;
+        }
+        let status = daemon.wait(EXIT_WAIT);
+        assert_eq!(status.code(), Some(3), "{}", daemon.log());
+        let expected = format!("khived is already running as pid {}", info.pid);
+        assert!(daemon.log().contains(&expected), "{}", daemon.log());
+        losers += 1;
+    }
+    assert_eq!(losers, 7);
+    // The winner's files are intact and it still serves.
+    let pid = std::fs::read_to_string(socket.with_extension("pid")).unwrap();
+    assert_eq!(pid, info.pid.to_string());
+    assert_eq!(common::wait_until_serving(&socket).pid, info.pid);
+}
+
+#[test]
+fn a_later_daemon_names_the_running_one_and_touches_nothing() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let first = ChildDaemon::start(&socket, &[]);
+    let inode = |path: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap());
+    let (socket_inode, pid_inode) = (inode(&socket), inode(&first.pid_file));
+    let mut second = ChildDaemon::spawn(&socket, &[]);
+    assert_eq!(second.wait(EXIT_WAIT).code(), Some(3));
+    assert!(second.log().contains(&format!("already running as pid {}", first.pid())));
+    assert_eq!(inode(&socket), socket_inode);
+    assert_eq!(inode(&first.pid_file), pid_inode);
+    assert_eq!(common::wait_until_serving(&socket).pid, first.pid());
+}
+
+#[test]
+fn only_its_own_files_are_removed() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let mut daemon = ChildDaemon::start(&socket, &[]);
+    // Someone replaces the socket and rewrites the PID file while the daemon runs.
+    std::fs::remove_file(&socket).unwrap();
+    let _other = UnixListener::bind(&socket).unwrap();
+    std::fs::write(&daemon.pid_file, "1").unwrap();
+    daemon.terminate();
+    assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
+    assert!(socket.exists(), "another process's socket must survive");
+    assert_eq!(std::fs::read_to_string(&daemon.pid_file).unwrap(), "1");
+}
+
+#[test]
+fn socket_is_private_even_under_umask_000() {
+    let dir = temp_dir();
+    let socket = dir.path().join("new").join("k.sock");
+    let daemon = ChildDaemon::start(&socket, &[("KHIVED_TEST_UMASK", "000")]);
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&socket), 0o600);
+    assert_eq!(mode(&daemon.pid_file), 0o600);
+    assert_eq!(mode(socket.parent().unwrap()), 0o700);
+    // Created 0600 by bind itself, not chmod-ed afterwards.
+    assert!(!daemon.log().contains("fixed to 600"), "{}", daemon.log());
+}
+
+#[test]
+fn idle_timeout_stops_the_process_cleanly() {
+    let dir = temp_dir();
+    let env = [("KHIVED_TEST_IDLE_SECS", "0.5")];
+    let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
+    assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
+    assert!(daemon.log().contains("no connection for 500ms: stopping"), "{}", daemon.log());
+    assert!(!daemon.socket.exists());
+}

@@ -1,0 +1,298 @@
+//! The request path, over real sockets, with the daemon on a thread of the test process.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::{frame, is_closed, raw_exchange, read_response, request, InProcess, CONFIG_ID};
+use khived::{Request, MAX_FRAME_BYTES};
+
+#[test]
+fn round_trip() {
+    let daemon = InProcess::start(|_, _| {});
+    let response = daemon.client().request(&request("hello")).unwrap();
+    assert!(response.ok);
+    assert_eq!(response.result.as_deref(), Some("hello"));
+    assert_eq!(response.error, None);
+    assert_eq!(response.served_config_id.as_deref(), Some(CONFIG_ID));
+    daemon.shutdown().unwrap();
+}
+
+#[test]
+fn dispatcher_error_is_returned() {
+    let daemon = InProcess::start(|_, _| {});
+    let response = daemon.client().request(&request("fail:no such pack")).unwrap();
+    assert!(!response.ok);
+    assert_eq!(response.error.as_deref(), Some("no such pack"));
+    assert_eq!(response.served_config_id.as_deref(), Some(CONFIG_ID));
+}
+
+#[test]
+fn namespace_mismatch_is_not_dispatched() {
+    let daemon = InProcess::start(|_, _| {});
+    let response = daemon
+        .client()
+        .request(&Request::new("fail:dispatched", "other", CONFIG_ID))
+        .unwrap();
+    assert!(!response.ok);
+    assert!(response.namespace_mismatch);
+    assert!(!response.config_mismatch);
+    assert_eq!(response.error, None, "nothing may be dispatched");
+    assert_eq!(response.served_config_id.as_deref(), Some(CONFIG_ID));
+}
+
+#[test]
+fn config_mismatch_is_not_dispatched() {
+    let daemon = InProcess::start(|_, _| {});
+    let response = daemon
+        .client()
+        .request(&Request::new("fail:dispatched", common::NAMESPACE, "cfg-2"))
+        .unwrap();
+    assert!(!response.ok);
+    assert!(response.config_mismatch);
+    assert!(!response.namespace_mismatch);
+    assert_eq!(response.error, None, "nothing may be dispatched");
+    assert_eq!(response.served_config_id.as_deref(), Some(CONFIG_ID));
+}
+
+#[test]
+fn request_without_config_id_means_empty() {
+    let daemon = InProcess::start(|_, _| {});
+    let body = br#"{"ops":"x","presentation":null,"presentation_per_op":null,"namespace":"test"}"#;
+    let response = raw_exchange(&mut daemon.connect_raw(), &frame(body)).unwrap();
+    // The daemon's id is "cfg-1", so a request without one is a mismatch...
+    assert!(response.config_mismatch);
+    assert_eq!(response.served_config_id.as_deref(), Some(CONFIG_ID));
+    // ...and one that sends "cfg-1" explicitly is served.
+    let body = br#"{"ops":"x","namespace":"test","config_id":"cfg-1"}"#;
+    let response = raw_exchange(&mut daemon.connect_raw(), &frame(body)).unwrap();
+    assert!(response.ok);
+}
+
+#[test]
+fn probe_reports_the_daemon() {
+    let daemon = InProcess::start(|_, _| {});
+    let mut client = daemon.client();
+    client.request(&request("one")).unwrap();
+    let info = client.probe().unwrap();
+    assert_eq!(info.pid, std::process::id());
+    assert_eq!(info.namespace, common::NAMESPACE);
+    assert_eq!(info.config_id, CONFIG_ID);
+    assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(info.in_flight, 1, "the probing connection itself");
+    assert!(info.served >= 1);
+    // A probe skips the namespace and config checks.
+    let mut probe = Request::new("", "another-namespace", "another-config");
+    probe.probe = true;
+    let response = daemon.client().request(&probe).unwrap();
+    assert!(response.ok);
+    assert!(!response.namespace_mismatch && !response.config_mismatch);
+}
+
+#[test]
+fn several_requests_on_one_connection_in_order() {
+    let daemon = InProcess::start(|_, _| {});
+    let mut client = daemon.client();
+    for i in 0..20 {
+        let ops = format!("request {i}");
+        let response = client.request(&request(&ops)).unwrap();
+        assert_eq!(response.result, Some(ops));
+    }
+    // Pipelined: three frames in one write, a slow one first; answers come in order.
+    let mut stream = daemon.connect_raw();
+    let mut bytes = Vec::new();
+    for ops in ["sleep:100", "b", "c"] {
+        bytes.extend(khived::encode_frame(&request(ops)).unwrap());
+    }
+    stream.write_all(&bytes).unwrap();
+    for ops in ["sleep:100", "b", "c"] {
+        assert_eq!(read_response(&mut stream).unwrap().result.as_deref(), Some(ops));
+    }
+}
+
+#[test]
+fn hundred_concurrent_clients() {
+    let daemon = InProcess::start(|_, _| {});
+    let socket = daemon.socket.clone();
+    let started = Instant::now();
+    let clients: Vec<_> = (0..100)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut client = khived::Client::connect(&socket, Duration::from_secs(20))?;
+                // Each holds its connection while sleeping: all 100 are open at once.
+                let ops = format!("sleep:{}", 200 + i % 3);
+                let response = client.request(&request(&ops))?;
+                assert_eq!(response.result, Some(ops));
+                std::io::Result::Ok(())
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap().unwrap();
+    }
+    // Served one after another they would take 20 s.
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+}
+
+#[test]
+fn accepting_goes_on_while_a_slow_request_runs() {
+    let daemon = InProcess::start(|_, _| {});
+    let socket = daemon.socket.clone();
+    let slow = std::thread::spawn(move || {
+        let mut client = khived::Client::connect(&socket, Duration::from_secs(20)).unwrap();
+        client.request(&request("sleep:2000")).unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    let response = daemon.client().request(&request("quick")).unwrap();
+    assert!(response.ok);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(slow.join().unwrap().ok);
+}
+
+#[test]
+fn warm_all_runs_in_the_background() {
+    let daemon = InProcess::start(|_, dispatch| dispatch.warm_for = Duration::from_secs(30));
+    // Served while warm_all is still at work.
+    let response = daemon.client().request(&request("warming")).unwrap();
+    assert_eq!(response.result.as_deref(), Some("true"));
+    // And a shutdown does not wait for warming to end.
+    let started = Instant::now();
+    daemon.shutdown().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn bad_json_gets_an_error_reply_and_close() {
+    let daemon = InProcess::start(|_, _| {});
+    for body in [
+        &b"not json"[..],
+        br#"{"ops":1,"namespace":"test"}"#,
+        br#"{"namespace":"test"}"#,
+        b"{\"ops\":\"\xff\xfe\",\"namespace\":\"test\"}",
+        &[b'['; 10_000][..],
+    ] {
+        let mut stream = daemon.connect_raw();
+        let response = raw_exchange(&mut stream, &frame(body)).unwrap();
+        assert!(!response.ok);
+        let error = response.error.unwrap();
+        assert!(error.starts_with("bad request: "), "{error}");
+        assert_eq!(response.served_config_id.as_deref(), Some(CONFIG_ID));
+        assert!(is_closed(&mut stream), "the stream cannot be trusted after a bad frame");
+    }
+    // Still serving.
+    assert!(daemon.client().request(&request("x")).unwrap().ok);
+}
+
+#[test]
+fn oversized_header_gets_an_error_reply_without_the_body() {
+    let daemon = InProcess::start(|_, _| {});
+    let mut stream = daemon.connect_raw();
+    let announced = (MAX_FRAME_BYTES + 1) as u32;
+    let response = raw_exchange(&mut stream, &announced.to_be_bytes()).unwrap();
+    assert_eq!(
+        response.error.as_deref(),
+        Some("frame too large: 8388609 bytes (limit 8388608)")
+    );
+    assert!(is_closed(&mut stream));
+    assert!(daemon.client().request(&request("x")).unwrap().ok);
+}
+
+#[test]
+fn frame_at_the_cap_is_read() {
+    let daemon = InProcess::start(|_, _| {});
+    // An `ops` so long that the request is just under the cap; the echo is too large to send.
+    let overhead = serde_json::to_vec(&request("")).unwrap().len();
+    let ops = "a".repeat(MAX_FRAME_BYTES - overhead);
+    let body = serde_json::to_vec(&request(&ops)).unwrap();
+    assert_eq!(body.len(), MAX_FRAME_BYTES);
+    let mut stream = daemon.connect_raw();
+    let response = raw_exchange(&mut stream, &frame(&body)).unwrap();
+    let error = response.error.unwrap();
+    assert!(error.starts_with("response too large: "), "{error}");
+    assert!(error.ends_with("(limit 8388608)"), "{error}");
+}
+
+#[test]
+fn truncated_frames_get_an_error_reply() {
+    let daemon = InProcess::start(|_, _| {});
+    let body = serde_json::to_vec(&request("x")).unwrap();
+    let whole = frame(&body);
+    for (cut, expected) in [(2, "frame header (2 of 4 bytes)"), (10, "frame body (6 of")] {
+        let mut stream = daemon.connect_raw();
+        stream.write_all(&whole[..cut]).unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let error = read_response(&mut stream).unwrap().error.unwrap();
+        assert!(error.starts_with("bad request: connection closed inside"), "{error}");
+        assert!(error.contains(expected), "{error}");
+    }
+    assert!(daemon.client().request(&request("x")).unwrap().ok);
+}
+
+#[test]
+fn panicking_dispatcher_gets_an_error_reply() {
+    let daemon = InProcess::start(|_, _| {});
+    let mut client = daemon.client();
+    let response = client.request(&request("panic")).unwrap();
+    assert!(!response.ok);
+    assert_eq!(response.error.as_deref(), Some("dispatcher panicked: asked to panic"));
+    // The same connection, and the daemon, keep serving, and nothing is counted twice.
+    assert!(client.request(&request("after")).unwrap().ok);
+    assert_eq!(client.probe().unwrap().in_flight, 1);
+}
+
+#[test]
+fn files_are_private_and_removed_on_shutdown() {
+    let daemon = InProcess::start(|_, _| {});
+    let dir = daemon.socket.parent().unwrap().to_owned();
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&daemon.socket), 0o600);
+    assert_eq!(mode(&daemon.pid_file), 0o600);
+    let pid = std::fs::read_to_string(&daemon.pid_file).unwrap();
+    assert_eq!(pid.trim(), std::process::id().to_string());
+    let (socket, pid_file) = (daemon.socket.clone(), daemon.pid_file.clone());
+    daemon.shutdown().unwrap();
+    assert!(!socket.exists());
+    assert!(!pid_file.exists());
+}
+
+#[test]
+fn shutdown_finishes_a_request_in_flight_and_closes_idle_connections() {
+    let daemon = InProcess::start(|_, _| {});
+    let mut idle = daemon.client();
+    assert!(idle.request(&request("first")).unwrap().ok);
+    let socket = daemon.socket.clone();
+    let slow = std::thread::spawn(move || {
+        let mut client = khived::Client::connect(&socket, Duration::from_secs(20)).unwrap();
+        client.request(&request("sleep:1000")).unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let stopping = std::thread::spawn(move || daemon.shutdown());
+    std::thread::sleep(Duration::from_millis(100));
+    // The idle connection is closed at once, while the slow request is still running.
+    let started = Instant::now();
+    assert!(idle.request(&request("second")).is_err());
+    assert!(started.elapsed() < Duration::from_millis(800));
+    let response = slow.join().unwrap();
+    assert_eq!(response.result.as_deref(), Some("sleep:1000"));
+    stopping.join().unwrap().unwrap();
+}
+
+#[test]
+fn idle_shutdown_stops_a_daemon_nobody_uses() {
+    let daemon = InProcess::start(|config, _| config.idle_shutdown = Some(Duration::from_millis(600)));
+    // A request longer than the idle period does not count as idle.
+    let response = daemon.client().request(&request("sleep:1000")).unwrap();
+    assert!(response.ok);
+    let socket = daemon.socket.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while socket.exists() {
+        assert!(Instant::now() < deadline, "still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    daemon.shutdown().unwrap();
+}
