@@ -113,7 +113,10 @@ impl Client {
         serde_json::from_str(&text).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{} answered a probe with {text:?}: {e}", self.path.display()),
+                format!(
+                    "{} answered a probe with {text:?}: {e}",
+                    self.path.display()
+                ),
             )
         })
     }

@@ -66,7 +66,9 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
             log::debug!("connection write failed: {e}");
             return;
         }
-        shared.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared
+            .served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if !keep_open || shared.draining.is_set() {
             return;
         }
@@ -84,7 +86,12 @@ async fn answer<D: Dispatch>(shared: &Shared<D>, body: &[u8]) -> (Response, bool
     let config_id = dispatcher.config_id();
     let request: Request<'_> = match serde_json::from_slice(body) {
         Ok(request) => request,
-        Err(e) => return (Response::error(format!("bad request: {e}"), config_id), false),
+        Err(e) => {
+            return (
+                Response::error(format!("bad request: {e}"), config_id),
+                false,
+            )
+        }
     };
     let mut response = Response {
         served_config_id: Some(config_id.to_owned()),
@@ -319,11 +326,8 @@ impl Connection {
     async fn write_out(&mut self, deadline: Instant) -> io::Result<()> {
         let mut written = 0;
         while written < self.out.len() {
-            let sent = rustix::net::send(
-                self.io.stream()?,
-                &self.out[written..],
-                SendFlags::NOSIGNAL,
-            );
+            let sent =
+                rustix::net::send(self.io.stream()?, &self.out[written..], SendFlags::NOSIGNAL);
             match sent {
                 Ok(n) => written += n,
                 Err(rustix::io::Errno::AGAIN) => match self.wait(false, deadline, None).await? {

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::io;
+use std::path::Path;
 
 /// Why a daemon did not start or stopped with an error.
 ///
@@ -59,4 +60,9 @@ impl From<Error> for io::Error {
             other => io::Error::new(io::ErrorKind::AddrInUse, other.to_string()),
         }
     }
+}
+
+/// The same error, with a message that says what was being done to which path.
+pub(crate) fn annotate(e: io::Error, doing: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{doing} {}: {e}", path.display()))
 }

@@ -16,6 +16,7 @@ use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
 use crate::config::{state_dir, Config};
+use crate::error::annotate;
 use crate::Error;
 
 /// The longest socket path the platform accepts, in bytes (`sun_path` less its NUL).
@@ -105,12 +106,45 @@ impl Drop for Instance {
 /// assert!(!khived::is_process_running(u32::MAX));
 /// ```
 pub fn is_process_running(pid: u32) -> bool {
-    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
         return false;
     };
     match rustix::process::test_kill_process(pid) {
         Ok(()) => true,
         Err(e) => e == rustix::io::Errno::PERM,
+    }
+}
+
+/// The PID of the daemon holding the lock on `pid_file`, or `None` if no live daemon holds
+/// it (the file is missing, or left behind by a daemon that died). A PID file whose lock is
+/// free is never trusted, so a reused PID is never mistaken for the daemon.
+///
+/// ```no_run
+/// match khived::running_pid(&khived::pid_path())? {
+///     Some(pid) => println!("running as pid {pid}"),
+///     None => println!("not running"),
+/// }
+/// # std::io::Result::Ok(())
+/// ```
+pub fn running_pid(pid_file: &Path) -> io::Result<Option<u32>> {
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    let fd = match rustix::fs::open(pid_file, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(annotate(e.into(), "cannot open PID file", pid_file)),
+    };
+    // A shared lock is granted only if no daemon holds its exclusive one. It is held for
+    // two system calls, so a daemon starting at this very moment could see it and give up.
+    match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockShared) {
+        Ok(()) => {
+            let _ = rustix::fs::flock(&fd, FlockOperation::Unlock);
+            Ok(None)
+        }
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(wait_for_pid(File::from(fd))),
+        Err(e) => Err(annotate(e.into(), "cannot inspect the lock of", pid_file)),
     }
 }
 
@@ -321,8 +355,4 @@ fn bind_private(path: &Path) -> io::Result<(UnixListener, (u64, u64))> {
     rustix::net::listen(&fd, LISTEN_BACKLOG)?;
     let meta = fs::symlink_metadata(path)?;
     Ok((UnixListener::from(fd), (meta.dev(), meta.ino())))
-}
-
-fn annotate(e: io::Error, doing: &str, path: &Path) -> io::Error {
-    io::Error::new(e.kind(), format!("{doing} {}: {e}", path.display()))
 }

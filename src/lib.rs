@@ -79,27 +79,32 @@
 //! ```
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
-#![forbid(unsafe_code)]
+// One `unsafe` block exists: `pre_exec` in `spawn`, to put a started daemon in a session of
+// its own. Everything else goes through rustix.
+#![deny(unsafe_code)]
 
 mod client;
 mod config;
 mod connection;
 mod dispatch;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod inflight;
 mod instance;
 mod logger;
 mod server;
+mod spawn;
 mod wire;
 
 pub use client::{probe, Client};
 pub use config::{env_truthy, pid_path, socket_path, state_dir, Config};
 pub use dispatch::Dispatch;
 pub use error::Error;
-pub use instance::is_process_running;
+pub use instance::{is_process_running, running_pid};
 pub use logger::init_stderr_logger;
 pub use server::{Daemon, ShutdownHandle};
+pub use spawn::Spawn;
 pub use wire::{
-    encode_frame, frame_len, read_frame, write_frame, ProbeInfo, Request, Response,
-    MAX_FRAME_BYTES,
+    encode_frame, frame_len, read_frame, write_frame, ProbeInfo, Request, Response, MAX_FRAME_BYTES,
 };

@@ -52,7 +52,11 @@ fn start_slow_request(
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     // The probe's own connection is one; the slow request's makes two.
-    while khived::probe(&daemon.socket, Duration::from_secs(5)).unwrap().in_flight < 2 {
+    while khived::probe(&daemon.socket, Duration::from_secs(5))
+        .unwrap()
+        .in_flight
+        < 2
+    {
         assert!(Instant::now() < deadline, "the slow request never arrived");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -85,11 +89,16 @@ fn drain_timeout_cuts_off_a_request_that_is_too_slow() {
     assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(
-        daemon.log().contains("drain timeout (1s) reached: 1 connection(s) cut off"),
+        daemon
+            .log()
+            .contains("drain timeout (1s) reached: 1 connection(s) cut off"),
         "{}",
         daemon.log()
     );
-    assert!(slow.join().unwrap().is_err(), "the cut-off client sees the close");
+    assert!(
+        slow.join().unwrap().is_err(),
+        "the cut-off client sees the close"
+    );
     assert!(!daemon.socket.exists() && !daemon.pid_file.exists());
 }
 
@@ -105,7 +114,11 @@ fn second_signal_during_the_drain_exits_at_once() {
     let status = daemon.wait(EXIT_WAIT);
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(status.code(), Some(128 + 2), "{}", daemon.log());
-    assert!(daemon.log().contains("SIGINT received again"), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("SIGINT received again"),
+        "{}",
+        daemon.log()
+    );
     assert!(!daemon.socket.exists() && !daemon.pid_file.exists());
 }
 
@@ -119,7 +132,11 @@ fn stale_files_after_sigkill_are_cleaned_up() {
     // SIGKILL leaves both files behind, the PID file naming a dead process.
     assert!(socket.exists() && first.pid_file.exists());
     let second = ChildDaemon::start(&socket, &[]);
-    assert!(second.log().contains("removing stale socket"), "{}", second.log());
+    assert!(
+        second.log().contains("removing stale socket"),
+        "{}",
+        second.log()
+    );
     let pid = std::fs::read_to_string(&second.pid_file).unwrap();
     assert_eq!(pid, second.pid().to_string());
 }
@@ -153,11 +170,15 @@ fn a_later_daemon_names_the_running_one_and_touches_nothing() {
     let dir = temp_dir();
     let socket = dir.path().join("k.sock");
     let first = ChildDaemon::start(&socket, &[]);
-    let inode = |path: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap());
+    let inode = |path: &std::path::Path| {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+    };
     let (socket_inode, pid_inode) = (inode(&socket), inode(&first.pid_file));
     let mut second = ChildDaemon::spawn(&socket, &[]);
     assert_eq!(second.wait(EXIT_WAIT).code(), Some(3));
-    assert!(second.log().contains(&format!("already running as pid {}", first.pid())));
+    assert!(second
+        .log()
+        .contains(&format!("already running as pid {}", first.pid())));
     assert_eq!(inode(&socket), socket_inode);
     assert_eq!(inode(&first.pid_file), pid_inode);
     assert_eq!(common::wait_until_serving(&socket).pid, first.pid());
@@ -183,7 +204,8 @@ fn socket_is_private_even_under_umask_000() {
     let dir = temp_dir();
     let socket = dir.path().join("new").join("k.sock");
     let daemon = ChildDaemon::start(&socket, &[("KHIVED_TEST_UMASK", "000")]);
-    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&socket), 0o600);
     assert_eq!(mode(&daemon.pid_file), 0o600);
     assert_eq!(mode(socket.parent().unwrap()), 0o700);
@@ -197,6 +219,10 @@ fn idle_timeout_stops_the_process_cleanly() {
     let env = [("KHIVED_TEST_IDLE_SECS", "0.5")];
     let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
     assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
-    assert!(daemon.log().contains("no connection for 500ms: stopping"), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("no connection for 500ms: stopping"),
+        "{}",
+        daemon.log()
+    );
     assert!(!daemon.socket.exists());
 }

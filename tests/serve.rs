@@ -23,7 +23,10 @@ fn round_trip() {
 #[test]
 fn dispatcher_error_is_returned() {
     let daemon = InProcess::start(|_, _| {});
-    let response = daemon.client().request(&request("fail:no such pack")).unwrap();
+    let response = daemon
+        .client()
+        .request(&request("fail:no such pack"))
+        .unwrap();
     assert!(!response.ok);
     assert_eq!(response.error.as_deref(), Some("no such pack"));
     assert_eq!(response.served_config_id.as_deref(), Some(CONFIG_ID));
@@ -108,7 +111,10 @@ fn several_requests_on_one_connection_in_order() {
     }
     stream.write_all(&bytes).unwrap();
     for ops in ["sleep:100", "b", "c"] {
-        assert_eq!(read_response(&mut stream).unwrap().result.as_deref(), Some(ops));
+        assert_eq!(
+            read_response(&mut stream).unwrap().result.as_deref(),
+            Some(ops)
+        );
     }
 }
 
@@ -134,7 +140,11 @@ fn hundred_concurrent_clients() {
         client.join().unwrap().unwrap();
     }
     // Served one after another they would take 20 s.
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -181,7 +191,10 @@ fn bad_json_gets_an_error_reply_and_close() {
         let error = response.error.unwrap();
         assert!(error.starts_with("bad request: "), "{error}");
         assert_eq!(response.served_config_id.as_deref(), Some(CONFIG_ID));
-        assert!(is_closed(&mut stream), "the stream cannot be trusted after a bad frame");
+        assert!(
+            is_closed(&mut stream),
+            "the stream cannot be trusted after a bad frame"
+        );
     }
     // Still serving.
     assert!(daemon.client().request(&request("x")).unwrap().ok);
@@ -226,7 +239,10 @@ fn truncated_frames_get_an_error_reply() {
         stream.write_all(&whole[..cut]).unwrap();
         stream.shutdown(std::net::Shutdown::Write).unwrap();
         let error = read_response(&mut stream).unwrap().error.unwrap();
-        assert!(error.starts_with("bad request: connection closed inside"), "{error}");
+        assert!(
+            error.starts_with("bad request: connection closed inside"),
+            "{error}"
+        );
         assert!(error.contains(expected), "{error}");
     }
     assert!(daemon.client().request(&request("x")).unwrap().ok);
@@ -238,7 +254,10 @@ fn panicking_dispatcher_gets_an_error_reply() {
     let mut client = daemon.client();
     let response = client.request(&request("panic")).unwrap();
     assert!(!response.ok);
-    assert_eq!(response.error.as_deref(), Some("dispatcher panicked: asked to panic"));
+    assert_eq!(
+        response.error.as_deref(),
+        Some("dispatcher panicked: asked to panic")
+    );
     // The same connection, and the daemon, keep serving, and nothing is counted twice.
     assert!(client.request(&request("after")).unwrap().ok);
     assert_eq!(client.probe().unwrap().in_flight, 1);
@@ -248,7 +267,8 @@ fn panicking_dispatcher_gets_an_error_reply() {
 fn files_are_private_and_removed_on_shutdown() {
     let daemon = InProcess::start(|_, _| {});
     let dir = daemon.socket.parent().unwrap().to_owned();
-    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&daemon.socket), 0o600);
     assert_eq!(mode(&daemon.pid_file), 0o600);
@@ -284,7 +304,8 @@ fn shutdown_finishes_a_request_in_flight_and_closes_idle_connections() {
 
 #[test]
 fn idle_shutdown_stops_a_daemon_nobody_uses() {
-    let daemon = InProcess::start(|config, _| config.idle_shutdown = Some(Duration::from_millis(600)));
+    let daemon =
+        InProcess::start(|config, _| config.idle_shutdown = Some(Duration::from_millis(600)));
     // A request longer than the idle period does not count as idle.
     let response = daemon.client().request(&request("sleep:1000")).unwrap();
     assert!(response.ok);

@@ -1,1 +1,145 @@
-fn main() {}
+//! `khived-bench`: measure a khived daemon against a plain-threads server speaking the same
+//! protocol. See `--help`, and `bench/run.sh` for the full comparison.
+
+mod baseline;
+mod frame;
+mod load;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use lexopt::prelude::*;
+
+use crate::load::{Length, Mode, Options};
+
+const HELP: &str = "\
+khived-bench: load generator and baseline server for khived's wire format
+
+USAGE:
+    khived-bench load --socket PATH [OPTIONS]
+    khived-bench baseline --socket PATH [--threads N]
+
+load: closed-loop clients on blocking threads, each sending an echo request
+({\"ops\":\"<payload>\",...,\"namespace\":\"echo\",\"config_id\":\"\"}) and checking that
+the response is ok with result == ops; anything else counts as an error. Prints a table,
+then one JSON line (rps and latency quantiles in microseconds).
+    --socket PATH        the daemon's socket
+    --concurrency N      client threads [default: 8]
+    --duration SECS      run this long (fractions allowed) [default: 5]
+    --requests N         or send this many requests in total
+    --payload BYTES      bytes of ops per request [default: 64]
+    --mode MODE          one-shot (a connection per request) or persistent
+                         (one connection per client) [default: one-shot]
+    --timeout SECS       exit 2 if the run lasts longer [default: duration + 10, or 60]
+
+baseline: echo server (namespace \"echo\", config_id \"\") on a fixed pool of threads that
+each block in accept and serve one connection at a time, as many requests as the client
+sends. Removes a leftover socket file before binding; runs until killed.
+    --socket PATH        where to listen
+    --threads N          pool size, the calling thread included [default: 2]
+
+EXAMPLE:
+    khived-bench baseline --socket /tmp/b/echo.sock &
+    khived-bench load --socket /tmp/b/echo.sock --mode persistent --duration 3
+";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("khived-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let mut parser = lexopt::Parser::from_env();
+    let command = match parser.next()? {
+        Some(Value(command)) => command.string()?,
+        Some(Long("help") | Short('h')) | None => {
+            print!("{HELP}");
+            return Ok(());
+        }
+        Some(arg) => return Err(arg.unexpected().into()),
+    };
+    match command.as_str() {
+        "load" => load::run(&load_options(parser)?)?,
+        "baseline" => {
+            let (socket, threads) = baseline_options(parser)?;
+            baseline::run(&socket, threads)?;
+        }
+        other => return Err(format!("unknown command {other:?}; try --help").into()),
+    }
+    Ok(())
+}
+
+fn load_options(mut parser: lexopt::Parser) -> Result<Options, lexopt::Error> {
+    let mut socket = None;
+    let mut concurrency = 8;
+    let mut length = Length::Duration(Duration::from_secs(5));
+    let mut payload = 64;
+    let mut mode = Mode::OneShot;
+    let mut timeout = None;
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("socket") => socket = Some(PathBuf::from(parser.value()?)),
+            Long("concurrency") => concurrency = parser.value()?.parse()?,
+            Long("duration") => length = Length::Duration(seconds(parser.value()?.parse()?)?),
+            Long("requests") => length = Length::Requests(parser.value()?.parse()?),
+            Long("payload") => payload = parser.value()?.parse()?,
+            Long("mode") => {
+                mode = match parser.value()?.string()?.as_str() {
+                    "one-shot" => Mode::OneShot,
+                    "persistent" => Mode::Persistent,
+                    other => return Err(format!("unknown mode {other:?}").into()),
+                }
+            }
+            Long("timeout") => timeout = Some(seconds(parser.value()?.parse()?)?),
+            Long("help") | Short('h') => help_and_exit(),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    if concurrency == 0 {
+        return Err("--concurrency must be at least 1".into());
+    }
+    let timeout = timeout.unwrap_or(match length {
+        Length::Duration(duration) => duration + Duration::from_secs(10),
+        Length::Requests(_) => Duration::from_secs(60),
+    });
+    Ok(Options {
+        socket: socket.ok_or("--socket PATH is required")?,
+        concurrency,
+        length,
+        payload,
+        mode,
+        timeout,
+    })
+}
+
+fn baseline_options(mut parser: lexopt::Parser) -> Result<(PathBuf, usize), lexopt::Error> {
+    let mut socket = None;
+    let mut threads = 2;
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("socket") => socket = Some(PathBuf::from(parser.value()?)),
+            Long("threads") => threads = parser.value()?.parse()?,
+            Long("help") | Short('h') => help_and_exit(),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    if threads == 0 {
+        return Err("--threads must be at least 1".into());
+    }
+    Ok((socket.ok_or("--socket PATH is required")?, threads))
+}
+
+fn seconds(secs: f64) -> Result<Duration, lexopt::Error> {
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("not a duration: {secs}").into())
+}
+
+fn help_and_exit() -> ! {
+    print!("{HELP}");
+    std::process::exit(0);
+}

@@ -65,7 +65,10 @@ pub fn request(ops: &str) -> Request<'_> {
 
 /// A fresh private directory for one test's socket and PID file.
 pub fn temp_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("khived-test").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("khived-test")
+        .tempdir()
+        .unwrap()
 }
 
 /// A daemon running on a thread of this process, stopped through its shutdown handle.
@@ -267,7 +270,10 @@ impl ChildDaemon {
                 return status;
             }
             if Instant::now() > deadline {
-                panic!("daemon still running after {timeout:?}; log:\n{}", self.log());
+                panic!(
+                    "daemon still running after {timeout:?}; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -281,7 +287,11 @@ impl ChildDaemon {
     pub fn wait_for_log(&self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.log().contains(needle) {
-            assert!(Instant::now() < deadline, "no {needle:?} in log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }

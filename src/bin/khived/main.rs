@@ -1,0 +1,388 @@
+//! `khived`: run a warm daemon and talk to it from scripts.
+//!
+//! `serve` runs the daemon (an echo dispatcher, or a pool of worker processes); `call` sends
+//! one request, starting the daemon first with `--spawn`; `status` and `stop` manage it.
+
+mod args;
+mod worker;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use args::{Call, Command, Common, Serve, Status, Stop};
+use khived::{Client, Config, Daemon, Dispatch, Request, Response};
+
+/// Exit statuses a script can branch on.
+mod status {
+    pub(crate) const OK: u8 = 0;
+    /// The dispatcher answered with an error, or the command failed.
+    pub(crate) const FAILED: u8 = 1;
+    pub(crate) const USAGE: u8 = 2;
+    /// No daemon answered (not running, or no answer in time).
+    pub(crate) const UNREACHABLE: u8 = 3;
+    /// The daemon serves another namespace or configuration.
+    pub(crate) const MISMATCH: u8 = 4;
+    /// `serve`: another daemon already runs on the socket.
+    pub(crate) const ALREADY_RUNNING: u8 = 5;
+}
+
+fn main() -> ExitCode {
+    let command = match args::parse(std::env::args_os().skip(1)) {
+        Ok(command) => command,
+        Err(e) => {
+            eprintln!("khived: {e}\nTry 'khived --help'.");
+            return ExitCode::from(status::USAGE);
+        }
+    };
+    ExitCode::from(match command {
+        Command::Help(text) => {
+            print!("{text}");
+            status::OK
+        }
+        Command::Version => {
+            println!("khived {}", env!("CARGO_PKG_VERSION"));
+            status::OK
+        }
+        Command::Serve(serve) => run_serve(serve),
+        Command::Call(call) => run_call(call),
+        Command::Status(options) => run_status(options),
+        Command::Stop(options) => run_stop(options),
+    })
+}
+
+fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
+    eprintln!("khived: {message}");
+    code
+}
+
+// ---- serve --------------------------------------------------------------------------------
+
+/// The built-in dispatcher: the result is the request's `ops`.
+struct Echo {
+    namespace: String,
+    config_id: String,
+}
+
+impl Dispatch for Echo {
+    async fn dispatch(
+        &self,
+        ops: &str,
+        _presentation: Option<&str>,
+        _presentation_per_op: Option<&[Option<String>]>,
+    ) -> Result<String, String> {
+        Ok(ops.to_owned())
+    }
+
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn config_id(&self) -> &str {
+        &self.config_id
+    }
+}
+
+fn run_serve(serve: Serve) -> u8 {
+    if let Some(path) = &serve.log_file {
+        if let Err(e) = redirect_stderr(path) {
+            return fail(status::FAILED, e);
+        }
+    }
+    let level = match std::env::var("KHIVED_LOG").as_deref() {
+        Ok("error") => log::LevelFilter::Error,
+        Ok("warn") => log::LevelFilter::Warn,
+        Ok("debug") => log::LevelFilter::Debug,
+        Ok("trace") => log::LevelFilter::Trace,
+        _ => log::LevelFilter::Info,
+    };
+    khived::init_stderr_logger(level);
+    let config = serve.config();
+    let result = match serve.worker.clone() {
+        None => Daemon::new(
+            config,
+            Echo {
+                namespace: serve.namespace,
+                config_id: serve.config_id,
+            },
+        )
+        .run_blocking(),
+        Some(command) => {
+            let pool = worker::Pool::new(worker::PoolOptions {
+                command,
+                workers: serve.workers,
+                queue: serve.queue,
+                request_timeout: serve.request_timeout,
+                warm: serve.warm,
+                namespace: serve.namespace,
+                config_id: serve.config_id,
+            });
+            let outcome = Daemon::new(config, pool.dispatcher()).run_blocking();
+            pool.shut_down();
+            outcome
+        }
+    };
+    match result {
+        Ok(()) => status::OK,
+        Err(e @ khived::Error::AlreadyRunning { .. }) => fail(status::ALREADY_RUNNING, e),
+        Err(e) => fail(status::FAILED, e),
+    }
+}
+
+/// Sends our standard error, and with it every log line and panic message, to `path`.
+fn redirect_stderr(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
+    rustix::stdio::dup2_stderr(&file)?;
+    Ok(())
+}
+
+// ---- call ---------------------------------------------------------------------------------
+
+fn run_call(call: Call) -> u8 {
+    let connected = if call.spawn {
+        let mut command = std::process::Command::new(current_exe());
+        command.arg("serve").args(call.serve.to_args());
+        let mut spawn = khived::Spawn::new(&call.serve.common.socket, command);
+        if let Some(log) = &call.serve.log_file {
+            spawn = spawn.log_file(log);
+        }
+        spawn.connect(call.timeout)
+    } else {
+        Client::connect(&call.serve.common.socket, call.timeout)
+    };
+    let mut client = match connected {
+        Ok(client) => client,
+        Err(e) => return fail(status::UNREACHABLE, format!("daemon unreachable: {e}")),
+    };
+    let mut request = Request::new(
+        call.ops.as_str(),
+        call.serve.namespace.as_str(),
+        call.serve.config_id.as_str(),
+    );
+    request.presentation = call.presentation.as_deref().map(Into::into);
+    let response = match client.request(&request) {
+        Ok(response) => response,
+        Err(e) => return fail(status::UNREACHABLE, format!("daemon unreachable: {e}")),
+    };
+    report(&call, &mut client, response)
+}
+
+fn report(call: &Call, client: &mut Client, response: Response) -> u8 {
+    let ours = &call.serve;
+    if response.namespace_mismatch {
+        let theirs = match client.probe() {
+            Ok(info) => format!("{:?}", info.namespace),
+            Err(_) => "another one".to_owned(),
+        };
+        return fail(
+            status::MISMATCH,
+            format!("namespace mismatch: this call is for {:?}, the daemon serves {theirs}", ours.namespace),
+        );
+    }
+    let served = response.served_config_id.as_deref();
+    if response.config_mismatch || served.is_none() {
+        let theirs = served.map_or("none (an older daemon)".to_owned(), |id| format!("{id:?}"));
+        return fail(
+            status::MISMATCH,
+            format!("config mismatch: this call has config id {:?}, the daemon serves {theirs}", ours.config_id),
+        );
+    }
+    match (response.ok, response.result, response.error) {
+        (true, result, _) => {
+            println!("{}", result.unwrap_or_default());
+            status::OK
+        }
+        (false, _, error) => fail(status::FAILED, error.unwrap_or_else(|| "request failed".to_owned())),
+    }
+}
+
+fn current_exe() -> std::path::PathBuf {
+    std::env::current_exe().unwrap_or_else(|_| "khived".into())
+}
+
+// ---- status and stop ----------------------------------------------------------------------
+
+fn run_status(options: Status) -> u8 {
+    let common = &options.common;
+    match khived::probe(&common.socket, options.timeout) {
+        Ok(info) => {
+            if options.json {
+                let mut value = serde_json::to_value(&info).unwrap_or_default();
+                value["running"] = true.into();
+                value["socket"] = common.socket.display().to_string().into();
+                println!("{value}");
+            } else {
+                println!("khived is running");
+                println!("  pid:        {}", info.pid);
+                println!("  socket:     {}", common.socket.display());
+                println!("  namespace:  {:?}", info.namespace);
+                println!("  config id:  {:?}", info.config_id);
+                println!("  version:    {}", info.version);
+                println!("  uptime:     {:.1} s", info.uptime_ms as f64 / 1000.0);
+                println!("  in flight:  {}", info.in_flight);
+                println!("  served:     {}", info.served);
+            }
+            status::OK
+        }
+        Err(e) => {
+            let stale = stale_files(common);
+            if options.json {
+                let value = serde_json::json!({
+                    "running": false,
+                    "socket": common.socket.display().to_string(),
+                    "error": e.to_string(),
+                    "stale": stale,
+                });
+                println!("{value}");
+            } else {
+                println!("khived is not running ({e})");
+                for note in &stale {
+                    println!("  {note}");
+                }
+            }
+            status::UNREACHABLE
+        }
+    }
+}
+
+/// What a daemon that is not answering left behind.
+fn stale_files(common: &Common) -> Vec<String> {
+    let mut notes = Vec::new();
+    if std::fs::symlink_metadata(&common.socket).is_ok() {
+        notes.push(format!("stale socket file {} (nothing answers there)", common.socket.display()));
+    }
+    match khived::running_pid(&common.pid_file) {
+        Ok(Some(pid)) => notes.push(format!(
+            "PID file {} is held by pid {pid}, which does not answer (starting, or hung?)",
+            common.pid_file.display()
+        )),
+        Ok(None) if common.pid_file.exists() => {
+            notes.push(format!("stale PID file {} (no daemon holds it)", common.pid_file.display()))
+        }
+        Ok(None) => {}
+        Err(e) => notes.push(e.to_string()),
+    }
+    notes
+}
+
+fn run_stop(options: Stop) -> u8 {
+    let pid_file = &options.common.pid_file;
+    let pid = match khived::running_pid(pid_file) {
+        Ok(Some(pid)) => pid,
+        Ok(None) => {
+            println!("khived is not running");
+            for note in stale_files(&options.common) {
+                println!("  {note}");
+            }
+            return status::OK;
+        }
+        Err(e) => return fail(status::FAILED, e),
+    };
+    // The lock proves the PID belongs to a live daemon: a PID from a stale file is never
+    // signalled, since the process now holding that number could be anything.
+    if let Err(e) = signal(pid, rustix::process::Signal::TERM) {
+        return fail(status::FAILED, format!("cannot signal pid {pid}: {e}"));
+    }
+    if wait_gone(pid_file, options.timeout) {
+        println!("stopped khived (pid {pid})");
+        return status::OK;
+    }
+    if !options.force {
+        return fail(
+            status::FAILED,
+            format!("pid {pid} still running after {:?}; use --force to kill it", options.timeout),
+        );
+    }
+    if let Err(e) = signal(pid, rustix::process::Signal::KILL) {
+        return fail(status::FAILED, format!("cannot kill pid {pid}: {e}"));
+    }
+    if wait_gone(pid_file, Duration::from_secs(5)) {
+        println!("killed khived (pid {pid}) after {:?}", options.timeout);
+        status::OK
+    } else {
+        fail(status::FAILED, format!("pid {pid} survived SIGKILL"))
+    }
+}
+
+fn signal(pid: u32, signal: rustix::process::Signal) -> std::io::Result<()> {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::other("invalid pid"))?;
+    Ok(rustix::process::kill_process(pid, signal)?)
+}
+
+/// Waits until no daemon holds the PID file's lock: the kernel drops it when the process ends.
+fn wait_gone(pid_file: &std::path::Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if matches!(khived::running_pid(pid_file), Ok(None)) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Serve {
+    fn config(&self) -> Config {
+        let mut config = Config::from_env();
+        config.socket = self.common.socket.clone();
+        config.pid_file = self.common.pid_file.clone();
+        if let Some(drain) = self.drain_timeout {
+            config.drain_timeout = drain;
+        }
+        config.idle_shutdown = self.idle_timeout;
+        if let Some(max) = self.max_connections {
+            config.max_connections = max;
+        }
+        config
+    }
+
+    /// The command-line arguments that make `khived serve` run with these options.
+    fn to_args(&self) -> Vec<OsString> {
+        let common = &self.common;
+        let mut args: Vec<OsString> = vec![
+            "--socket".into(),
+            common.socket.clone().into(),
+            "--pid".into(),
+            common.pid_file.clone().into(),
+            "--namespace".into(),
+            self.namespace.clone().into(),
+            "--config-id".into(),
+            self.config_id.clone().into(),
+        ];
+        let secs = |d: Duration| d.as_secs_f64().to_string().into();
+        if let Some(drain) = self.drain_timeout {
+            args.extend(["--drain-timeout".into(), secs(drain)]);
+        }
+        if let Some(idle) = self.idle_timeout {
+            args.extend(["--idle-timeout".into(), secs(idle)]);
+        }
+        if let Some(max) = self.max_connections {
+            args.extend(["--max-connections".into(), max.to_string().into()]);
+        }
+        if let Some(worker) = &self.worker {
+            args.extend(["--workers".into(), self.workers.to_string().into()]);
+            args.extend(["--queue".into(), self.queue.to_string().into()]);
+            if let Some(timeout) = self.request_timeout {
+                args.extend(["--request-timeout".into(), secs(timeout)]);
+            }
+            if let Some(warm) = &self.warm {
+                args.extend(["--warm".into(), warm.into()]);
+            }
+            // `--worker` takes the rest of the line, so it comes last.
+            args.push("--worker".into());
+            args.extend(worker.iter().cloned());
+        }
+        args
+    }
+}

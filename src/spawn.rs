@@ -1,0 +1,193 @@
+//! Starting a daemon on demand: connect, or start one and wait until it answers.
+//!
+//! Many short-lived clients may find no daemon at the same moment. They serialize on a spawn
+//! lock (a `flock`ed file beside the socket); whoever holds it connects once more before
+//! starting anything, so only the first one starts a daemon and the rest find it running.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::fs::FlockOperation;
+
+use crate::client::Client;
+use crate::error::annotate;
+
+/// How to start a daemon when none answers; see [`Spawn::connect`].
+///
+/// ```no_run
+/// use std::process::Command;
+/// use std::time::Duration;
+///
+/// let mut serve = Command::new("khived");
+/// serve.arg("serve");
+/// let mut client = khived::Spawn::new(khived::socket_path(), serve)
+///     .connect(Duration::from_secs(10))?;
+/// let info = client.probe()?;
+/// # std::io::Result::Ok(())
+/// ```
+#[derive(Debug)]
+pub struct Spawn {
+    socket: PathBuf,
+    command: Command,
+    log: PathBuf,
+    ready_timeout: Duration,
+}
+
+impl Spawn {
+    /// Starts `command` (which must serve `socket`) when no daemon answers there. Its output
+    /// is appended to `<socket>.log`; it gets 5 s to answer a probe.
+    pub fn new(socket: impl Into<PathBuf>, command: Command) -> Spawn {
+        let socket = socket.into();
+        Spawn {
+            log: socket.with_extension("log"),
+            socket,
+            command,
+            ready_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Where the daemon's standard output and error are appended.
+    pub fn log_file(mut self, path: impl Into<PathBuf>) -> Spawn {
+        self.log = path.into();
+        self
+    }
+
+    /// How long a started daemon may take to answer a probe.
+    pub fn ready_timeout(mut self, timeout: Duration) -> Spawn {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// Connects to the daemon, starting it first if nobody listens on the socket.
+    ///
+    /// `timeout` bounds the returned client's requests, as in [`Client::connect`]. If the
+    /// started daemon exits before it answers, the error gives its exit status and the last
+    /// lines of its log.
+    pub fn connect(mut self, timeout: Duration) -> io::Result<Client> {
+        if let Ok(client) = Client::connect(&self.socket, timeout) {
+            return Ok(client);
+        }
+        let _lock = self.lock()?;
+        // Another client may have started a daemon while we waited for the lock.
+        if let Ok(client) = Client::connect(&self.socket, timeout) {
+            return Ok(client);
+        }
+        self.start()?;
+        Client::connect(&self.socket, timeout)
+    }
+
+    fn lock(&self) -> io::Result<File> {
+        let path = lock_path(&self.socket);
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)
+            .map_err(|e| annotate(e, "cannot open spawn lock", &path))?;
+        // Bounded: a client stuck while holding the lock must not hang every other client.
+        let deadline = Instant::now() + self.ready_timeout + Duration::from_secs(5);
+        loop {
+            match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(file),
+                Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(annotate(e.into(), "cannot take spawn lock", &path)),
+            }
+        }
+    }
+
+    fn start(&mut self) -> io::Result<()> {
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&self.log)
+            .map_err(|e| annotate(e, "cannot open daemon log", &self.log))?;
+        let log_start = log.seek(SeekFrom::End(0))?;
+        self.command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // SAFETY: the closure runs in the child between fork and exec and only makes the
+        // setsid system call, which is async-signal-safe and touches no memory of ours.
+        #[allow(unsafe_code)]
+        unsafe {
+            self.command.pre_exec(|| {
+                // Its own session: no controlling terminal, no signals meant for ours.
+                rustix::process::setsid()?;
+                Ok(())
+            });
+        }
+        let mut child = self
+            .command
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start the daemon: {e}")))?;
+        let deadline = Instant::now() + self.ready_timeout;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            if crate::client::probe(&self.socket, Duration::from_secs(1)).is_ok() {
+                // The daemon outlives us; a thread reaps it if it exits while we still run.
+                std::thread::spawn(move || child.wait());
+                return Ok(());
+            }
+            if let Some(status) = child.try_wait()? {
+                // It may have lost a race to a daemon started without the spawn lock.
+                if crate::client::probe(&self.socket, Duration::from_secs(1)).is_ok() {
+                    return Ok(());
+                }
+                return Err(io::Error::other(format!(
+                    "the daemon exited ({status}) before it was ready; last lines of {}:\n{}",
+                    self.log.display(),
+                    tail(&self.log, log_start, 10)
+                )));
+            }
+            if Instant::now() >= deadline {
+                std::thread::spawn(move || child.wait());
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the daemon did not answer on {} within {:?}; last lines of {}:\n{}",
+                        self.socket.display(),
+                        self.ready_timeout,
+                        self.log.display(),
+                        tail(&self.log, log_start, 10)
+                    ),
+                ));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The spawn lock beside the socket: `<socket>.spawn.lock`.
+fn lock_path(socket: &Path) -> PathBuf {
+    let mut name = socket.file_name().unwrap_or_default().to_owned();
+    name.push(".spawn.lock");
+    socket.with_file_name(name)
+}
+
+/// The last `lines` lines written to `path` after byte `from`.
+fn tail(path: &Path, from: u64, lines: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = File::open(path) {
+        let _ = file.seek(SeekFrom::Start(from));
+        let _ = file.take(1 << 20).read_to_string(&mut text);
+    }
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,68 @@
+//! Replays every fuzz seed and every crash the fuzzers ever found (`fuzz/seeds/<target>/`,
+//! `fuzz/regressions/<target>/`) through the checks in `khived::fuzzing`, on stable and
+//! without libFuzzer, so that a fixed bug stays fixed.
+//!
+//! Every file is run even after a failure, and the test fails naming all the files that did.
+//! The allocation bound of `frame_reader` needs the fuzz target's counting allocator and is
+//! not checked here; `cargo fuzz run frame_reader <file>` replays a file with it.
+
+use std::fs;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+/// Runs `check` on every input file of `target`, and fails with the list of those it panics on.
+fn replay(target: &str, check: fn(&[u8])) {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut files = Vec::new();
+    for dir in ["seeds", "regressions"] {
+        files.extend(inputs(&fuzz.join(dir).join(target)));
+    }
+    // An empty list would pass without testing anything, for instance with a wrong path.
+    assert!(
+        files.iter().any(|file| file.starts_with(fuzz.join("seeds"))),
+        "no seeds found for {target} under {}",
+        fuzz.display()
+    );
+    let mut failed = Vec::new();
+    for file in &files {
+        let data = fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        if panic::catch_unwind(AssertUnwindSafe(|| check(&data))).is_err() {
+            failed.push(file.strip_prefix(&fuzz).unwrap_or(file).display().to_string());
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{target}: {} of {} inputs failed (see the panics above): {failed:?}",
+        failed.len(),
+        files.len()
+    );
+}
+
+/// The files of `dir`, sorted, without hidden ones such as `.gitkeep`; none if it is missing.
+fn inputs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .map(|entry| entry.expect("reading a fuzz input directory failed").path())
+        .filter(|path| path.is_file())
+        .filter(|path| !path.file_name().unwrap_or_default().to_string_lossy().starts_with('.'))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn frame_reader_inputs() {
+    replay("frame_reader", khived::fuzzing::frame_reader);
+}
+
+#[test]
+fn request_decode_inputs() {
+    replay("request_decode", khived::fuzzing::request_decode);
+}
+
+#[test]
+fn connection_inputs() {
+    replay("connection", khived::fuzzing::connection);
+}
