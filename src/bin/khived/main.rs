@@ -137,7 +137,9 @@ fn redirect_stderr(path: &std::path::Path) -> std::io::Result<()> {
         .append(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
+        .map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
+        })?;
     rustix::stdio::dup2_stderr(&file)?;
     Ok(())
 }
@@ -182,7 +184,10 @@ fn report(call: &Call, client: &mut Client, response: Response) -> u8 {
         };
         return fail(
             status::MISMATCH,
-            format!("namespace mismatch: this call is for {:?}, the daemon serves {theirs}", ours.namespace),
+            format!(
+                "namespace mismatch: this call is for {:?}, the daemon serves {theirs}",
+                ours.namespace
+            ),
         );
     }
     let served = response.served_config_id.as_deref();
@@ -190,7 +195,10 @@ fn report(call: &Call, client: &mut Client, response: Response) -> u8 {
         let theirs = served.map_or("none (an older daemon)".to_owned(), |id| format!("{id:?}"));
         return fail(
             status::MISMATCH,
-            format!("config mismatch: this call has config id {:?}, the daemon serves {theirs}", ours.config_id),
+            format!(
+                "config mismatch: this call has config id {:?}, the daemon serves {theirs}",
+                ours.config_id
+            ),
         );
     }
     match (response.ok, response.result, response.error) {
@@ -198,7 +206,10 @@ fn report(call: &Call, client: &mut Client, response: Response) -> u8 {
             println!("{}", result.unwrap_or_default());
             status::OK
         }
-        (false, _, error) => fail(status::FAILED, error.unwrap_or_else(|| "request failed".to_owned())),
+        (false, _, error) => fail(
+            status::FAILED,
+            error.unwrap_or_else(|| "request failed".to_owned()),
+        ),
     }
 }
 
@@ -255,16 +266,20 @@ fn run_status(options: Status) -> u8 {
 fn stale_files(common: &Common) -> Vec<String> {
     let mut notes = Vec::new();
     if std::fs::symlink_metadata(&common.socket).is_ok() {
-        notes.push(format!("stale socket file {} (nothing answers there)", common.socket.display()));
+        notes.push(format!(
+            "stale socket file {} (nothing answers there)",
+            common.socket.display()
+        ));
     }
     match khived::running_pid(&common.pid_file) {
         Ok(Some(pid)) => notes.push(format!(
             "PID file {} is held by pid {pid}, which does not answer (starting, or hung?)",
             common.pid_file.display()
         )),
-        Ok(None) if common.pid_file.exists() => {
-            notes.push(format!("stale PID file {} (no daemon holds it)", common.pid_file.display()))
-        }
+        Ok(None) if common.pid_file.exists() => notes.push(format!(
+            "stale PID file {} (no daemon holds it)",
+            common.pid_file.display()
+        )),
         Ok(None) => {}
         Err(e) => notes.push(e.to_string()),
     }
@@ -296,7 +311,10 @@ fn run_stop(options: Stop) -> u8 {
     if !options.force {
         return fail(
             status::FAILED,
-            format!("pid {pid} still running after {:?}; use --force to kill it", options.timeout),
+            format!(
+                "pid {pid} still running after {:?}; use --force to kill it",
+                options.timeout
+            ),
         );
     }
     if let Err(e) = signal(pid, rustix::process::Signal::KILL) {

@@ -123,16 +123,17 @@ impl Pool {
             let Some(mut child) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() else {
                 continue;
             };
-            let exited = async_io::block_on(
-                async { child.status().await.ok() }.or(async {
-                    Timer::at(deadline).await;
-                    None
-                }),
-            );
+            let exited = async_io::block_on(async { child.status().await.ok() }.or(async {
+                Timer::at(deadline).await;
+                None
+            }));
             match exited {
                 Some(status) => log::info!("worker {}: exited ({status})", id + 1),
                 None => {
-                    log::warn!("worker {}: still running after {EXIT_GRACE:?}; killing it", id + 1);
+                    log::warn!(
+                        "worker {}: still running after {EXIT_GRACE:?}; killing it",
+                        id + 1
+                    );
                     let _ = child.kill();
                     let _ = async_io::block_on(child.status());
                 }
@@ -177,7 +178,9 @@ impl Dispatch for PoolDispatch {
     async fn warm_all(&self) {
         let executor = Executor::new();
         for id in 1..=self.inner.options.workers {
-            executor.spawn(run_worker(Arc::clone(&self.inner), id)).detach();
+            executor
+                .spawn(run_worker(Arc::clone(&self.inner), id))
+                .detach();
         }
         executor.run(future::pending::<()>()).await
     }
@@ -224,7 +227,10 @@ async fn run_worker(inner: Arc<Inner>, id: usize) {
             Ended::Failed { why, job } => {
                 log::warn!("worker {id}: {why} ({status})");
                 if let Some(job) = job {
-                    let _ = job.reply.send(Err(format!("worker {id} {why} ({status})"))).await;
+                    let _ = job
+                        .reply
+                        .send(Err(format!("worker {id} {why} ({status})")))
+                        .await;
                 }
             }
         }
@@ -237,7 +243,11 @@ async fn run_worker(inner: Arc<Inner>, id: usize) {
     }
 }
 
-type Pipes = (ChildStdin, BufReader<ChildStdout>, async_process::ChildStderr);
+type Pipes = (
+    ChildStdin,
+    BufReader<ChildStdout>,
+    async_process::ChildStderr,
+);
 
 fn start(inner: &Inner, id: usize) -> std::io::Result<Pipes> {
     let (program, args) = inner
@@ -258,13 +268,18 @@ fn start(inner: &Inner, id: usize) -> std::io::Result<Pipes> {
         _ => return Err(std::io::Error::other("worker pipes missing")),
     };
     log::info!("worker {id}: started (pid {})", child.id());
-    *inner.children[id - 1].lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+    *inner.children[id - 1]
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(child);
     Ok(pipes)
 }
 
 /// Kills worker `id` if it still runs and waits for it; returns how it ended.
 async fn reap(inner: &Inner, id: usize) -> String {
-    let child = inner.children[id - 1].lock().unwrap_or_else(|e| e.into_inner()).take();
+    let child = inner.children[id - 1]
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     let Some(mut child) = child else {
         return "not started".to_owned();
     };
@@ -325,8 +340,14 @@ async fn exchange(
     timeout: Option<Duration>,
 ) -> Result<Result<String, String>, String> {
     let talk = async {
-        stdin.write_all(line).await.map_err(|e| format!("could not take the request: {e}"))?;
-        stdin.flush().await.map_err(|e| format!("could not take the request: {e}"))?;
+        stdin
+            .write_all(line)
+            .await
+            .map_err(|e| format!("could not take the request: {e}"))?;
+        stdin
+            .flush()
+            .await
+            .map_err(|e| format!("could not take the request: {e}"))?;
         let mut reply = Vec::new();
         // Bounded like a frame, so a worker that never prints a newline cannot fill memory.
         let mut limited = (&mut *stdout).take(MAX_FRAME_BYTES as u64 + 1);

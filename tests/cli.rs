@@ -1,0 +1,424 @@
+//! The `khived` binary end to end: serve, call, status, stop, auto-spawn, the worker pool.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::temp_dir;
+
+const KHIVED: &str = env!("CARGO_BIN_EXE_khived");
+const WORKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/worker.py");
+
+/// A socket and PID file in a fresh directory, and the arguments that name them.
+struct Place {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    pid_file: PathBuf,
+}
+
+impl Place {
+    fn new() -> Place {
+        let dir = temp_dir();
+        let socket = dir.path().join("k.sock");
+        let pid_file = dir.path().join("k.pid");
+        Place {
+            dir,
+            socket,
+            pid_file,
+        }
+    }
+
+    fn khived(&self, command: &str) -> Command {
+        let mut khived = Command::new(KHIVED);
+        khived
+            .arg(command)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--pid")
+            .arg(&self.pid_file)
+            .stdin(Stdio::null());
+        khived
+    }
+
+    fn run(&self, command: &str, args: &[&str]) -> Output {
+        self.khived(command).args(args).output().unwrap()
+    }
+
+    /// Starts `khived serve` with `args` and waits until it answers.
+    fn serve(&self, args: &[&str]) -> Server {
+        let log = self.dir.path().join("serve.log");
+        let child = self
+            .khived("serve")
+            .args(args)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let server = Server { child, log };
+        common::wait_until_serving(&self.socket);
+        server
+    }
+
+    fn call(&self, ops: &str) -> Output {
+        self.run("call", &[ops])
+    }
+}
+
+struct Server {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Server {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not exit; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Processes whose command line mentions `marker`: the workers get their test's directory as
+/// an argument, so any left running after their daemon has stopped show up here.
+fn processes_mentioning(marker: &Path) -> Vec<String> {
+    let marker = marker.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&marker) {
+            found.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    found
+}
+
+#[test]
+fn help_and_version() {
+    let version = Command::new(KHIVED).arg("--version").output().unwrap();
+    assert_eq!(
+        stdout(&version),
+        format!("khived {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    for command in ["serve", "call", "status", "stop"] {
+        let help = Command::new(KHIVED)
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(help.status.success());
+        assert!(stdout(&help).contains("Usage: khived "), "{command}");
+    }
+    let usage = Command::new(KHIVED)
+        .args(["call", "--bogus", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(stderr(&usage).contains("--bogus"));
+    let missing = Command::new(KHIVED).arg("call").output().unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(stderr(&missing).contains("missing OPS"));
+}
+
+#[test]
+fn serve_call_status_stop() {
+    let place = Place::new();
+    let mut server = place.serve(&[]);
+    let call = place.call("hello there");
+    assert_eq!(stdout(&call), "hello there\n");
+    assert_eq!(call.status.code(), Some(0));
+
+    let status = place.run("status", &[]);
+    assert_eq!(status.status.code(), Some(0));
+    let text = stdout(&status);
+    assert!(
+        text.contains(&format!("pid:        {}", server.child.id())),
+        "{text}"
+    );
+    assert!(text.contains("namespace:  \"khive\""), "{text}");
+    // The readiness probe and the call.
+    assert!(text.contains("served:     2"), "{text}");
+    let json = place.run("status", &["--json"]);
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(value["running"], true);
+    assert_eq!(value["pid"], server.child.id());
+    assert_eq!(value["version"], env!("CARGO_PKG_VERSION"));
+
+    let stop = place.run("stop", &[]);
+    assert_eq!(stop.status.code(), Some(0), "{}", stderr(&stop));
+    assert!(stdout(&stop).contains(&format!("stopped khived (pid {})", server.child.id())));
+    assert!(server.wait().success());
+    assert!(!place.socket.exists() && !place.pid_file.exists());
+
+    let status = place.run("status", &[]);
+    assert_eq!(status.status.code(), Some(3));
+    let again = place.run("stop", &[]);
+    assert_eq!(again.status.code(), Some(0));
+    assert!(stdout(&again).contains("not running"));
+}
+
+#[test]
+fn call_exit_statuses() {
+    let place = Place::new();
+    let unreachable = place.call("x");
+    assert_eq!(unreachable.status.code(), Some(3));
+    assert!(
+        stderr(&unreachable).contains("daemon unreachable"),
+        "{}",
+        stderr(&unreachable)
+    );
+
+    let _server = place.serve(&["--namespace", "ns-a", "--config-id", "cfg-a"]);
+    let ok = place.run(
+        "call",
+        &["--namespace", "ns-a", "--config-id", "cfg-a", "x"],
+    );
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+
+    let namespace = place.run(
+        "call",
+        &["--namespace", "ns-b", "--config-id", "cfg-a", "x"],
+    );
+    assert_eq!(namespace.status.code(), Some(4));
+    assert!(stderr(&namespace).contains(r#"this call is for "ns-b", the daemon serves "ns-a""#));
+
+    let config = place.run(
+        "call",
+        &["--namespace", "ns-a", "--config-id", "cfg-b", "x"],
+    );
+    assert_eq!(config.status.code(), Some(4));
+    assert!(stderr(&config).contains(r#"config id "cfg-b", the daemon serves "cfg-a""#));
+}
+
+#[test]
+fn serve_refuses_to_start_twice() {
+    let place = Place::new();
+    let server = place.serve(&[]);
+    let second = place.run("serve", &[]);
+    assert_eq!(second.status.code(), Some(5));
+    let expected = format!("already running as pid {}", server.child.id());
+    assert!(stderr(&second).contains(&expected), "{}", stderr(&second));
+}
+
+#[test]
+fn stop_never_signals_a_process_named_by_a_stale_pid_file() {
+    let place = Place::new();
+    let mut bystander = Command::new("sleep").arg("30").spawn().unwrap();
+    std::fs::write(&place.pid_file, bystander.id().to_string()).unwrap();
+    let stop = place.run("stop", &["--timeout", "1"]);
+    assert_eq!(stop.status.code(), Some(0));
+    assert!(
+        stdout(&stop).contains("stale PID file"),
+        "{}",
+        stdout(&stop)
+    );
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "the bystander was signalled"
+    );
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+}
+
+#[test]
+fn eight_clients_auto_spawn_exactly_one_daemon() {
+    let place = Place::new();
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            place
+                .khived("call")
+                .args(["--spawn", "--idle-timeout", "30", &format!("client {i}")])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        let output = client.wait_with_output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        assert_eq!(stdout(&output), format!("client {i}\n"));
+    }
+    let log = std::fs::read_to_string(place.socket.with_extension("log")).unwrap();
+    assert_eq!(log.matches("serving namespace").count(), 1, "{log}");
+    let stop = place.run("stop", &[]);
+    assert_eq!(stop.status.code(), Some(0));
+}
+
+#[test]
+fn spawn_reports_a_daemon_that_dies_at_start() {
+    let place = Place::new();
+    // A directory where the socket should be: the daemon cannot start.
+    std::fs::create_dir(&place.socket).unwrap();
+    let started = Instant::now();
+    let call = place.run("call", &["--spawn", "x"]);
+    assert_eq!(call.status.code(), Some(3));
+    let message = stderr(&call);
+    assert!(
+        message.contains("exited (exit status: 1) before it was ready"),
+        "{message}"
+    );
+    assert!(message.contains("is not a socket"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "it waited out the timeout"
+    );
+}
+
+fn serve_workers(place: &Place, extra: &[&str]) -> Server {
+    let mut args = vec!["--workers", "2"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "--worker",
+        "python3",
+        WORKER,
+        place.dir.path().to_str().unwrap(),
+    ]);
+    place.serve(&args)
+}
+
+#[test]
+fn worker_pool_answers_and_survives_bad_workers() {
+    let place = Place::new();
+    let mut server = serve_workers(&place, &["--request-timeout", "2"]);
+    let call = place.call("upper warm");
+    assert_eq!(stdout(&call), "WARM\n", "{}", stderr(&call));
+
+    let error = place.call("nosuchverb x");
+    assert_eq!(error.status.code(), Some(1));
+    assert!(stderr(&error).contains("unknown verb 'nosuchverb'"));
+
+    let crash = place.call("crash");
+    assert_eq!(crash.status.code(), Some(1));
+    assert!(
+        stderr(&crash).contains("exited while handling the request (exit status: 3)"),
+        "{}",
+        stderr(&crash)
+    );
+
+    let garbage = place.call("garbage");
+    assert_eq!(garbage.status.code(), Some(1));
+    assert!(
+        stderr(&garbage).contains("printed a line that is not a reply"),
+        "{}",
+        stderr(&garbage)
+    );
+
+    let started = Instant::now();
+    let hang = place.call("hang");
+    assert_eq!(hang.status.code(), Some(1));
+    assert!(
+        stderr(&hang).contains("did not answer within 2s"),
+        "{}",
+        stderr(&hang)
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Restarted workers serve again.
+    for _ in 0..4 {
+        let call = place.call("reverse abc");
+        assert_eq!(stdout(&call), "cba\n", "{}", stderr(&call));
+    }
+    assert!(
+        server.log().contains("worker 1: worker 1 ready"),
+        "stderr is logged with the id"
+    );
+
+    assert_eq!(place.run("stop", &[]).status.code(), Some(0));
+    assert!(server.wait().success());
+    let left = processes_mentioning(place.dir.path());
+    assert!(left.is_empty(), "leftover processes: {left:?}");
+}
+
+#[test]
+fn a_full_worker_queue_answers_busy() {
+    let place = Place::new();
+    let mut server = place.serve(&[
+        "--workers",
+        "1",
+        "--queue",
+        "1",
+        "--worker",
+        "python3",
+        WORKER,
+        place.dir.path().to_str().unwrap(),
+    ]);
+    // One request runs, one waits in the queue, the third finds the queue full.
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            place
+                .khived("call")
+                .arg("sleep 1.5")
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let busy = place.call("upper x");
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(stderr(&busy).contains("daemon_busy:"), "{}", stderr(&busy));
+    for client in slow {
+        let output = client.wait_with_output().unwrap();
+        assert_eq!(stdout(&output), "1.5\n");
+    }
+    assert_eq!(place.run("stop", &[]).status.code(), Some(0));
+    assert!(server.wait().success());
+    assert!(processes_mentioning(place.dir.path()).is_empty());
+}
+
+#[test]
+fn stop_drains_then_ends_every_worker() {
+    let place = Place::new();
+    let mut server = serve_workers(&place, &[]);
+    let slow = place
+        .khived("call")
+        .arg("sleep 1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(place.run("stop", &[]).status.code(), Some(0));
+    let output = slow.wait_with_output().unwrap();
+    assert_eq!(stdout(&output), "1\n", "the request in flight is answered");
+    assert!(server.wait().success());
+    let left = processes_mentioning(place.dir.path());
+    assert!(left.is_empty(), "leftover processes: {left:?}");
+    assert!(
+        server.log().contains("worker 2: exited"),
+        "{}",
+        server.log()
+    );
+}
