@@ -36,6 +36,9 @@ pub struct Config {
     /// How many connections may be open at once (default 512, lowered at start to what the
     /// open-file limit allows). Over the cap a new connection gets one `daemon_busy` reply.
     pub max_connections: usize,
+    /// Whether root may connect as well as the daemon's own user (default false). Every
+    /// other peer is refused before a byte is read.
+    pub allow_root: bool,
     /// Whether the daemon stops on SIGTERM and SIGINT (default true). Turn it off when the
     /// embedding application handles signals itself and stops the daemon with a
     /// [`ShutdownHandle`](crate::ShutdownHandle).
@@ -55,6 +58,7 @@ impl Default for Config {
             idle_connection_timeout: Duration::from_secs(300),
             write_timeout: Duration::from_secs(30),
             max_connections: 512,
+            allow_root: false,
             handle_signals: true,
         }
     }

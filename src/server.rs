@@ -308,6 +308,8 @@ async fn accept_loop<D: Dispatch>(
     max_connections: usize,
 ) {
     let mut backoff = AcceptBackoff::default();
+    let mut refusals = Throttled::default();
+    let own_uid = rustix::process::geteuid().as_raw();
     loop {
         // accept4 with the flags set saves an fcntl per connection.
         let accepted = listener
@@ -324,6 +326,23 @@ async fn accept_loop<D: Dispatch>(
             }
         };
         backoff.reset();
+        // Who is calling is decided before a byte is read: file modes can be loosened by
+        // mistake, the kernel's record of the peer cannot.
+        match peer_uid(&stream) {
+            Ok(uid) if uid == own_uid || (uid == 0 && shared.config.allow_root) => {}
+            Ok(uid) => {
+                refusals.warn(|suppressed| {
+                    format!("refused a connection from uid {uid} ({suppressed} more refusals not logged)")
+                });
+                continue;
+            }
+            Err(e) => {
+                refusals.warn(|suppressed| {
+                    format!("refused a connection: cannot tell who it is: {e} ({suppressed} more refusals not logged)")
+                });
+                continue;
+            }
+        }
         if shared.in_flight.get() >= max_connections {
             refuse_busy(&shared, &stream, max_connections);
             continue;
@@ -350,21 +369,56 @@ fn refuse_busy<D: Dispatch>(shared: &Shared<D>, stream: &UnixStream, max: usize)
     }
 }
 
+/// The uid of the process at the other end, as the kernel recorded it at `connect`.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    Ok(rustix::net::sockopt::socket_peercred(stream)?.uid.as_raw())
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn peer_uid(_stream: &UnixStream) -> io::Result<u32> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "peer credentials (SO_PEERCRED) are not supported on this platform yet",
+    ))
+}
+
+/// A warning logged at most once a second, with a count of those held back.
+#[derive(Debug, Default)]
+struct Throttled {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttled {
+    fn warn(&mut self, message: impl FnOnce(u64) -> String) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now - last < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        log::warn!("{}", message(self.suppressed));
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
 /// Accept errors (out of descriptors, aborted connections) never end the daemon: it waits a
-/// little longer after each failure, and logs at most once a second.
+/// little longer after each failure, from 10 ms up to 1 s, and logs at most once a second.
 #[derive(Debug)]
 struct AcceptBackoff {
     delay: Duration,
-    last_log: Option<Instant>,
-    suppressed: u64,
+    log: Throttled,
 }
 
 impl Default for AcceptBackoff {
     fn default() -> Self {
         AcceptBackoff {
             delay: Duration::from_millis(10),
-            last_log: None,
-            suppressed: 0,
+            log: Throttled::default(),
         }
     }
 }
@@ -377,23 +431,12 @@ impl AcceptBackoff {
         ) {
             return;
         }
-        let now = Instant::now();
-        if self
-            .last_log
-            .is_none_or(|last| now - last >= Duration::from_secs(1))
-        {
-            log::warn!(
-                "accept failed: {e}; retrying in {:?} ({} similar failures not logged)",
-                self.delay,
-                self.suppressed
-            );
-            self.last_log = Some(now);
-            self.suppressed = 0;
-        } else {
-            self.suppressed += 1;
-        }
-        Timer::after(self.delay).await;
-        self.delay = (self.delay * 2).min(Duration::from_secs(1));
+        let delay = self.delay;
+        self.log.warn(|suppressed| {
+            format!("accept failed: {e}; retrying in {delay:?} ({suppressed} similar failures not logged)")
+        });
+        Timer::after(delay).await;
+        self.delay = (delay * 2).min(Duration::from_secs(1));
     }
 
     fn reset(&mut self) {

@@ -187,9 +187,26 @@ pub fn child_main() {
         rustix::process::umask(rustix::fs::Mode::from_raw_mode(mask));
     }
     khived::init_stderr_logger(log::LevelFilter::Debug);
+    let var = |key: &str| std::env::var(key).ok();
+    if let Some(limit) = var("KHIVED_TEST_NOFILE") {
+        set_nofile(limit.parse().unwrap());
+    }
     let mut config = Config::from_env();
-    if let Ok(secs) = std::env::var("KHIVED_TEST_IDLE_SECS") {
+    if let Some(secs) = var("KHIVED_TEST_IDLE_SECS") {
         config.idle_shutdown = Some(Duration::from_secs_f64(secs.parse().unwrap()));
+    }
+    if let Some(max) = var("KHIVED_TEST_MAX_CONNECTIONS") {
+        config.max_connections = max.parse().unwrap();
+    }
+    if let Some(limit) = var("KHIVED_TEST_NOFILE_ONCE_SERVING") {
+        // Lowered once the daemon serves, so that connections, not start-up, run out of
+        // descriptors (the connection cap is computed from the limit at start).
+        let socket = config.socket.clone();
+        std::thread::spawn(move || {
+            wait_until_serving(&socket);
+            set_nofile(limit.parse().unwrap());
+            eprintln!("test: open-file limit lowered to {limit}");
+        });
     }
     let code = match Daemon::new(config, TestDispatch::default()).run_blocking() {
         Ok(()) => 0,
@@ -203,6 +220,23 @@ pub fn child_main() {
         }
     };
     std::process::exit(code);
+}
+
+fn set_nofile(limit: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut rlimit = getrlimit(Resource::Nofile);
+    rlimit.current = Some(limit);
+    setrlimit(Resource::Nofile, rlimit).unwrap();
+}
+
+/// The resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// A daemon in a child process (this test binary, re-run as [`child_main`]).

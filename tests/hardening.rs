@@ -1,0 +1,285 @@
+//! Hostile, slow and faulty peers: they never hurt the daemon or the other clients.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use common::{frame, read_response, request, temp_dir, ChildDaemon, InProcess};
+use khived::{Config, Daemon, MAX_FRAME_BYTES};
+
+/// Entry point of the child daemons; does nothing in a normal test run.
+#[test]
+fn child_daemon() {
+    common::child_main();
+}
+
+fn start_error(config: Config) -> String {
+    let daemon = Daemon::new(config, common::TestDispatch::default());
+    daemon.run_blocking().unwrap_err().to_string()
+}
+
+#[test]
+fn peer_of_another_uid_is_refused() {
+    if !rustix::process::geteuid().is_root() {
+        println!("skipped: connecting as another user needs root (setuid on a thread)");
+        return;
+    }
+    let daemon = InProcess::start(|_, _| {});
+    // Let uid 65534 reach the socket, so that only the credential check stands in its way.
+    let dir = daemon.socket.parent().unwrap();
+    for path in [daemon.dir.path(), dir] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    std::fs::set_permissions(&daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let socket = daemon.socket.clone();
+    let stranger = std::thread::spawn(move || {
+        // This thread alone becomes uid 65534: the raw system call is per thread.
+        rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(65534)).unwrap();
+        let mut stream = UnixStream::connect(&socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let _ = stream.write_all(&khived::encode_frame(&request("x")).unwrap());
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        answer
+    });
+    assert_eq!(stranger.join().unwrap(), b"", "a refused peer gets nothing");
+    // The daemon's own user is served as before.
+    assert!(daemon.client().request(&request("x")).unwrap().ok);
+}
+
+#[test]
+fn group_writable_directory_is_refused_with_the_fix() {
+    let dir = temp_dir();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let error = start_error(Config::at(shared.join("k.sock")));
+    assert!(
+        error.contains("writable by group or others (mode 0775)"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&format!("chmod 700 {}", shared.display())),
+        "{error}"
+    );
+    assert!(!shared.join("k.sock").exists() && !shared.join("k.pid").exists());
+}
+
+#[test]
+fn symlinked_pid_file_is_refused() {
+    let dir = temp_dir();
+    let target = dir.path().join("elsewhere");
+    std::fs::write(&target, "precious").unwrap();
+    let socket = dir.path().join("k.sock");
+    std::os::unix::fs::symlink(&target, socket.with_extension("pid")).unwrap();
+    let error = start_error(Config::at(&socket));
+    assert!(
+        error.contains("is a symbolic link; refusing to follow it"),
+        "{error}"
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+    assert!(!socket.exists());
+}
+
+#[test]
+fn overlong_socket_path_is_refused() {
+    let dir = temp_dir();
+    let socket = dir.path().join("s".repeat(120));
+    let error = start_error(Config::at(&socket));
+    let len = socket.as_os_str().len();
+    assert!(
+        error.contains(&format!("is {len} bytes long; the limit here is 107 bytes")),
+        "{error}"
+    );
+    assert!(error.contains(&socket.display().to_string()), "{error}");
+}
+
+#[test]
+fn slowloris_is_cut_off_while_others_are_served() {
+    let daemon =
+        InProcess::start(|config, _| config.first_request_timeout = Duration::from_secs(1));
+    let mut slow = daemon.connect_raw();
+    slow.write_all(&[0, 0]).unwrap();
+    let started = Instant::now();
+    for i in 0..5 {
+        let ops = format!("meanwhile {i}");
+        assert_eq!(
+            daemon.client().request(&request(&ops)).unwrap().result,
+            Some(ops)
+        );
+    }
+    let response = read_response(&mut slow).unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert_eq!(
+        response.error.as_deref(),
+        Some("bad request: no complete request within 1s")
+    );
+    assert!(common::is_closed(&mut slow));
+}
+
+#[test]
+fn idle_connection_is_closed_after_its_deadline() {
+    let daemon =
+        InProcess::start(|config, _| config.idle_connection_timeout = Duration::from_millis(500));
+    let mut stream = daemon.connect_raw();
+    let body = serde_json::to_vec(&request("x")).unwrap();
+    assert!(common::raw_exchange(&mut stream, &frame(&body)).unwrap().ok);
+    let started = Instant::now();
+    assert!(common::is_closed(&mut stream));
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn thousand_connections_against_a_cap_of_64() {
+    let dir = temp_dir();
+    let env = [("KHIVED_TEST_MAX_CONNECTIONS", "64")];
+    let daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
+    // The readiness probe's connection must be gone before the holders come, or it would
+    // take a slot that frees up in the middle of the test.
+    while khived::probe(&daemon.socket, Duration::from_secs(5)).unwrap().in_flight > 1 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // 64 clients hold every slot without sending anything...
+    let holders: Vec<UnixStream> = (0..64)
+        .map(|_| UnixStream::connect(&daemon.socket).unwrap())
+        .collect();
+    // ...so the next 936 are told the daemon is busy, and closed.
+    let mut busy = 0;
+    for _ in 0..936 {
+        let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let response = read_response(&mut stream).unwrap();
+        let error = response.error.unwrap_or_default();
+        assert!(
+            error.starts_with("daemon_busy: 64 connections open"),
+            "{error}"
+        );
+        assert_eq!(
+            response.served_config_id.as_deref(),
+            Some(common::CONFIG_ID)
+        );
+        assert!(common::is_closed(&mut stream));
+        busy += 1;
+    }
+    assert_eq!(busy, 936);
+    drop(holders);
+    // Once they go, normal service resumes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut client = khived::Client::connect(&daemon.socket, Duration::from_secs(5)).unwrap();
+        match client.request(&request("back")) {
+            Ok(response) if response.ok => break,
+            other => assert!(Instant::now() < deadline, "not served again: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn rss_stays_bounded_while_200_peers_announce_8_mib() {
+    let dir = temp_dir();
+    let daemon = ChildDaemon::start(&dir.path().join("k.sock"), &[]);
+    let before = common::rss_kib(daemon.pid());
+    let header = (MAX_FRAME_BYTES as u32).to_be_bytes();
+    let peers: Vec<UnixStream> = (0..200)
+        .map(|_| {
+            let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+            stream.write_all(&header).unwrap();
+            stream
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while khived::probe(&daemon.socket, Duration::from_secs(5))
+        .unwrap()
+        .in_flight
+        < 201
+    {
+        assert!(Instant::now() < deadline, "the peers were not all accepted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let grown = common::rss_kib(daemon.pid()).saturating_sub(before);
+    // Allocating what was announced would be 1.6 GiB; reading ahead 64 KiB each is 12.5 MiB.
+    assert!(grown < 24 * 1024, "RSS grew by {grown} KiB");
+    drop(peers);
+}
+
+#[test]
+fn client_that_leaves_mid_response_harms_no_one() {
+    let daemon = InProcess::start(|_, _| {});
+    for _ in 0..5 {
+        let mut stream = daemon.connect_raw();
+        let big = "x".repeat(4 << 20);
+        stream
+            .write_all(&khived::encode_frame(&request(&big)).unwrap())
+            .unwrap();
+        let mut first = [0; 100];
+        stream.read_exact(&mut first).unwrap();
+        drop(stream);
+    }
+    let mut client = daemon.client();
+    assert!(client.request(&request("still here")).unwrap().ok);
+    assert_eq!(
+        client.probe().unwrap().in_flight,
+        1,
+        "the abandoned connections are gone"
+    );
+}
+
+#[test]
+fn client_that_leaves_mid_request_harms_no_one() {
+    let daemon = InProcess::start(|_, _| {});
+    let body = serde_json::to_vec(&request("x")).unwrap();
+    for cut in [1, 3, 4, 10] {
+        let mut stream = daemon.connect_raw();
+        stream.write_all(&frame(&body)[..cut]).unwrap();
+        drop(stream);
+    }
+    assert!(daemon.client().request(&request("still here")).unwrap().ok);
+}
+
+#[test]
+fn running_out_of_descriptors_is_survived() {
+    let dir = temp_dir();
+    let env = [("KHIVED_TEST_NOFILE_ONCE_SERVING", "32")];
+    let daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
+    daemon.wait_for_log("open-file limit lowered to 32");
+    let hogs: Vec<UnixStream> = (0..40)
+        .map(|_| UnixStream::connect(&daemon.socket).unwrap())
+        .collect();
+    daemon.wait_for_log("accept failed: Too many open files");
+    drop(hogs);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let served = khived::Client::connect(&daemon.socket, Duration::from_secs(2))
+            .and_then(|mut client| client.request(&request("recovered")));
+        match served {
+            Ok(response) if response.ok => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "not recovered: {other:?}\n{}",
+                daemon.log()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn connection_cap_follows_the_open_file_limit() {
+    let dir = temp_dir();
+    let daemon = ChildDaemon::start(&dir.path().join("k.sock"), &[("KHIVED_TEST_NOFILE", "100")]);
+    daemon.wait_for_log("max_connections lowered from 512 to 68 by the open-file limit (100)");
+}
