@@ -39,6 +39,10 @@ pub struct Config {
     /// Whether root may connect as well as the daemon's own user (default false). Every
     /// other peer is refused before a byte is read.
     pub allow_root: bool,
+    /// Whether a listening socket passed by a service manager (`LISTEN_PID`, `LISTEN_FDS`,
+    /// descriptor 3) is used instead of binding `socket` (default true). Such a socket is
+    /// never removed at shutdown: the service manager keeps it across restarts.
+    pub socket_activation: bool,
     /// Whether the daemon stops on SIGTERM and SIGINT (default true). Turn it off when the
     /// embedding application handles signals itself and stops the daemon with a
     /// [`ShutdownHandle`](crate::ShutdownHandle).
@@ -59,6 +63,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(30),
             max_connections: 512,
             allow_root: false,
+            socket_activation: true,
             handle_signals: true,
         }
     }

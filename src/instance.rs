@@ -32,21 +32,34 @@ pub(crate) struct Instance {
     pid_path: PathBuf,
     socket_path: PathBuf,
     /// Device and inode of the socket we bound: a socket put there by anyone else survives.
-    socket_id: (u64, u64),
+    /// `None` for a socket inherited from a service manager, which it keeps across restarts.
+    socket_id: Option<(u64, u64)>,
     cleaned: bool,
 }
 
 impl Instance {
     /// Claims the socket for this process and returns the listener, bound and listening.
-    pub(crate) fn start(config: &Config) -> Result<(Instance, UnixListener), Error> {
-        check_socket_path(&config.socket)?;
-        prepare_dir(&config.socket)?;
-        if config.pid_file.parent() != config.socket.parent() {
+    /// With a listener `inherited` from a service manager, only the PID file is claimed.
+    pub(crate) fn start(
+        config: &Config,
+        inherited: Option<UnixListener>,
+    ) -> Result<(Instance, UnixListener), Error> {
+        if inherited.is_none() {
+            check_socket_path(&config.socket)?;
+            prepare_dir(&config.socket)?;
+        }
+        if inherited.is_some() || config.pid_file.parent() != config.socket.parent() {
             prepare_dir(&config.pid_file)?;
         }
         let pid_file = lock_pid_file(&config.pid_file)?;
-        clear_leftover_socket(&config.socket)?;
-        let (listener, socket_id) = bind_private(&config.socket)?;
+        let (listener, socket_id) = match inherited {
+            Some(listener) => (listener, None),
+            None => {
+                clear_leftover_socket(&config.socket)?;
+                let (listener, id) = bind_private(&config.socket)?;
+                (listener, Some(id))
+            }
+        };
         Ok((
             Instance {
                 pid_file,
@@ -65,7 +78,8 @@ impl Instance {
             return;
         }
         match fs::symlink_metadata(&self.socket_path) {
-            Ok(meta) if (meta.dev(), meta.ino()) == self.socket_id => {
+            _ if self.socket_id.is_none() => {}
+            Ok(meta) if Some((meta.dev(), meta.ino())) == self.socket_id => {
                 if let Err(e) = fs::remove_file(&self.socket_path) {
                     log::warn!("cannot remove {}: {e}", self.socket_path.display());
                 }

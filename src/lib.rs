@@ -79,8 +79,9 @@
 //! ```
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
-// One `unsafe` block exists: `pre_exec` in `spawn`, to put a started daemon in a session of
-// its own. Everything else goes through rustix.
+// Two `unsafe` blocks exist: `pre_exec` in `spawn`, to put a started daemon in a session of
+// its own, and taking descriptor 3 from a service manager in `systemd`. Everything else
+// goes through rustix.
 #![deny(unsafe_code)]
 
 mod client;
@@ -95,6 +96,7 @@ mod instance;
 mod logger;
 mod server;
 mod spawn;
+mod systemd;
 mod wire;
 
 pub use client::{probe, Client};

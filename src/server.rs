@@ -18,6 +18,7 @@ use crate::connection;
 use crate::dispatch::Dispatch;
 use crate::inflight::{Flag, InFlight};
 use crate::instance::Instance;
+use crate::systemd;
 use crate::wire::{encode_frame, Response};
 use crate::Error;
 
@@ -101,6 +102,7 @@ pub(crate) struct Shared<D> {
     pub(crate) started: Instant,
     /// Set once the listener is closed: idle connections close, busy ones finish.
     pub(crate) draining: Flag,
+    pub(crate) notifier: Option<systemd::Notifier>,
 }
 
 impl<D> Shared<D> {
@@ -112,6 +114,14 @@ impl<D> Shared<D> {
             served: AtomicU64::new(0),
             started: Instant::now(),
             draining: Flag::default(),
+            notifier: None,
+        }
+    }
+
+    /// Tells the service manager, if there is one, how we are doing.
+    pub(crate) fn notify(&self, state: &str) {
+        if let Some(notifier) = &self.notifier {
+            notifier.notify(state);
         }
     }
 }
@@ -156,16 +166,30 @@ impl<D: Dispatch> Daemon<D> {
             true => Some(Signals::new([Signal::Term, Signal::Int])?),
             false => None,
         };
-        let (mut instance, listener) = Instance::start(&config)?;
+        let inherited = match config.socket_activation {
+            true => systemd::inherited_listener()?,
+            false => None,
+        };
+        let activated = inherited.is_some();
+        let (mut instance, listener) = Instance::start(&config, inherited)?;
         let listener = Async::new_nonblocking(listener)?;
+        let notifier = systemd::Notifier::from_env();
         let max_connections = connection_cap(config.max_connections);
         log::info!(
-            "serving namespace {:?} on {} (pid {})",
+            "serving namespace {:?} on {}{} (pid {})",
             dispatcher.namespace(),
             config.socket.display(),
+            if activated {
+                " (socket from the service manager)"
+            } else {
+                ""
+            },
             std::process::id()
         );
-        let shared = Arc::new(Shared::new(dispatcher, config));
+        let mut shared = Shared::new(dispatcher, config);
+        shared.notifier = notifier;
+        shared.notify("READY=1\nSTATUS=warming up, serving requests");
+        let shared = Arc::new(shared);
         let executor = Arc::new(Executor::new());
         let supervise = supervise(
             &executor,
@@ -212,6 +236,9 @@ async fn supervise<D: Dispatch>(
         .spawn(async move {
             warm.dispatcher.warm_all().await;
             log::info!("warm_all finished");
+            if !warm.draining.is_set() {
+                warm.notify("STATUS=serving requests");
+            }
         })
         .detach();
     if let Some(after) = shared.config.idle_shutdown {
@@ -236,6 +263,10 @@ async fn supervise<D: Dispatch>(
     accept.cancel().await;
     shared.draining.set();
     let drain = shared.config.drain_timeout;
+    shared.notify(&format!(
+        "STOPPING=1\nSTATUS=draining {} connection(s)",
+        shared.in_flight.get()
+    ));
     log::info!(
         "stopping ({reason}): listener closed, draining {} connection(s) for up to {drain:?}",
         shared.in_flight.get()
