@@ -110,3 +110,8 @@ pub use spawn::Spawn;
 pub use wire::{
     encode_frame, frame_len, read_frame, write_frame, ProbeInfo, Request, Response, MAX_FRAME_BYTES,
 };
+
+// The README's Rust example is compiled with the doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
