@@ -19,7 +19,9 @@ fn replay(target: &str, check: fn(&[u8])) {
     }
     // An empty list would pass without testing anything, for instance with a wrong path.
     assert!(
-        files.iter().any(|file| file.starts_with(fuzz.join("seeds"))),
+        files
+            .iter()
+            .any(|file| file.starts_with(fuzz.join("seeds"))),
         "no seeds found for {target} under {}",
         fuzz.display()
     );
@@ -27,7 +29,12 @@ fn replay(target: &str, check: fn(&[u8])) {
     for file in &files {
         let data = fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         if panic::catch_unwind(AssertUnwindSafe(|| check(&data))).is_err() {
-            failed.push(file.strip_prefix(&fuzz).unwrap_or(file).display().to_string());
+            failed.push(
+                file.strip_prefix(&fuzz)
+                    .unwrap_or(file)
+                    .display()
+                    .to_string(),
+            );
         }
     }
     assert!(
@@ -46,7 +53,13 @@ fn inputs(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = entries
         .map(|entry| entry.expect("reading a fuzz input directory failed").path())
         .filter(|path| path.is_file())
-        .filter(|path| !path.file_name().unwrap_or_default().to_string_lossy().starts_with('.'))
+        .filter(|path| {
+            !path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .starts_with('.')
+        })
         .collect();
     files.sort();
     files

@@ -145,7 +145,11 @@ fn thousand_connections_against_a_cap_of_64() {
     let daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
     // The readiness probe's connection must be gone before the holders come, or it would
     // take a slot that frees up in the middle of the test.
-    while khived::probe(&daemon.socket, Duration::from_secs(5)).unwrap().in_flight > 1 {
+    while khived::probe(&daemon.socket, Duration::from_secs(5))
+        .unwrap()
+        .in_flight
+        > 1
+    {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(200));
