@@ -297,6 +297,23 @@ fn spawn_reports_a_daemon_that_dies_at_start() {
     );
 }
 
+/// Waits until `count` workers have said they are ready.
+fn wait_for_workers(server: &Server, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (1..=count).any(|id| {
+        !server
+            .log()
+            .contains(&format!("worker {id}: worker {id} ready"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "workers not ready:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn serve_workers(place: &Place, extra: &[&str]) -> Server {
     let mut args = vec!["--workers", "2"];
     args.extend_from_slice(extra);
@@ -375,6 +392,7 @@ fn a_full_worker_queue_answers_busy() {
         WORKER,
         place.dir.path().to_str().unwrap(),
     ]);
+    wait_for_workers(&server, 1);
     // One request runs, one waits in the queue, the third finds the queue full.
     let slow: Vec<_> = (0..2)
         .map(|_| {
@@ -386,7 +404,15 @@ fn a_full_worker_queue_answers_busy() {
                 .unwrap()
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // Both are in (the probe's own connection is the third), and the worker took the first.
+    while khived::probe(&place.socket, Duration::from_secs(5))
+        .unwrap()
+        .in_flight
+        < 3
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
     let busy = place.call("upper x");
     assert_eq!(busy.status.code(), Some(1));
     assert!(stderr(&busy).contains("daemon_busy:"), "{}", stderr(&busy));
@@ -421,4 +447,106 @@ fn stop_drains_then_ends_every_worker() {
         "{}",
         server.log()
     );
+}
+
+#[test]
+fn status_reports_stale_files() {
+    let place = Place::new();
+    drop(std::os::unix::net::UnixListener::bind(&place.socket).unwrap());
+    std::fs::write(&place.pid_file, "999999").unwrap();
+    let status = place.run("status", &[]);
+    assert_eq!(status.status.code(), Some(3));
+    let text = stdout(&status);
+    assert!(text.contains("khived is not running"), "{text}");
+    assert!(text.contains("stale socket file"), "{text}");
+    assert!(text.contains("stale PID file"), "{text}");
+    let json = place.run("status", &["--json"]);
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(value["running"], false);
+    assert_eq!(value["stale"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn log_file_receives_the_log() {
+    let place = Place::new();
+    let log = place.dir.path().join("daemon.log");
+    let server = place.serve(&["--log-file", log.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("serving namespace \"khive\""), "{text}");
+    assert_eq!(server.log(), "", "nothing on standard error");
+}
+
+#[test]
+fn warm_request_reaches_every_worker() {
+    let place = Place::new();
+    let server = serve_workers(&place, &["--warm", "upper warm"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(server.log().contains("worker 1: warmed") && server.log().contains("worker 2: warmed"))
+    {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A daemon whose drain waits for a worker busy for 30 s.
+fn stuck_daemon(place: &Place) -> Server {
+    let server = serve_workers(place, &["--drain-timeout", "60"]);
+    wait_for_workers(&server, 2);
+    place
+        .khived("call")
+        .arg("sleep 30")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while khived::probe(&place.socket, Duration::from_secs(5))
+        .unwrap()
+        .in_flight
+        < 2
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server
+}
+
+#[test]
+fn stop_force_kills_a_daemon_stuck_in_its_drain() {
+    let place = Place::new();
+    let mut server = stuck_daemon(&place);
+    let forced = place.run("stop", &["--timeout", "1", "--force"]);
+    assert_eq!(forced.status.code(), Some(0), "{}", stderr(&forced));
+    assert!(
+        stdout(&forced).contains("killed khived"),
+        "{}",
+        stdout(&forced)
+    );
+    assert!(!server.wait().success());
+    // Its workers die with it rather than live on as orphans.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = processes_mentioning(place.dir.path());
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "orphaned workers: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn stop_says_when_the_drain_outlasts_it_and_a_second_stop_ends_it() {
+    let place = Place::new();
+    let mut server = stuck_daemon(&place);
+    let polite = place.run("stop", &["--timeout", "1"]);
+    assert_eq!(polite.status.code(), Some(1));
+    let message = stderr(&polite);
+    assert!(
+        message.contains("still running after 1s; use --force"),
+        "{message}"
+    );
+    // A second SIGTERM during the drain ends the daemon at once.
+    let again = place.run("stop", &["--timeout", "5"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert_eq!(server.wait().code(), Some(128 + 15));
+    assert!(!place.socket.exists() && !place.pid_file.exists());
 }

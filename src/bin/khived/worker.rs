@@ -255,7 +255,25 @@ fn start(inner: &Inner, id: usize) -> std::io::Result<Pipes> {
         .command
         .split_first()
         .ok_or_else(|| std::io::Error::other("empty worker command"))?;
-    let mut child = Command::new(program)
+    let mut command = std::process::Command::new(program);
+    let daemon = rustix::process::getpid();
+    // SAFETY: the closure runs in the child between fork and exec and makes two system calls
+    // (prctl, getppid), both async-signal-safe, touching no memory of ours.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+            // Should the daemon die without reaping its workers (SIGKILL), they die with it
+            // instead of living on as orphans.
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            if rustix::process::getppid() != Some(daemon) {
+                return Err(std::io::Error::other(
+                    "the daemon exited while starting a worker",
+                ));
+            }
+            Ok(())
+        });
+    }
+    let mut child = Command::from(command)
         .args(args)
         .env("KHIVED_WORKER_ID", id.to_string())
         .stdin(Stdio::piped())
