@@ -488,11 +488,21 @@ fn warm_request_reaches_every_worker() {
     }
 }
 
-/// A daemon whose drain waits for a worker busy for 30 s.
-fn stuck_daemon(place: &Place) -> Server {
+/// A child process killed and reaped when the test is done with it.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A daemon whose drain waits for a worker busy for 30 s, and the client waiting for it.
+fn stuck_daemon(place: &Place) -> (Server, Reaped) {
     let server = serve_workers(place, &["--drain-timeout", "60"]);
     wait_for_workers(&server, 2);
-    place
+    let client = place
         .khived("call")
         .arg("sleep 30")
         .stdout(Stdio::null())
@@ -512,7 +522,7 @@ fn stuck_daemon(place: &Place) -> Server {
 #[test]
 fn stop_force_kills_a_daemon_stuck_in_its_drain() {
     let place = Place::new();
-    let mut server = stuck_daemon(&place);
+    let (mut server, _client) = stuck_daemon(&place);
     let forced = place.run("stop", &["--timeout", "1", "--force"]);
     assert_eq!(forced.status.code(), Some(0), "{}", stderr(&forced));
     assert!(
@@ -536,7 +546,7 @@ fn stop_force_kills_a_daemon_stuck_in_its_drain() {
 #[test]
 fn stop_says_when_the_drain_outlasts_it_and_a_second_stop_ends_it() {
     let place = Place::new();
-    let mut server = stuck_daemon(&place);
+    let (mut server, _client) = stuck_daemon(&place);
     let polite = place.run("stop", &["--timeout", "1"]);
     assert_eq!(polite.status.code(), Some(1));
     let message = stderr(&polite);
