@@ -516,7 +516,7 @@ fn stuck_daemon(place: &Place) -> (Server, Reaped) {
     {
         std::thread::sleep(Duration::from_millis(10));
     }
-    server
+    (server, Reaped(client))
 }
 
 #[test]
