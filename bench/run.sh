@@ -218,8 +218,11 @@ stop_server() {
 
 # Other work on the machine (a compile, say) shows up in the numbers: say how busy it was.
 busy() {
-    local compilers
-    compilers=$(pgrep -c -x 'rustc|cc|ld|cargo' || true)
+    local comm file compilers=0
+    for file in /proc/[0-9]*/comm; do
+        { read -r comm <"$file"; } 2>/dev/null || continue
+        case $comm in rustc | cargo | cc | ld | ld.lld | collect2) compilers=$((compilers + 1)) ;; esac
+    done
     echo "load average $(cut -d' ' -f1-3 /proc/loadavg), $compilers compiler process(es) running"
 }
 load_before=$(busy)
