@@ -33,6 +33,7 @@ def handle(model, request):
     if verb == "garbage":
         return "this is not JSON"
     if verb == "sleep":
+        print(f"worker {WORKER_ID} sleeping {text}s", file=sys.stderr, flush=True)
         time.sleep(float(text))
         return json.dumps({"ok": True, "result": text})
     if verb == "whoami":

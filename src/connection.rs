@@ -24,6 +24,12 @@ use crate::wire::{encode_frame_into, ProbeInfo, Request, Response, MAX_FRAME_BYT
 /// The read buffer's size when a connection starts; it grows only as a frame needs it.
 const INITIAL_BUFFER: usize = 4096;
 
+/// How many times a read that would block is retried, letting the other connections run in
+/// between, before the socket is registered with the reactor. A client's next request (or
+/// its close) usually arrives within microseconds; waiting for it through epoll costs
+/// `epoll_ctl` calls and a sleep and wake-up of the thread when nothing else is runnable.
+const PATIENCE: u32 = 8;
+
 /// Serves one connection until the client closes it, a deadline passes, or the daemon drains.
 pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
     let mut conn = Connection::new(stream);
@@ -225,6 +231,7 @@ impl Connection {
         deadline: Instant,
         idle_stop: Option<&Flag>,
     ) -> Result<Option<Range<usize>>, ReadError> {
+        let mut patience = PATIENCE;
         loop {
             let buffered = self.end - self.start;
             let needed = if buffered >= 4 {
@@ -261,6 +268,10 @@ impl Connection {
                     return Err(ReadError::Truncated(what));
                 }
                 Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && patience > 0 => {
+                    patience -= 1;
+                    future::yield_now().await;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let stop = if buffered == 0 { idle_stop } else { None };
                     match self.wait(true, deadline, stop).await {

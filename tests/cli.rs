@@ -299,15 +299,17 @@ fn spawn_reports_a_daemon_that_dies_at_start() {
 
 /// Waits until `count` workers have said they are ready.
 fn wait_for_workers(server: &Server, count: usize) {
+    for id in 1..=count {
+        wait_for_log(server, &format!("worker {id}: worker {id} ready"));
+    }
+}
+
+fn wait_for_log(server: &Server, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while (1..=count).any(|id| {
-        !server
-            .log()
-            .contains(&format!("worker {id}: worker {id} ready"))
-    }) {
+    while !server.log().contains(needle) {
         assert!(
             Instant::now() < deadline,
-            "workers not ready:\n{}",
+            "no {needle:?} in the log:\n{}",
             server.log()
         );
         std::thread::sleep(Duration::from_millis(10));
@@ -382,7 +384,8 @@ fn worker_pool_answers_and_survives_bad_workers() {
 #[test]
 fn a_full_worker_queue_answers_busy() {
     let place = Place::new();
-    let mut server = place.serve(&[
+    let dir = place.dir.path().to_str().unwrap();
+    let args = [
         "--workers",
         "1",
         "--queue",
@@ -390,36 +393,39 @@ fn a_full_worker_queue_answers_busy() {
         "--worker",
         "python3",
         WORKER,
-        place.dir.path().to_str().unwrap(),
-    ]);
+        dir,
+    ];
+    let mut server = place.serve(&args);
     wait_for_workers(&server, 1);
-    // One request runs, one waits in the queue, the third finds the queue full.
-    let slow: Vec<_> = (0..2)
-        .map(|_| {
-            place
-                .khived("call")
-                .arg("sleep 1.5")
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
+    let call = |ops: &str| {
+        place
+            .khived("call")
+            .arg(ops)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The only worker is busy...
+    let running = call("sleep 2");
+    wait_for_log(&server, "worker 1 sleeping 2s");
+    // ...so of two more requests one waits in the queue of one, the other is told it is full.
+    let outputs: Vec<Output> = [call("upper a"), call("upper b")]
+        .into_iter()
+        .map(|client| client.wait_with_output().unwrap())
         .collect();
-    // Both are in (the probe's own connection is the third), and the worker took the first.
-    while khived::probe(&place.socket, Duration::from_secs(5))
-        .unwrap()
-        .in_flight
-        < 3
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    let busy = place.call("upper x");
-    assert_eq!(busy.status.code(), Some(1));
-    assert!(stderr(&busy).contains("daemon_busy:"), "{}", stderr(&busy));
-    for client in slow {
-        let output = client.wait_with_output().unwrap();
-        assert_eq!(stdout(&output), "1.5\n");
-    }
+    let busy: Vec<&Output> = outputs
+        .iter()
+        .filter(|output| stderr(output).contains("daemon_busy:"))
+        .collect();
+    assert_eq!(busy.len(), 1, "{outputs:?}");
+    assert_eq!(busy[0].status.code(), Some(1));
+    let served = outputs
+        .iter()
+        .find(|output| output.status.success())
+        .expect("one is served");
+    assert!(["A\n", "B\n"].contains(&stdout(served).as_str()));
+    assert_eq!(stdout(&running.wait_with_output().unwrap()), "2\n");
     assert_eq!(place.run("stop", &[]).status.code(), Some(0));
     assert!(server.wait().success());
     assert!(processes_mentioning(place.dir.path()).is_empty());
@@ -435,7 +441,7 @@ fn stop_drains_then_ends_every_worker() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_log(&server, "sleeping 1s");
     assert_eq!(place.run("stop", &[]).status.code(), Some(0));
     let output = slow.wait_with_output().unwrap();
     assert_eq!(stdout(&output), "1\n", "the request in flight is answered");
@@ -509,13 +515,7 @@ fn stuck_daemon(place: &Place) -> (Server, Reaped) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    while khived::probe(&place.socket, Duration::from_secs(5))
-        .unwrap()
-        .in_flight
-        < 2
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_log(&server, "sleeping 30s");
     (server, Reaped(client))
 }
 

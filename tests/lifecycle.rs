@@ -50,16 +50,7 @@ fn start_slow_request(
         let mut client = khived::Client::connect(&socket, Duration::from_secs(30))?;
         client.request(&request(&ops))
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    // The probe's own connection is one; the slow request's makes two.
-    while khived::probe(&daemon.socket, Duration::from_secs(5))
-        .unwrap()
-        .in_flight
-        < 2
-    {
-        assert!(Instant::now() < deadline, "the slow request never arrived");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    daemon.wait_for_log(&format!("test dispatcher: sleep:{ms} started"));
     slow
 }
 

@@ -33,6 +33,7 @@ impl Dispatch for TestDispatch {
         _presentation_per_op: Option<&[Option<String>]>,
     ) -> Result<String, String> {
         if let Some(ms) = ops.strip_prefix("sleep:") {
+            log::info!("test dispatcher: {ops} started");
             Timer::after(Duration::from_millis(ms.parse().unwrap())).await;
         } else if let Some(message) = ops.strip_prefix("fail:") {
             return Err(message.to_owned());
