@@ -72,22 +72,14 @@ struct Server {
 
 impl Server {
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        common::read_log(&self.log)
     }
 
     fn wait(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve did not exit; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let log = self.log.clone();
+        common::wait_exit(&mut self.child, Duration::from_secs(20), || {
+            common::read_log(&log)
+        })
     }
 }
 
@@ -305,15 +297,7 @@ fn wait_for_workers(server: &Server, count: usize) {
 }
 
 fn wait_for_log(server: &Server, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !server.log().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in the log:\n{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_text(needle, || server.log());
 }
 
 fn serve_workers(place: &Place, extra: &[&str]) -> Server {

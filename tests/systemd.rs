@@ -41,17 +41,11 @@ fn activate(
 }
 
 fn log(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+    common::read_log(&dir.join("log"))
 }
 
 fn wait(child: &mut Child, dir: &Path) -> std::process::ExitStatus {
-    for _ in 0..2000 {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("the daemon did not exit; log:\n{}", log(dir));
+    common::wait_exit(child, Duration::from_secs(20), || log(dir))
 }
 
 fn receive(notify: &UnixDatagram) -> String {

@@ -299,37 +299,52 @@ impl ChildDaemon {
 
     /// Waits for the process to end, failing the test after `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "daemon still running after {timeout:?}; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let log = self.log.clone();
+        wait_exit(&mut self.child, timeout, || read_log(&log))
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        read_log(&self.log)
     }
 
     /// Waits until the log contains `needle`.
     pub fn wait_for_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_text(needle, || self.log());
     }
+}
+
+/// Waits for `child` to exit, failing the test after `timeout` with `log()` in the message.
+pub fn wait_exit(child: &mut Child, timeout: Duration, log: impl Fn() -> String) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after {timeout:?}; log:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until `log()` contains `needle`, failing the test after 20 s.
+pub fn wait_for_text(needle: &str, log: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = log();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {needle:?} in log:\n{text}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A log file's text so far ("" before it exists).
+pub fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 impl Drop for ChildDaemon {
