@@ -151,7 +151,7 @@ pub fn running_pid(pid_file: &Path) -> io::Result<Option<u32>> {
         Err(e) => return Err(annotate(e.into(), "cannot open PID file", pid_file)),
     };
     // A shared lock is granted only if no daemon holds its exclusive one. It is held for
-    // two system calls, so a daemon starting at this very moment could see it and give up.
+    // two system calls; a daemon starting at this very moment retries past it.
     match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockShared) {
         Ok(()) => {
             let _ = rustix::fs::flock(&fd, FlockOperation::Unlock);
@@ -238,14 +238,10 @@ fn prepare_dir(file: &Path) -> io::Result<()> {
 fn lock_pid_file(path: &Path) -> Result<File, Error> {
     loop {
         let fd = open_pid_file(path)?;
-        match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                return Err(Error::AlreadyRunning {
-                    pid: wait_for_pid(File::from(fd)),
-                })
-            }
-            Err(e) => return Err(annotate(e.into(), "cannot lock", path).into()),
+        if !try_lock_exclusive(&fd).map_err(|e| annotate(e, "cannot lock", path))? {
+            return Err(Error::AlreadyRunning {
+                pid: wait_for_pid(File::from(fd)),
+            });
         }
         let mut file = File::from(fd);
         // The previous holder may have removed the file between our open and our lock; a
@@ -259,6 +255,20 @@ fn lock_pid_file(path: &Path) -> Result<File, Error> {
         file.write_all(std::process::id().to_string().as_bytes())?;
         return Ok(file);
     }
+}
+
+/// Takes the exclusive lock if no daemon holds it. A daemon holds it for good, but
+/// [`running_pid`] takes a shared lock for a moment: a few quick retries tell the two apart,
+/// so that `khived status` polled during a start cannot make the start fail.
+fn try_lock_exclusive(fd: &OwnedFd) -> io::Result<bool> {
+    for _ in 0..10 {
+        match rustix::fs::flock(fd, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::WOULDBLOCK) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(false)
 }
 
 fn open_pid_file(path: &Path) -> io::Result<OwnedFd> {

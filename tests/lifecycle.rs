@@ -217,3 +217,41 @@ fn idle_timeout_stops_the_process_cleanly() {
     );
     assert!(!daemon.socket.exists());
 }
+
+#[test]
+fn polling_running_pid_never_makes_a_start_fail() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let pid_file = socket.with_extension("pid");
+    std::fs::write(&pid_file, "").unwrap();
+    // `khived status` and `stop` look at the lock the way this loop does, as often as they like.
+    let done = Arc::new(AtomicBool::new(false));
+    let polls = Arc::new(AtomicU64::new(0));
+    let poller = {
+        let (done, polls, pid_file) = (Arc::clone(&done), Arc::clone(&polls), pid_file.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let _ = khived::running_pid(&pid_file);
+                polls.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    while polls.load(Ordering::Relaxed) == 0 {
+        std::thread::yield_now();
+    }
+    for _ in 0..300 {
+        let mut config = khived::Config::at(&socket);
+        config.handle_signals = false;
+        let daemon = khived::Daemon::new(config, common::TestDispatch::default());
+        daemon.shutdown_handle().shutdown(); // stops right after a successful start
+        daemon
+            .run_blocking()
+            .expect("start failed while the lock was polled");
+        std::fs::write(&pid_file, "").unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    poller.join().unwrap();
+    assert!(polls.load(Ordering::Relaxed) > 30, "the poller hardly ran");
+}
