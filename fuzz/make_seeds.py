@@ -118,6 +118,24 @@ SEED_SETS = {
         "len_cap_response_too_large_then_echo": frame(cap_request()) + frame(request("next")),
         "fifty_frames": b"".join(frame(request("op %d" % i)) for i in range(50)),
     },
+    "worker_reply": {
+        "ok_result": b'{"ok":true,"result":"HELLO"}',
+        "ok_without_result": b'{"ok":true}',
+        "error": b'{"ok":false,"error":"unknown verb"}',
+        "error_without_message": b'{"ok":false}',
+        "ok_null_result": b'{"ok":true,"result":null}',
+        "escapes_and_newline": br'{"ok":true,"result":"a\nb\u0000\ud83d\ude00"}',
+        "extra_fields": b'{"ok":true,"result":"x","took_ms":12,"log":["a"]}',
+        "ok_not_bool": b'{"ok":"yes","result":"x"}',
+        "result_not_string": b'{"ok":true,"result":42}',
+        "not_json": b"this is not JSON",
+        "python_repr": b"{'ok': True, 'result': 'x'}",
+        "truncated": b'{"ok":true,"res',
+        "two_objects": b'{"ok":true}{"ok":false}',
+        "deep_nesting": b'{"ok":true,"extra":' + nested(5000) + b"}",
+        "invalid_utf8": b'{"ok":true,"result":"\xff\xfe"}',
+        "empty": b"",
+    },
 }
 
 

@@ -13,7 +13,7 @@ set -u
 
 cd "$(dirname "$0")/.."
 seconds="${FUZZ_SECONDS:-20}"
-targets=(frame_reader request_decode connection)
+targets=(frame_reader request_decode connection worker_reply)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz"

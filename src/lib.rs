@@ -98,6 +98,7 @@ mod server;
 mod spawn;
 mod systemd;
 mod wire;
+pub mod worker_line;
 
 pub use client::{probe, Client};
 pub use config::{env_truthy, pid_path, socket_path, state_dir, Config};

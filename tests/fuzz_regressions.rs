@@ -135,3 +135,8 @@ fn request_decode_inputs() {
 fn connection_inputs() {
     replay("connection", khived::fuzzing::connection);
 }
+
+#[test]
+fn worker_reply_inputs() {
+    replay("worker_reply", khived::fuzzing::worker_reply);
+}

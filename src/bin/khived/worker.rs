@@ -17,8 +17,7 @@ use async_io::Timer;
 use async_process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use futures_lite::future::{self, FutureExt};
 use futures_lite::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use khived::{Dispatch, MAX_FRAME_BYTES};
-use serde::{Deserialize, Serialize};
+use khived::{worker_line, Dispatch, MAX_FRAME_BYTES};
 
 /// How long workers get to exit on their own once their stdin is closed at shutdown.
 const EXIT_GRACE: Duration = Duration::from_secs(3);
@@ -60,37 +59,6 @@ struct Inner {
 struct Job {
     line: Vec<u8>,
     reply: Sender<Result<String, String>>,
-}
-
-#[derive(Serialize)]
-struct WorkerRequest<'a> {
-    ops: &'a str,
-    presentation: Option<&'a str>,
-    presentation_per_op: Option<&'a [Option<String>]>,
-}
-
-/// A worker's answer; anything else on its stdout is a worker error.
-#[derive(Deserialize)]
-pub(crate) struct WorkerReply {
-    ok: bool,
-    #[serde(default)]
-    result: Option<String>,
-    #[serde(default)]
-    error: Option<String>,
-}
-
-impl WorkerReply {
-    /// Parses one line from a worker into the dispatcher's answer.
-    pub(crate) fn parse(line: &[u8]) -> Result<Result<String, String>, String> {
-        let reply: WorkerReply = serde_json::from_slice(line).map_err(|e| {
-            let shown = String::from_utf8_lossy(&line[..line.len().min(200)]);
-            format!("printed a line that is not a reply ({e}): {shown:?}")
-        })?;
-        Ok(match reply.ok {
-            true => Ok(reply.result.unwrap_or_default()),
-            false => Err(reply.error.unwrap_or_else(|| "worker failed".to_owned())),
-        })
-    }
 }
 
 impl Pool {
@@ -149,13 +117,7 @@ impl Dispatch for PoolDispatch {
         presentation: Option<&str>,
         presentation_per_op: Option<&[Option<String>]>,
     ) -> Result<String, String> {
-        let request = WorkerRequest {
-            ops,
-            presentation,
-            presentation_per_op,
-        };
-        let mut line = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
-        line.push(b'\n');
+        let line = worker_line::encode_request(ops, presentation, presentation_per_op);
         let (reply, answer) = async_channel::bounded(1);
         match self.inner.jobs.try_send(Job { line, reply }) {
             Ok(()) => {}
@@ -318,13 +280,7 @@ async fn serve(
 ) -> Ended {
     let timeout = inner.options.request_timeout;
     if let Some(ops) = &inner.options.warm {
-        let request = WorkerRequest {
-            ops,
-            presentation: None,
-            presentation_per_op: None,
-        };
-        let mut line = serde_json::to_vec(&request).unwrap_or_default();
-        line.push(b'\n');
+        let line = worker_line::encode_request(ops, None, None);
         match exchange(&mut stdin, &mut stdout, &line, timeout).await {
             Ok(Ok(_)) => log::info!("worker {id}: warmed"),
             Ok(Err(error)) => log::warn!("worker {id}: warm request failed: {error}"),
@@ -380,7 +336,7 @@ async fn exchange(
             Ok(_) => {}
             Err(e) => return Err(format!("could not be read from: {e}")),
         }
-        WorkerReply::parse(&reply)
+        worker_line::parse_reply(&reply)
     };
     match timeout {
         None => talk.await,
