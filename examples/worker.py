@@ -36,6 +36,11 @@ def handle(model, request):
         print(f"worker {WORKER_ID} sleeping {text}s", file=sys.stderr, flush=True)
         time.sleep(float(text))
         return json.dumps({"ok": True, "result": text})
+    if verb == "mojibake":
+        # Not UTF-8, on purpose: the daemon must keep reading this worker's stderr.
+        sys.stderr.buffer.write(b"\xff\xfe not utf-8\n")
+        sys.stderr.flush()
+        return json.dumps({"ok": True, "result": "logged"})
     if verb == "whoami":
         return json.dumps({"ok": True, "result": WORKER_ID})
     if verb not in model:

@@ -26,7 +26,8 @@ use crate::wire::{encode_frame, read_frame, ProbeInfo, Request, Response};
 pub struct Client {
     stream: UnixStream,
     path: PathBuf,
-    deadline: Instant,
+    /// `None` for a timeout too far away to count (`Duration::MAX`).
+    deadline: Option<Instant>,
     timeout: Duration,
 }
 
@@ -38,7 +39,7 @@ impl Client {
     /// [`io::ErrorKind::ConnectionRefused`]; both messages name the path.
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> io::Result<Client> {
         let path = path.as_ref();
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout);
         let fd = rustix::net::socket_with(
             AddressFamily::UNIX,
             SocketType::STREAM,
@@ -47,14 +48,16 @@ impl Client {
         )?;
         // A blocking connect to a Unix socket whose backlog is full waits, bounded by the
         // send timeout: that makes the connect honour the deadline too.
-        let connect_timeout = timeout.max(Duration::from_millis(1));
-        sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, Some(connect_timeout))?;
+        let connect_timeout = deadline.map(|_| timeout.max(Duration::from_millis(1)));
+        sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, connect_timeout)?;
         let addr = SocketAddrUnix::new(path)?;
         if let Err(e) = rustix::net::connect(&fd, &addr) {
             let e = io::Error::from(e);
             let message = match e.kind() {
                 io::ErrorKind::NotFound => "no daemon socket at",
-                io::ErrorKind::ConnectionRefused => "no daemon listening on (stale socket)",
+                io::ErrorKind::ConnectionRefused => {
+                    "no daemon listening (a stale socket, or a daemon shutting down) on"
+                }
                 io::ErrorKind::WouldBlock => "timed out connecting to (daemon busy)",
                 _ => "cannot connect to",
             };
@@ -136,18 +139,34 @@ impl Client {
             ),
             _ => e,
         };
-        (&self.stream)
-            .write_all(frame)
-            .map_err(|e| timed_out(e, "writing the request"))?;
+        // A daemon over its connection cap answers `daemon_busy` and closes before reading:
+        // our write may then fail while that answer waits to be read, so read it anyway.
+        let written = (&self.stream).write_all(frame);
+        if let Err(e) = &written {
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) {
+                return Err(timed_out(written.unwrap_err(), "writing the request"));
+            }
+        }
         self.arm_timeouts()?;
         // The socket blocks, bounded by its timeouts; the async reader just runs to completion.
         let mut reader = AssertAsync::new(&self.stream);
-        futures_lite::future::block_on(read_frame(&mut reader))
-            .map_err(|e| timed_out(e, "reading the response"))
+        match futures_lite::future::block_on(read_frame(&mut reader)) {
+            Ok(body) => Ok(body),
+            Err(e) => Err(match written {
+                Err(write_error) => write_error,
+                Ok(()) => timed_out(e, "reading the response"),
+            }),
+        }
     }
 
     fn arm_timeouts(&self) -> io::Result<()> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,

@@ -10,7 +10,7 @@ use std::io::{self, Read};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
 use futures_lite::future::{self, FutureExt};
@@ -34,7 +34,7 @@ const PATIENCE: u32 = 8;
 pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
     let mut conn = Connection::new(stream);
     let config = &shared.config;
-    let mut deadline = Instant::now() + config.first_request_timeout;
+    let mut deadline = after(config.first_request_timeout);
     // A client that has connected but not yet sent its first request is owed an answer, so
     // draining waits for it; between requests a connection is idle and is closed at once.
     let mut idle_stop = None;
@@ -68,7 +68,7 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
         let (response, keep_open) = answer(shared, &conn.buf[body.clone()]).await;
         conn.consume(body);
         conn.encode(&response);
-        if let Err(e) = conn.write_out(Instant::now() + config.write_timeout).await {
+        if let Err(e) = conn.write_out(after(config.write_timeout)).await {
             log::debug!("connection write failed: {e}");
             return;
         }
@@ -78,11 +78,17 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
         if !keep_open || shared.draining.is_set() {
             return;
         }
-        deadline = Instant::now() + config.idle_connection_timeout;
+        deadline = after(config.idle_connection_timeout);
         idle_stop = Some(&shared.draining);
         // Let other connections run before looking for this client's next request.
         future::yield_now().await;
     }
+}
+
+/// The moment `timeout` from now; `None` (no deadline) when that is beyond what `Instant`
+/// can hold, as for `Duration::MAX`.
+fn after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
 }
 
 /// Decides what to answer to one frame body; the flag says whether the stream can still be
@@ -228,7 +234,7 @@ impl Connection {
     /// while no byte of a next frame had arrived.
     async fn read_frame(
         &mut self,
-        deadline: Instant,
+        deadline: Option<Instant>,
         idle_stop: Option<&Flag>,
     ) -> Result<Option<Range<usize>>, ReadError> {
         let mut patience = PATIENCE;
@@ -334,7 +340,7 @@ impl Connection {
     }
 
     /// Writes `out` completely, waiting for the socket to drain until `deadline`.
-    async fn write_out(&mut self, deadline: Instant) -> io::Result<()> {
+    async fn write_out(&mut self, deadline: Option<Instant>) -> io::Result<()> {
         let mut written = 0;
         while written < self.out.len() {
             let sent =
@@ -371,7 +377,7 @@ impl Connection {
     async fn wait(
         &mut self,
         readable: bool,
-        deadline: Instant,
+        deadline: Option<Instant>,
         stop: Option<&Flag>,
     ) -> io::Result<Wake> {
         let io = self.io.registered()?;
@@ -391,7 +397,10 @@ impl Connection {
             Ok(Wake::Stopped)
         };
         let timed_out = async {
-            Timer::at(deadline).await;
+            match deadline {
+                Some(deadline) => Timer::at(deadline).await,
+                None => future::pending().await,
+            };
             Ok(Wake::TimedOut)
         };
         ready.or(stopped).or(timed_out).await

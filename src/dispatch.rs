@@ -52,6 +52,13 @@ pub trait Dispatch: Send + Sync + 'static {
         async {}
     }
 
+    /// Releases what `warm_all` started (child processes, threads), once the drain is over
+    /// and before the daemon removes its files and lets go of its PID file. Not called when a
+    /// second signal ends the process at once. The default does nothing.
+    fn shut_down(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
     /// The namespace requests must name to be dispatched.
     fn namespace(&self) -> &str;
 

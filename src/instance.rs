@@ -51,11 +51,18 @@ impl Instance {
         if inherited.is_some() || config.pid_file.parent() != config.socket.parent() {
             prepare_dir(&config.pid_file)?;
         }
-        let pid_file = lock_pid_file(&config.pid_file)?;
+        let mut pid_file = lock_pid_file(&config.pid_file)?;
         let (listener, socket_id) = match inherited {
-            Some(listener) => (listener, None),
+            Some(listener) => {
+                write_pid(&mut pid_file)?;
+                (listener, None)
+            }
             None => {
-                clear_leftover_socket(&config.socket)?;
+                // Until the socket is known to be free, the PID file keeps what it said: a
+                // daemon that does not lock (an older version) may still be running.
+                let previous = read_pid(&mut pid_file);
+                clear_leftover_socket(&config.socket, previous)?;
+                write_pid(&mut pid_file)?;
                 let (listener, id) = bind_private(&config.socket)?;
                 (listener, Some(id))
             }
@@ -132,9 +139,11 @@ pub fn is_process_running(pid: u32) -> bool {
     }
 }
 
-/// The PID of the daemon holding the lock on `pid_file`, or `None` if no live daemon holds
-/// it (the file is missing, or left behind by a daemon that died). A PID file whose lock is
-/// free is never trusted, so a reused PID is never mistaken for the daemon.
+/// The PID of the daemon holding the lock on `pid_file`, or `None` if no daemon holds it (the
+/// file is missing, or left behind by a daemon that died). A PID file whose lock is free is
+/// never trusted, so the PID of a dead daemon, maybe reused since, is never acted on. A lock
+/// held while the file names no live process (a daemon in the middle of starting, for a
+/// second at most) is an error.
 ///
 /// ```no_run
 /// match khived::running_pid(&khived::pid_path())? {
@@ -157,7 +166,13 @@ pub fn running_pid(pid_file: &Path) -> io::Result<Option<u32>> {
             let _ = rustix::fs::flock(&fd, FlockOperation::Unlock);
             Ok(None)
         }
-        Err(rustix::io::Errno::WOULDBLOCK) => Ok(wait_for_pid(File::from(fd))),
+        Err(rustix::io::Errno::WOULDBLOCK) => match wait_for_pid(File::from(fd)) {
+            Some(pid) => Ok(Some(pid)),
+            None => Err(io::Error::other(format!(
+                "{} is locked by a daemon, but names no live process",
+                pid_file.display()
+            ))),
+        },
         Err(e) => Err(annotate(e.into(), "cannot inspect the lock of", pid_file)),
     }
 }
@@ -234,7 +249,7 @@ fn prepare_dir(file: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Opens the PID file without following symbolic links, takes the lock, and writes our PID.
+/// Opens the PID file without following symbolic links and takes the lock.
 fn lock_pid_file(path: &Path) -> Result<File, Error> {
     loop {
         let fd = open_pid_file(path)?;
@@ -243,16 +258,13 @@ fn lock_pid_file(path: &Path) -> Result<File, Error> {
                 pid: wait_for_pid(File::from(fd)),
             });
         }
-        let mut file = File::from(fd);
+        let file = File::from(fd);
         // The previous holder may have removed the file between our open and our lock; a
         // lock on an unlinked file guards nothing, so start over with the file now there.
         if !same_file(&file, path) {
             continue;
         }
         rustix::fs::fchmod(&file, Mode::from_raw_mode(0o600)).map_err(io::Error::from)?;
-        file.set_len(0)?;
-        file.rewind()?;
-        file.write_all(std::process::id().to_string().as_bytes())?;
         return Ok(file);
     }
 }
@@ -295,10 +307,17 @@ fn open_pid_file(path: &Path) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// The lock holder writes its PID right after locking; give it a moment to do so.
+fn write_pid(file: &mut File) -> io::Result<()> {
+    file.set_len(0)?;
+    file.rewind()?;
+    file.write_all(std::process::id().to_string().as_bytes())
+}
+
+/// The lock holder writes its PID soon after locking; until then the file may be empty or
+/// name the dead daemon before it, so only a live PID is taken.
 fn wait_for_pid(mut file: File) -> Option<u32> {
     for _ in 0..200 {
-        if let Some(pid) = read_pid(&mut file) {
+        if let Some(pid) = read_pid(&mut file).filter(|&pid| is_process_running(pid)) {
             return Some(pid);
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -321,8 +340,11 @@ fn same_file(file: &File, path: &Path) -> bool {
 }
 
 /// Removes a socket left by a daemon that died without cleaning up. Called only with the
-/// lock held. A khived answering a probe there (one that lost its PID file) is left alone.
-fn clear_leftover_socket(path: &Path) -> Result<(), Error> {
+/// lock held, before our PID is written. Someone still serving there (a khived that lost its
+/// PID file, or an older version that does not lock) is left alone: anything that answers a
+/// probe with a response frame (even a mismatch or `daemon_busy`) is a khived, and so is a
+/// socket that accepts connections while the PID file names a live process (SPEC §6).
+fn clear_leftover_socket(path: &Path, previous: Option<u32>) -> Result<(), Error> {
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -338,10 +360,23 @@ fn clear_leftover_socket(path: &Path) -> Result<(), Error> {
         )
         .into());
     }
-    if let Ok(info) = crate::client::probe(path, Duration::from_secs(1)) {
-        return Err(Error::AlreadyRunning {
-            pid: Some(info.pid),
+    let previous = previous.filter(|&pid| is_process_running(pid));
+    if let Ok(mut client) = crate::client::Client::connect(path, Duration::from_secs(1)) {
+        let answer = client.request(&crate::wire::Request::probe());
+        let probed = answer.ok().map(|response| {
+            let info = response.result.as_deref().filter(|_| response.ok);
+            info.and_then(|text| serde_json::from_str::<crate::wire::ProbeInfo>(text).ok())
+                .map(|info| info.pid)
         });
+        match (probed, previous) {
+            (Some(pid), _) => {
+                return Err(Error::AlreadyRunning {
+                    pid: pid.or(previous),
+                })
+            }
+            (None, Some(pid)) => return Err(Error::AlreadyRunning { pid: Some(pid) }),
+            (None, None) => {}
+        }
     }
     log::info!("removing stale socket {}", path.display());
     match fs::remove_file(path) {

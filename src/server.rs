@@ -201,10 +201,12 @@ impl<D: Dispatch> Daemon<D> {
         );
         let outcome = executor.run(supervise).await;
         drop(executor);
-        instance.cleanup();
         if let Drained::Forced(signal) = outcome {
+            instance.cleanup();
             std::process::exit(128 + signal_number(signal));
         }
+        shared.dispatcher.shut_down().await;
+        instance.cleanup();
         log::info!("stopped");
         Ok(())
     }
@@ -225,11 +227,13 @@ async fn supervise<D: Dispatch>(
     shutdown: &ShutdownHandle,
     mut signals: Option<&mut Signals>,
 ) -> Drained {
+    let closing = Arc::new(Flag::default());
     let accept = executor.spawn(accept_loop(
         listener,
         Arc::clone(shared),
         Arc::clone(executor),
         max_connections,
+        Arc::clone(&closing),
     ));
     let warm = Arc::clone(shared);
     executor
@@ -260,7 +264,8 @@ async fn supervise<D: Dispatch>(
 
     // Close the listener before anything else, so that no new client connects to a daemon
     // that will not answer it.
-    accept.cancel().await;
+    closing.set();
+    accept.await;
     shared.draining.set();
     let drain = shared.config.drain_timeout;
     shared.notify(&format!(
@@ -330,58 +335,90 @@ fn signal_name(signal: Signal) -> &'static str {
     }
 }
 
-/// Accepts connections and spawns a task for each. Runs as a task of its own, not as the
-/// future given to `Executor::run`, which is polled again on every wake-up of the executor.
+/// Accepts connections and spawns a task for each, until `closing` is set. Runs as a task of
+/// its own, not as the future given to `Executor::run`, which is polled again on every
+/// wake-up of the executor.
 async fn accept_loop<D: Dispatch>(
     listener: Async<UnixListener>,
     shared: Arc<Shared<D>>,
     executor: Arc<Executor<'static>>,
     max_connections: usize,
+    closing: Arc<Flag>,
 ) {
+    let mut gate = Gate {
+        shared,
+        executor,
+        max_connections,
+        own_uid: rustix::process::geteuid().as_raw(),
+        refusals: Throttled::default(),
+    };
     let mut backoff = AcceptBackoff::default();
-    let mut refusals = Throttled::default();
-    let own_uid = rustix::process::geteuid().as_raw();
     loop {
-        // accept4 with the flags set saves an fcntl per connection.
-        let accepted = listener
-            .read_with(|l| {
-                rustix::net::accept_with(l, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
-                    .map_err(io::Error::from)
+        let accepted = async { Some(listener.read_with(accept).await) }
+            .or(async {
+                closing.wait().await;
+                None
             })
             .await;
-        let stream = match accepted {
-            Ok(fd) => UnixStream::from(fd),
-            Err(e) => {
-                backoff.failed(e).await;
-                continue;
+        match accepted {
+            None => break,
+            Some(Ok(fd)) => {
+                backoff.reset();
+                gate.admit(UnixStream::from(fd));
             }
-        };
-        backoff.reset();
+            Some(Err(e)) => backoff.failed(e).await,
+        }
+    }
+    // Clients the kernel queued before the shutdown have connected and may have sent their
+    // request: take them in (they are drained like the rest), then close the listener.
+    while let Ok(fd) = accept(listener.get_ref()) {
+        gate.admit(UnixStream::from(fd));
+    }
+}
+
+/// `accept4` with the flags set: saves an `fcntl` per connection.
+fn accept(listener: &UnixListener) -> io::Result<rustix::fd::OwnedFd> {
+    rustix::net::accept_with(listener, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
+        .map_err(io::Error::from)
+}
+
+/// What a connection passes before it is served: the peer check and the connection cap.
+struct Gate<D> {
+    shared: Arc<Shared<D>>,
+    executor: Arc<Executor<'static>>,
+    max_connections: usize,
+    own_uid: u32,
+    refusals: Throttled,
+}
+
+impl<D: Dispatch> Gate<D> {
+    fn admit(&mut self, stream: UnixStream) {
+        let shared = &self.shared;
         // Who is calling is decided before a byte is read: file modes can be loosened by
         // mistake, the kernel's record of the peer cannot.
         match peer_uid(&stream) {
-            Ok(uid) if uid == own_uid || (uid == 0 && shared.config.allow_root) => {}
+            Ok(uid) if uid == self.own_uid || (uid == 0 && shared.config.allow_root) => {}
             Ok(uid) => {
-                refusals.warn(|suppressed| {
+                self.refusals.warn(|suppressed| {
                     format!("refused a connection from uid {uid} ({suppressed} more refusals not logged)")
                 });
-                continue;
+                return;
             }
             Err(e) => {
-                refusals.warn(|suppressed| {
+                self.refusals.warn(|suppressed| {
                     format!("refused a connection: cannot tell who it is: {e} ({suppressed} more refusals not logged)")
                 });
-                continue;
+                return;
             }
         }
-        if shared.in_flight.get() >= max_connections {
-            refuse_busy(&shared, &stream, max_connections);
-            continue;
+        if shared.in_flight.get() >= self.max_connections {
+            refuse_busy(shared, &stream, self.max_connections);
+            return;
         }
         // Counted before the task exists, so a shutdown that starts now waits for it.
         let guard = shared.in_flight.enter();
-        let shared = Arc::clone(&shared);
-        executor
+        let shared = Arc::clone(shared);
+        self.executor
             .spawn(async move {
                 connection::serve(&shared, stream).await;
                 drop(guard);

@@ -349,6 +349,10 @@ fn worker_pool_answers_and_survives_bad_workers() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
 
+    // Bytes that are not UTF-8 on a worker's stderr are logged, not fatal.
+    assert_eq!(stdout(&place.call("mojibake")), "logged\n");
+    wait_for_log(&server, "not utf-8");
+
     // Restarted workers serve again.
     for _ in 0..4 {
         let call = place.call("reverse abc");
@@ -543,4 +547,19 @@ fn stop_says_when_the_drain_outlasts_it_and_a_second_stop_ends_it() {
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
     assert_eq!(server.wait().code(), Some(128 + 15));
     assert!(!place.socket.exists() && !place.pid_file.exists());
+}
+
+#[test]
+fn a_worker_that_cannot_start_fails_requests_at_once() {
+    let place = Place::new();
+    let _server = place.serve(&["--worker", "/nonexistent/worker"]);
+    let started = Instant::now();
+    let call = place.call("x");
+    assert_eq!(call.status.code(), Some(1));
+    let message = stderr(&call);
+    assert!(
+        message.contains("no worker is running: worker 1 cannot start"),
+        "{message}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
 }

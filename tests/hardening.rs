@@ -287,3 +287,40 @@ fn connection_cap_follows_the_open_file_limit() {
     let daemon = ChildDaemon::start(&dir.path().join("k.sock"), &[("KHIVED_TEST_NOFILE", "100")]);
     daemon.wait_for_log("max_connections lowered from 512 to 68 by the open-file limit (100)");
 }
+
+#[test]
+fn a_client_over_the_cap_reads_the_busy_reply() {
+    let daemon = InProcess::start(|config, _| config.max_connections = 1);
+    let _holder = daemon.connect_raw();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // The client writes first; the daemon answers and closes without reading, so the
+        // write may fail: the answer must still come through.
+        let response = daemon.client().request(&request("x")).unwrap();
+        if response
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("daemon_busy: "))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never told it was busy: {response:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn timeouts_of_duration_max_mean_never() {
+    let daemon = InProcess::start(|config, _| {
+        config.first_request_timeout = Duration::MAX;
+        config.idle_connection_timeout = Duration::MAX;
+        config.write_timeout = Duration::MAX;
+    });
+    let mut client = khived::Client::connect(&daemon.socket, Duration::MAX).unwrap();
+    for _ in 0..3 {
+        assert!(client.request(&request("x")).unwrap().ok);
+    }
+}

@@ -255,3 +255,72 @@ fn polling_running_pid_never_makes_a_start_fail() {
     poller.join().unwrap();
     assert!(polls.load(Ordering::Relaxed) > 30, "the poller hardly ran");
 }
+
+#[test]
+fn clients_queued_at_the_moment_of_sigterm_are_answered() {
+    let dir = temp_dir();
+    let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &[]);
+    // Frozen, the daemon accepts nothing: these clients wait in the kernel's queue.
+    daemon.signal(Signal::STOP);
+    let clients: Vec<_> = (0..5)
+        .map(|i| {
+            let socket = daemon.socket.clone();
+            std::thread::spawn(move || {
+                let mut client = khived::Client::connect(&socket, Duration::from_secs(30))?;
+                client.request(&request(&format!("queued {i}")))
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.terminate();
+    daemon.signal(Signal::CONT);
+    for (i, client) in clients.into_iter().enumerate() {
+        let response = client.join().unwrap().unwrap();
+        assert_eq!(
+            response.result,
+            Some(format!("queued {i}")),
+            "{}",
+            daemon.log()
+        );
+    }
+    assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
+}
+
+#[test]
+fn an_older_daemon_that_does_not_lock_is_left_alone() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    // An original-version daemon: no flock, answers every frame with a namespace mismatch
+    // (it knows no probe), and its PID file names a live process (this one).
+    let listener = UnixListener::bind(&socket).unwrap();
+    let incumbent = std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let _ = common::read_response_raw(&mut stream);
+            let answer = br#"{"ok":false,"result":null,"error":null,"namespace_mismatch":true}"#;
+            let _ = std::io::Write::write_all(&mut stream, &common::frame(answer));
+        }
+        listener
+    });
+    std::fs::write(socket.with_extension("pid"), std::process::id().to_string()).unwrap();
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&socket).unwrap());
+    let mut newcomer = ChildDaemon::spawn(&socket, &[]);
+    assert_eq!(
+        newcomer.wait(EXIT_WAIT).code(),
+        Some(3),
+        "{}",
+        newcomer.log()
+    );
+    let expected = format!("already running as pid {}", std::process::id());
+    assert!(newcomer.log().contains(&expected), "{}", newcomer.log());
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&socket).unwrap()),
+        inode
+    );
+    let pid = std::fs::read_to_string(socket.with_extension("pid")).unwrap();
+    assert_eq!(
+        pid,
+        std::process::id().to_string(),
+        "its PID file is untouched"
+    );
+    drop(incumbent.join().unwrap());
+}

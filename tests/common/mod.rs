@@ -150,17 +150,22 @@ pub fn raw_exchange(stream: &mut UnixStream, bytes: &[u8]) -> io::Result<Respons
 }
 
 pub fn read_response(stream: &mut UnixStream) -> io::Result<Response> {
-    let mut header = [0; 4];
-    stream.read_exact(&mut header)?;
-    let mut body = vec![0; u32::from_be_bytes(header) as usize];
-    stream.read_exact(&mut body)?;
-    Ok(serde_json::from_slice(&body).unwrap())
+    Ok(serde_json::from_slice(&read_response_raw(stream)?).unwrap())
 }
 
 /// Whether the peer has closed: a read returns end of stream (or a reset).
 pub fn is_closed(stream: &mut UnixStream) -> bool {
     let mut byte = [0; 1];
     matches!(stream.read(&mut byte), Ok(0) | Err(_))
+}
+
+/// Reads one frame's body, whatever it holds.
+pub fn read_response_raw(stream: &mut UnixStream) -> io::Result<Vec<u8>> {
+    let mut header = [0; 4];
+    stream.read_exact(&mut header)?;
+    let mut body = vec![0; u32::from_be_bytes(header) as usize];
+    stream.read_exact(&mut body)?;
+    Ok(body)
 }
 
 pub fn frame(body: &[u8]) -> Vec<u8> {

@@ -117,9 +117,7 @@ fn run_serve(serve: Serve) -> u8 {
                 namespace: serve.namespace,
                 config_id: serve.config_id,
             });
-            let outcome = Daemon::new(config, pool.dispatcher()).run_blocking();
-            pool.shut_down();
-            outcome
+            Daemon::new(config, pool).run_blocking()
         }
     };
     match result {
@@ -336,7 +334,8 @@ fn signal(pid: u32, signal: rustix::process::Signal) -> std::io::Result<()> {
     Ok(rustix::process::kill_process(pid, signal)?)
 }
 
-/// Waits until no daemon holds the PID file's lock: the kernel drops it when the process ends.
+/// Waits until no daemon holds the PID file's lock: the daemon lets go of it last, after its
+/// workers are reaped and its files removed, just before it exits.
 fn wait_gone(pid_file: &std::path::Path, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {

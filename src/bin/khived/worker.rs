@@ -8,6 +8,7 @@
 //! prefixed with its id.
 
 use std::ffi::OsString;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,13 +38,9 @@ pub(crate) struct PoolOptions {
     pub(crate) config_id: String,
 }
 
-/// The pool as the daemon's dispatcher sees it, and the handle that reaps it at the end.
+/// The dispatcher: queues each request for the next free worker; starts the workers in
+/// `warm_all` and ends them in `shut_down`.
 pub(crate) struct Pool {
-    inner: Arc<Inner>,
-}
-
-/// The dispatcher: queues each request for the next free worker.
-pub(crate) struct PoolDispatch {
     inner: Arc<Inner>,
 }
 
@@ -54,6 +51,11 @@ struct Inner {
     /// Each worker's current process, kept here so that shutdown can reap it even after
     /// the tasks that talked to it are gone.
     children: Vec<Mutex<Option<Child>>>,
+    /// Workers whose process is up.
+    running: AtomicUsize,
+    /// Why the last worker start failed, while none is running: requests fail at once
+    /// instead of waiting for a worker that may never come.
+    start_failure: Mutex<Option<String>>,
 }
 
 struct Job {
@@ -71,52 +73,23 @@ impl Pool {
                 jobs,
                 queued,
                 children,
+                running: AtomicUsize::new(0),
+                start_failure: Mutex::new(None),
             }),
-        }
-    }
-
-    pub(crate) fn dispatcher(&self) -> PoolDispatch {
-        PoolDispatch {
-            inner: Arc::clone(&self.inner),
-        }
-    }
-
-    /// Ends every worker after the daemon has drained: their stdin is already closed (the
-    /// tasks holding it are gone), so they get a grace period to exit, then SIGKILL. Every
-    /// child is reaped.
-    pub(crate) fn shut_down(self) {
-        self.inner.jobs.close();
-        let deadline = Instant::now() + EXIT_GRACE;
-        for (id, slot) in self.inner.children.iter().enumerate() {
-            let Some(mut child) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-                continue;
-            };
-            let exited = async_io::block_on(async { child.status().await.ok() }.or(async {
-                Timer::at(deadline).await;
-                None
-            }));
-            match exited {
-                Some(status) => log::info!("worker {}: exited ({status})", id + 1),
-                None => {
-                    log::warn!(
-                        "worker {}: still running after {EXIT_GRACE:?}; killing it",
-                        id + 1
-                    );
-                    let _ = child.kill();
-                    let _ = async_io::block_on(child.status());
-                }
-            }
         }
     }
 }
 
-impl Dispatch for PoolDispatch {
+impl Dispatch for Pool {
     async fn dispatch(
         &self,
         ops: &str,
         presentation: Option<&str>,
         presentation_per_op: Option<&[Option<String>]>,
     ) -> Result<String, String> {
+        if let Some(why) = self.inner.start_failure() {
+            return Err(format!("no worker is running: {why}"));
+        }
         let line = worker_line::encode_request(ops, presentation, presentation_per_op);
         let (reply, answer) = async_channel::bounded(1);
         match self.inner.jobs.try_send(Job { line, reply }) {
@@ -147,6 +120,36 @@ impl Dispatch for PoolDispatch {
         executor.run(future::pending::<()>()).await
     }
 
+    /// Ends every worker once the daemon has drained: their stdin is already closed (the
+    /// tasks holding it ended with `warm_all`), so they get a grace period to exit, then
+    /// SIGKILL. Every child is reaped before the daemon lets go of its PID file.
+    async fn shut_down(&self) {
+        self.inner.jobs.close();
+        let deadline = Instant::now() + EXIT_GRACE;
+        for (id, slot) in self.inner.children.iter().enumerate() {
+            let Some(mut child) = lock(slot).take() else {
+                continue;
+            };
+            let exited = async { child.status().await.ok() }
+                .or(async {
+                    Timer::at(deadline).await;
+                    None
+                })
+                .await;
+            match exited {
+                Some(status) => log::info!("worker {}: exited ({status})", id + 1),
+                None => {
+                    log::warn!(
+                        "worker {}: still running after {EXIT_GRACE:?}; killing it",
+                        id + 1
+                    );
+                    let _ = child.kill();
+                    let _ = child.status().await;
+                }
+            }
+        }
+    }
+
     fn namespace(&self) -> &str {
         &self.inner.options.namespace
     }
@@ -172,16 +175,22 @@ async fn run_worker(inner: Arc<Inner>, id: usize) {
         let started = Instant::now();
         let ended = match start(&inner, id) {
             Ok((stdin, stdout, stderr)) => {
+                inner.running.fetch_add(1, Ordering::SeqCst);
+                *lock(&inner.start_failure) = None;
                 let forward = async {
                     forward_stderr(id, stderr).await;
                     future::pending().await
                 };
-                serve(&inner, id, stdin, stdout).or(forward).await
+                let ended = serve(&inner, id, stdin, stdout).or(forward).await;
+                inner.running.fetch_sub(1, Ordering::SeqCst);
+                ended
             }
-            Err(e) => Ended::Failed {
-                why: format!("cannot start: {e}"),
-                job: None,
-            },
+            Err(e) => {
+                let why = format!("worker {id} cannot start: {e}");
+                *lock(&inner.start_failure) = Some(why.clone());
+                inner.fail_queued(&why).await;
+                Ended::Failed { why, job: None }
+            }
         };
         let status = reap(&inner, id).await;
         match ended {
@@ -203,6 +212,34 @@ async fn run_worker(inner: Arc<Inner>, id: usize) {
         Timer::after(delay).await;
         delay = (delay * 2).min(LAST_RESTART_DELAY);
     }
+}
+
+impl Inner {
+    /// Why requests cannot be served now: no worker runs and the last start failed.
+    fn start_failure(&self) -> Option<String> {
+        if self.running.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        lock(&self.start_failure).clone()
+    }
+
+    /// Answers the requests waiting in the queue with an error, while no worker runs.
+    async fn fail_queued(&self, why: &str) {
+        while self.running.load(Ordering::SeqCst) == 0 {
+            let Ok(job) = self.queued.try_recv() else {
+                return;
+            };
+            let _ = job
+                .reply
+                .send(Err(format!("no worker is running: {why}")))
+                .await;
+        }
+    }
+}
+
+/// A mutex's contents, also after a panic elsewhere poisoned it (the data stays valid).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 type Pipes = (
@@ -350,10 +387,25 @@ async fn exchange(
     }
 }
 
-/// Copies a worker's standard error into the daemon's log, a line at a time.
+/// Copies a worker's standard error into the daemon's log, a line at a time, until the
+/// worker closes it. Bytes that are not UTF-8 are logged lossily and overlong lines in pieces:
+/// stopping early would close the pipe and kill the worker at its next write.
 async fn forward_stderr(id: usize, stderr: async_process::ChildStderr) {
-    let mut lines = BufReader::new(stderr).lines();
-    while let Some(Ok(line)) = futures_lite::StreamExt::next(&mut lines).await {
-        log::info!("worker {id}: {line}");
+    const LONGEST_LINE: u64 = 64 * 1024;
+    let mut stderr = BufReader::new(stderr);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut stderr)
+            .take(LONGEST_LINE)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                log::info!("worker {id}: {}", text.trim_end_matches(['\n', '\r']));
+            }
+        }
     }
 }
