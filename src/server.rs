@@ -156,6 +156,13 @@ impl<D: Dispatch> Daemon<D> {
     /// only while it is polled; spawn it on your executor or await it. A second signal during
     /// the drain removes the daemon's files and exits the process at once with status
     /// 128 + the signal's number.
+    ///
+    /// Starting blocks the polling thread briefly: taking the PID file's lock retries for up
+    /// to 100 ms, and a socket left in place is probed for up to 1 s before it is replaced.
+    /// Under a service manager, starting removes `LISTEN_PID`, `LISTEN_FDS`,
+    /// `LISTEN_FDNAMES` and `NOTIFY_SOCKET` from the environment so that child processes do
+    /// not take them for their own; like any change of the environment, that is best done
+    /// before other threads that read it are running.
     pub async fn run(self) -> Result<(), Error> {
         let Daemon {
             config,
