@@ -35,6 +35,7 @@ pub struct Spawn {
     socket: PathBuf,
     command: Command,
     log: PathBuf,
+    pid_file: Option<PathBuf>,
     ready_timeout: Duration,
 }
 
@@ -45,6 +46,7 @@ impl Spawn {
         let socket = socket.into();
         Spawn {
             log: socket.with_extension("log"),
+            pid_file: None,
             socket,
             command,
             ready_timeout: Duration::from_secs(5),
@@ -54,6 +56,14 @@ impl Spawn {
     /// Where the daemon's standard output and error are appended.
     pub fn log_file(mut self, path: impl Into<PathBuf>) -> Spawn {
         self.log = path.into();
+        self
+    }
+
+    /// The daemon's PID file. With it, a daemon still holding the lock while it drains (its
+    /// listener closed, so nothing answers) is waited for, and then replaced, instead of
+    /// failing the start.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Spawn {
+        self.pid_file = Some(path.into());
         self
     }
 
@@ -149,6 +159,11 @@ impl Spawn {
                 if crate::client::probe(&self.socket, Duration::from_secs(1)).is_ok() {
                     return Ok(());
                 }
+                // Or to a daemon that is draining: once that one is gone, start ours again.
+                if self.wait_for_previous(deadline) {
+                    child = self.command.spawn()?;
+                    continue;
+                }
                 return Err(io::Error::other(format!(
                     "the daemon exited ({status}) before it was ready; last lines of {}:\n{}",
                     self.log.display(),
@@ -171,6 +186,25 @@ impl Spawn {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(100));
         }
+    }
+}
+
+impl Spawn {
+    /// Whether a daemon held the PID file's lock and let go of it before `deadline`.
+    fn wait_for_previous(&self, deadline: Instant) -> bool {
+        let Some(pid_file) = &self.pid_file else {
+            return false;
+        };
+        if matches!(crate::instance::running_pid(pid_file), Ok(None)) {
+            return false;
+        }
+        while Instant::now() < deadline {
+            if matches!(crate::instance::running_pid(pid_file), Ok(None)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 }
 

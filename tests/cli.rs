@@ -492,9 +492,10 @@ impl Drop for Reaped {
     }
 }
 
-/// A daemon whose drain waits for a worker busy for 30 s, and the client waiting for it.
-fn stuck_daemon(place: &Place) -> (Server, Reaped) {
-    let server = serve_workers(place, &["--drain-timeout", "60"]);
+/// A daemon whose drain waits for a worker busy for 30 s (up to `drain` seconds), and the
+/// client waiting for it.
+fn stuck_daemon(place: &Place, drain: &str) -> (Server, Reaped) {
+    let server = serve_workers(place, &["--drain-timeout", drain]);
     wait_for_workers(&server, 2);
     let client = place
         .khived("call")
@@ -510,7 +511,7 @@ fn stuck_daemon(place: &Place) -> (Server, Reaped) {
 #[test]
 fn stop_force_kills_a_daemon_stuck_in_its_drain() {
     let place = Place::new();
-    let (mut server, _client) = stuck_daemon(&place);
+    let (mut server, _client) = stuck_daemon(&place, "60");
     let forced = place.run("stop", &["--timeout", "1", "--force"]);
     assert_eq!(forced.status.code(), Some(0), "{}", stderr(&forced));
     assert!(
@@ -534,7 +535,7 @@ fn stop_force_kills_a_daemon_stuck_in_its_drain() {
 #[test]
 fn stop_says_when_the_drain_outlasts_it_and_a_second_stop_ends_it() {
     let place = Place::new();
-    let (mut server, _client) = stuck_daemon(&place);
+    let (mut server, _client) = stuck_daemon(&place, "60");
     let polite = place.run("stop", &["--timeout", "1"]);
     assert_eq!(polite.status.code(), Some(1));
     let message = stderr(&polite);
@@ -562,4 +563,18 @@ fn a_worker_that_cannot_start_fails_requests_at_once() {
         "{message}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn spawn_waits_for_a_daemon_that_is_draining() {
+    let place = Place::new();
+    let (mut old, _client) = stuck_daemon(&place, "2");
+    // The old daemon drains for 2 s: its listener is closed, but it holds the PID file.
+    let stop = place.run("stop", &["--timeout", "0.2"]);
+    assert_eq!(stop.status.code(), Some(1), "{}", stderr(&stop));
+    let call = place.run("call", &["--spawn", "--timeout", "20", "after the old one"]);
+    assert_eq!(call.status.code(), Some(0), "{}", stderr(&call));
+    assert_eq!(stdout(&call), "after the old one\n");
+    assert!(old.wait().success(), "{}", old.log());
+    assert_eq!(place.run("stop", &[]).status.code(), Some(0));
 }

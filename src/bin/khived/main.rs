@@ -148,7 +148,8 @@ fn run_call(call: Call) -> u8 {
     let connected = if call.spawn {
         let mut command = std::process::Command::new(current_exe());
         command.arg("serve").args(call.serve.to_args());
-        let mut spawn = khived::Spawn::new(&call.serve.common.socket, command);
+        let mut spawn = khived::Spawn::new(&call.serve.common.socket, command)
+            .pid_file(&call.serve.common.pid_file);
         if let Some(log) = &call.serve.log_file {
             spawn = spawn.log_file(log);
         }
