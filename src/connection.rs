@@ -1,9 +1,9 @@
 //! One connection from accept to close: read a frame, decide, dispatch, write the answer,
 //! and again for the next request on the same connection.
 //!
-//! The socket is registered with the reactor only when a read or write would block: a fresh
-//! connection usually has its request waiting already, and a registration costs three
-//! `epoll_ctl` calls.
+//! The socket is registered with the reactor only when a write would block, or a read would
+//! still block after a few retries (see `PATIENCE`): a fresh connection usually has its
+//! request waiting already, and a registration costs three `epoll_ctl` calls.
 
 use std::any::Any;
 use std::io::{self, Read};
