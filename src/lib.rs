@@ -23,6 +23,11 @@
 //! - **Limits**: deadlines for slow clients, a cap on connections, and a frame reader that
 //!   allocates only as bytes arrive.
 //!
+//! To keep a program in another language warm, no dispatcher needs writing: the
+//! [`pool`] module's `Pool` (feature `pool`, on by default) runs worker processes that speak
+//! one JSON object per line on stdin and stdout, restarts them when they fail, and reaps them
+//! at shutdown.
+//!
 //! # Implementation
 //!
 //! Everything runs on one thread: [`Daemon::run_blocking`] drives an `async-executor` on the
@@ -79,9 +84,9 @@
 //! ```
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
-// Two `unsafe` blocks exist: `pre_exec` in `spawn`, to put a started daemon in a session of
-// its own, and taking descriptor 3 from a service manager in `systemd`. Everything else
-// goes through rustix.
+// Three `unsafe` blocks exist: `pre_exec` in `spawn`, to put a started daemon in a session of
+// its own, `pre_exec` in `pool`, to give a worker PDEATHSIG, and taking descriptor 3 from a
+// service manager in `systemd`. Everything else goes through rustix.
 #![deny(unsafe_code)]
 
 mod client;
@@ -94,11 +99,11 @@ pub mod fuzzing;
 mod inflight;
 mod instance;
 mod logger;
+pub mod pool;
 mod server;
 mod spawn;
 mod systemd;
 mod wire;
-pub mod worker_line;
 
 pub use client::{probe, Client};
 pub use config::{env_truthy, pid_path, socket_path, state_dir, Config};
@@ -108,6 +113,8 @@ pub use instance::{is_process_running, running_pid};
 pub use logger::init_stderr_logger;
 pub use server::{Daemon, ShutdownHandle};
 pub use spawn::Spawn;
+// `fuzzing` names the line protocol by this path.
+use pool::line as worker_line;
 pub use wire::{
     encode_frame, frame_len, read_frame, write_frame, ProbeInfo, Request, Response, MAX_FRAME_BYTES,
 };

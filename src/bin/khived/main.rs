@@ -4,13 +4,13 @@
 //! one request, starting the daemon first with `--spawn`; `status` and `stop` manage it.
 
 mod args;
-mod worker;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use args::{Call, Command, Common, Serve, Status, Stop};
+use khived::pool::{Pool, PoolOptions};
 use khived::{Client, Config, Daemon, Dispatch, Request, Response};
 
 /// Exit statuses a script can branch on.
@@ -98,7 +98,7 @@ fn run_serve(serve: Serve) -> u8 {
     };
     khived::init_stderr_logger(level);
     let config = serve.config();
-    let result = match serve.worker.clone() {
+    let result = match serve.pool_options() {
         None => Daemon::new(
             config,
             Echo {
@@ -107,18 +107,10 @@ fn run_serve(serve: Serve) -> u8 {
             },
         )
         .run_blocking(),
-        Some(command) => {
-            let pool = worker::Pool::new(worker::PoolOptions {
-                command,
-                workers: serve.workers,
-                queue: serve.queue,
-                request_timeout: serve.request_timeout,
-                warm: serve.warm,
-                namespace: serve.namespace,
-                config_id: serve.config_id,
-            });
-            Daemon::new(config, pool).run_blocking()
-        }
+        Some(options) => match Pool::new(options) {
+            Ok(pool) => Daemon::new(config, pool).run_blocking(),
+            Err(e) => return fail(status::USAGE, e),
+        },
     };
     match result {
         Ok(()) => status::OK,
@@ -363,6 +355,18 @@ impl Serve {
             config.max_connections = max;
         }
         config
+    }
+
+    /// The worker pool `--worker` asks for, if it does.
+    fn pool_options(&self) -> Option<PoolOptions> {
+        let mut options = PoolOptions::new(self.worker.as_ref()?)
+            .workers(self.workers)
+            .queue(self.queue)
+            .namespace(&self.namespace)
+            .config_id(&self.config_id);
+        options.request_timeout = self.request_timeout;
+        options.warm = self.warm.clone();
+        Some(options)
     }
 
     /// The command-line arguments that make `khived serve` run with these options.

@@ -1,9 +1,9 @@
-//! The line protocol of worker processes, as `khived serve --worker` speaks it: one JSON
-//! object per line on the worker's stdin and stdout.
+//! The line protocol of worker processes, as [`Pool`](crate::pool) speaks it: one JSON object
+//! per line on the worker's stdin and stdout.
 //!
 //! To the worker: `{"ops":…,"presentation":…,"presentation_per_op":…}`. From the worker:
-//! `{"ok":true,"result":…}` or `{"ok":false,"error":…}`. It lives in the library so that it
-//! can be fuzzed, and so that an application running its own workers speaks the same lines.
+//! `{"ok":true,"result":…}` or `{"ok":false,"error":…}`. It needs no feature: an application
+//! that runs its own workers speaks the same lines, and the fuzz targets check them.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,7 +26,7 @@ struct WorkerReply {
 /// The line (newline included) that asks a worker for `ops`.
 ///
 /// ```
-/// let line = khived::worker_line::encode_request("upper hi", None, None);
+/// let line = khived::pool::line::encode_request("upper hi", None, None);
 /// assert_eq!(line, b"{\"ops\":\"upper hi\",\"presentation\":null,\"presentation_per_op\":null}\n");
 /// ```
 pub fn encode_request(
@@ -50,7 +50,7 @@ pub fn encode_request(
 /// broken the protocol.
 ///
 /// ```
-/// use khived::worker_line::parse_reply;
+/// use khived::pool::line::parse_reply;
 ///
 /// assert_eq!(parse_reply(br#"{"ok":true,"result":"HI"}"#), Ok(Ok("HI".to_owned())));
 /// assert_eq!(parse_reply(br#"{"ok":false,"error":"no"}"#), Ok(Err("no".to_owned())));

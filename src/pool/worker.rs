@@ -1,163 +1,25 @@
-//! The warm worker pool: N child processes, each answering one request at a time over its
-//! stdin and stdout with one JSON object per line.
-//!
-//! To a worker: `{"ops":…,"presentation":…,"presentation_per_op":…}`; from a worker:
-//! `{"ok":true,"result":…}` or `{"ok":false,"error":…}`. A worker that exits, hangs past the
-//! request timeout, or prints something else is restarted with backoff; the request it held
-//! gets an error that says what happened. Its standard error goes to the daemon's log,
-//! prefixed with its id.
+//! One worker's life: start it, warm it, serve it jobs one line at a time, forward its
+//! standard error, and restart it with backoff when it fails.
 
-use std::ffi::OsString;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_channel::{Receiver, Sender, TrySendError};
-use async_executor::Executor;
 use async_io::Timer;
-use async_process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use async_process::{ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use futures_lite::future::{self, FutureExt};
 use futures_lite::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use khived::{worker_line, Dispatch, MAX_FRAME_BYTES};
 
-/// How long workers get to exit on their own once their stdin is closed at shutdown.
-const EXIT_GRACE: Duration = Duration::from_secs(3);
+use super::dispatcher::{lock, Inner, Job};
+use super::line;
+use crate::MAX_FRAME_BYTES;
+
 /// Restart delays grow from the first to the last after each failure in a row.
 const FIRST_RESTART_DELAY: Duration = Duration::from_millis(100);
 const LAST_RESTART_DELAY: Duration = Duration::from_secs(10);
 /// A worker that ran this long before failing starts over with the shortest delay.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
-
-pub(crate) struct PoolOptions {
-    pub(crate) command: Vec<OsString>,
-    pub(crate) workers: usize,
-    pub(crate) queue: usize,
-    pub(crate) request_timeout: Option<Duration>,
-    pub(crate) warm: Option<String>,
-    pub(crate) namespace: String,
-    pub(crate) config_id: String,
-}
-
-/// The dispatcher: queues each request for the next free worker; starts the workers in
-/// `warm_all` and ends them in `shut_down`.
-pub(crate) struct Pool {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    options: PoolOptions,
-    jobs: Sender<Job>,
-    queued: Receiver<Job>,
-    /// Each worker's current process, kept here so that shutdown can reap it even after
-    /// the tasks that talked to it are gone.
-    children: Vec<Mutex<Option<Child>>>,
-    /// Workers whose process is up.
-    running: AtomicUsize,
-    /// Why the last worker start failed, while none is running: requests fail at once
-    /// instead of waiting for a worker that may never come.
-    start_failure: Mutex<Option<String>>,
-}
-
-struct Job {
-    line: Vec<u8>,
-    reply: Sender<Result<String, String>>,
-}
-
-impl Pool {
-    pub(crate) fn new(options: PoolOptions) -> Pool {
-        let (jobs, queued) = async_channel::bounded(options.queue);
-        let children = (0..options.workers).map(|_| Mutex::new(None)).collect();
-        Pool {
-            inner: Arc::new(Inner {
-                options,
-                jobs,
-                queued,
-                children,
-                running: AtomicUsize::new(0),
-                start_failure: Mutex::new(None),
-            }),
-        }
-    }
-}
-
-impl Dispatch for Pool {
-    async fn dispatch(
-        &self,
-        ops: &str,
-        presentation: Option<&str>,
-        presentation_per_op: Option<&[Option<String>]>,
-    ) -> Result<String, String> {
-        if let Some(why) = self.inner.start_failure() {
-            return Err(format!("no worker is running: {why}"));
-        }
-        let line = worker_line::encode_request(ops, presentation, presentation_per_op);
-        let (reply, answer) = async_channel::bounded(1);
-        match self.inner.jobs.try_send(Job { line, reply }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(format!(
-                    "daemon_busy: {} worker(s) busy and {} request(s) queued; try again shortly",
-                    self.inner.options.workers, self.inner.options.queue
-                ))
-            }
-            Err(TrySendError::Closed(_)) => return Err("the worker pool has stopped".to_owned()),
-        }
-        answer
-            .recv()
-            .await
-            .unwrap_or_else(|_| Err("the worker pool stopped before answering".to_owned()))
-    }
-
-    /// Starts the workers and keeps them running (restarting them as needed) for as long as
-    /// the daemon runs.
-    async fn warm_all(&self) {
-        let executor = Executor::new();
-        for id in 1..=self.inner.options.workers {
-            executor
-                .spawn(run_worker(Arc::clone(&self.inner), id))
-                .detach();
-        }
-        executor.run(future::pending::<()>()).await
-    }
-
-    /// Ends every worker once the daemon has drained: their stdin is already closed (the
-    /// tasks holding it ended with `warm_all`), so they get a grace period to exit, then
-    /// SIGKILL. Every child is reaped before the daemon lets go of its PID file.
-    async fn shut_down(&self) {
-        self.inner.jobs.close();
-        let deadline = Instant::now() + EXIT_GRACE;
-        for (id, slot) in self.inner.children.iter().enumerate() {
-            let Some(mut child) = lock(slot).take() else {
-                continue;
-            };
-            let exited = async { child.status().await.ok() }
-                .or(async {
-                    Timer::at(deadline).await;
-                    None
-                })
-                .await;
-            match exited {
-                Some(status) => log::info!("worker {}: exited ({status})", id + 1),
-                None => {
-                    log::warn!(
-                        "worker {}: still running after {EXIT_GRACE:?}; killing it",
-                        id + 1
-                    );
-                    let _ = child.kill();
-                    let _ = child.status().await;
-                }
-            }
-        }
-    }
-
-    fn namespace(&self) -> &str {
-        &self.inner.options.namespace
-    }
-
-    fn config_id(&self) -> &str {
-        &self.inner.options.config_id
-    }
-}
 
 /// Why a worker process was given up on.
 enum Ended {
@@ -169,7 +31,8 @@ enum Ended {
 }
 
 /// Keeps worker `id` alive: start it, serve jobs, restart it with backoff when it fails.
-async fn run_worker(inner: Arc<Inner>, id: usize) {
+/// Returns once the queue closes (the daemon is stopping).
+pub(super) async fn run(inner: Arc<Inner>, id: usize) {
     let mut delay = FIRST_RESTART_DELAY;
     loop {
         let started = Instant::now();
@@ -214,66 +77,38 @@ async fn run_worker(inner: Arc<Inner>, id: usize) {
     }
 }
 
-impl Inner {
-    /// Why requests cannot be served now: no worker runs and the last start failed.
-    fn start_failure(&self) -> Option<String> {
-        if self.running.load(Ordering::SeqCst) > 0 {
-            return None;
-        }
-        lock(&self.start_failure).clone()
-    }
+type Pipes = (ChildStdin, BufReader<ChildStdout>, ChildStderr);
 
-    /// Answers the requests waiting in the queue with an error, while no worker runs.
-    async fn fail_queued(&self, why: &str) {
-        while self.running.load(Ordering::SeqCst) == 0 {
-            let Ok(job) = self.queued.try_recv() else {
-                return;
-            };
-            let _ = job
-                .reply
-                .send(Err(format!("no worker is running: {why}")))
-                .await;
-        }
-    }
-}
-
-/// A mutex's contents, also after a panic elsewhere poisoned it (the data stays valid).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-type Pipes = (
-    ChildStdin,
-    BufReader<ChildStdout>,
-    async_process::ChildStderr,
-);
-
-fn start(inner: &Inner, id: usize) -> std::io::Result<Pipes> {
-    let (program, args) = inner
-        .options
+/// Starts worker `id` and keeps its process in its slot for [`reap`] and shutdown.
+fn start(inner: &Inner, id: usize) -> io::Result<Pipes> {
+    let options = &inner.options;
+    // `Pool::new` refuses an empty command.
+    let (program, args) = options
         .command
         .split_first()
-        .ok_or_else(|| std::io::Error::other("empty worker command"))?;
+        .ok_or_else(|| io::Error::other("empty worker command"))?;
     let mut command = std::process::Command::new(program);
     let daemon = rustix::process::getpid();
-    // SAFETY: the closure runs in the child between fork and exec and makes two system calls
-    // (prctl, getppid), both async-signal-safe, touching no memory of ours.
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed. It makes two system calls (prctl, getppid),
+    // allocates nothing (its errors are plain errno values) and touches no memory of ours.
     #[allow(unsafe_code)]
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
             // Should the daemon die without reaping its workers (SIGKILL), they die with it
             // instead of living on as orphans.
             rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            // The daemon may have died before the line above: then the signal never comes,
+            // so the worker must not start.
             if rustix::process::getppid() != Some(daemon) {
-                return Err(std::io::Error::other(
-                    "the daemon exited while starting a worker",
-                ));
+                return Err(rustix::io::Errno::SRCH.into());
             }
             Ok(())
         });
     }
     let mut child = Command::from(command)
         .args(args)
+        .envs(options.env.iter().map(|(key, value)| (key, value)))
         .env("KHIVED_WORKER_ID", id.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -282,21 +117,16 @@ fn start(inner: &Inner, id: usize) -> std::io::Result<Pipes> {
         .spawn()?;
     let pipes = match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
         (Some(stdin), Some(stdout), Some(stderr)) => (stdin, BufReader::new(stdout), stderr),
-        _ => return Err(std::io::Error::other("worker pipes missing")),
+        _ => return Err(io::Error::other("worker pipes missing")),
     };
     log::info!("worker {id}: started (pid {})", child.id());
-    *inner.children[id - 1]
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = Some(child);
+    *lock(&inner.children[id - 1]) = Some(child);
     Ok(pipes)
 }
 
 /// Kills worker `id` if it still runs and waits for it; returns how it ended.
 async fn reap(inner: &Inner, id: usize) -> String {
-    let child = inner.children[id - 1]
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
+    let child = lock(&inner.children[id - 1]).take();
     let Some(mut child) = child else {
         return "not started".to_owned();
     };
@@ -317,7 +147,7 @@ async fn serve(
 ) -> Ended {
     let timeout = inner.options.request_timeout;
     if let Some(ops) = &inner.options.warm {
-        let line = worker_line::encode_request(ops, None, None);
+        let line = line::encode_request(ops, None, None);
         match exchange(&mut stdin, &mut stdout, &line, timeout).await {
             Ok(Ok(_)) => log::info!("worker {id}: warmed"),
             Ok(Err(error)) => log::warn!("worker {id}: warm request failed: {error}"),
@@ -373,7 +203,7 @@ async fn exchange(
             Ok(_) => {}
             Err(e) => return Err(format!("could not be read from: {e}")),
         }
-        worker_line::parse_reply(&reply)
+        line::parse_reply(&reply)
     };
     match timeout {
         None => talk.await,
@@ -390,7 +220,7 @@ async fn exchange(
 /// Copies a worker's standard error into the daemon's log, a line at a time, until the
 /// worker closes it. Bytes that are not UTF-8 are logged lossily and overlong lines in pieces:
 /// stopping early would close the pipe and kill the worker at its next write.
-async fn forward_stderr(id: usize, stderr: async_process::ChildStderr) {
+async fn forward_stderr(id: usize, stderr: ChildStderr) {
     const LONGEST_LINE: u64 = 64 * 1024;
     let mut stderr = BufReader::new(stderr);
     let mut line = Vec::new();

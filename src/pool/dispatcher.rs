@@ -1,0 +1,207 @@
+//! The pool as a dispatcher: a bounded queue in front of the workers, their processes kept
+//! for shutdown, and why none is running.
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use async_channel::{Receiver, Sender, TrySendError};
+use async_executor::Executor;
+use async_io::Timer;
+use async_process::Child;
+use futures_lite::future::{self, FutureExt};
+
+use super::{line, worker, PoolOptions};
+use crate::Dispatch;
+
+/// A pool of warm worker processes that serves a [`Daemon`](crate::Daemon)'s requests.
+///
+/// Each request is queued for the next free worker, written to it as one JSON line, and
+/// answered with the line it prints back (see [`line`](super::line)). The workers start
+/// when the daemon has bound its socket ([`Dispatch::warm_all`]) and are ended and reaped
+/// after the drain ([`Dispatch::shut_down`]), before the daemon lets go of its PID file. A
+/// `Pool` serves one daemon.
+///
+/// # Examples
+///
+/// ```no_run
+/// use khived::pool::{Pool, PoolOptions};
+/// use khived::{Config, Daemon};
+///
+/// fn main() -> Result<(), khived::Error> {
+///     khived::init_stderr_logger(log::LevelFilter::Info);
+///     let pool = Pool::new(PoolOptions::new(["python3", "worker.py"]).workers(2))?;
+///     Daemon::new(Config::from_env(), pool).run_blocking()
+/// }
+/// ```
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+/// What the dispatcher and the worker tasks share.
+pub(super) struct Inner {
+    pub(super) options: PoolOptions,
+    jobs: Sender<Job>,
+    pub(super) queued: Receiver<Job>,
+    /// Each worker's current process, kept here so that shutdown can reap it even after
+    /// the tasks that talked to it are gone.
+    pub(super) children: Vec<Mutex<Option<Child>>>,
+    /// Workers whose process is up.
+    pub(super) running: AtomicUsize,
+    /// Why the last worker start failed, while none is running: requests fail at once
+    /// instead of waiting for a worker that may never come.
+    pub(super) start_failure: Mutex<Option<String>>,
+}
+
+/// One request waiting for a worker: the line to send and where the answer goes.
+pub(super) struct Job {
+    pub(super) line: Vec<u8>,
+    pub(super) reply: Sender<Result<String, String>>,
+}
+
+impl Pool {
+    /// A pool that will run workers as `options` say. No process starts yet: the daemon
+    /// starts them once its socket is bound.
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidInput`] when the options cannot run a pool: no command, no
+    /// workers, or a queue that holds no request. The message names the option to fix.
+    pub fn new(options: PoolOptions) -> io::Result<Pool> {
+        options.check()?;
+        let (jobs, queued) = async_channel::bounded(options.queue);
+        let children = (0..options.workers).map(|_| Mutex::new(None)).collect();
+        Ok(Pool {
+            inner: Arc::new(Inner {
+                options,
+                jobs,
+                queued,
+                children,
+                running: AtomicUsize::new(0),
+                start_failure: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The options this pool runs with.
+    pub fn options(&self) -> &PoolOptions {
+        &self.inner.options
+    }
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("options", &self.inner.options)
+            .field("running", &self.inner.running.load(Ordering::SeqCst))
+            .field("queued", &self.inner.queued.len())
+            .finish()
+    }
+}
+
+impl Dispatch for Pool {
+    async fn dispatch(
+        &self,
+        ops: &str,
+        presentation: Option<&str>,
+        presentation_per_op: Option<&[Option<String>]>,
+    ) -> Result<String, String> {
+        if let Some(why) = self.inner.start_failure() {
+            return Err(format!("no worker is running: {why}"));
+        }
+        let line = line::encode_request(ops, presentation, presentation_per_op);
+        let (reply, answer) = async_channel::bounded(1);
+        match self.inner.jobs.try_send(Job { line, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(format!(
+                    "daemon_busy: {} worker(s) busy and {} request(s) queued; try again shortly",
+                    self.inner.options.workers, self.inner.options.queue
+                ))
+            }
+            Err(TrySendError::Closed(_)) => return Err("the worker pool has stopped".to_owned()),
+        }
+        answer
+            .recv()
+            .await
+            .unwrap_or_else(|_| Err("the worker pool stopped before answering".to_owned()))
+    }
+
+    /// Starts the workers and keeps them running (restarting them as needed) for as long as
+    /// the daemon runs.
+    async fn warm_all(&self) {
+        let executor = Executor::new();
+        for id in 1..=self.inner.options.workers {
+            executor
+                .spawn(worker::run(Arc::clone(&self.inner), id))
+                .detach();
+        }
+        executor.run(future::pending::<()>()).await
+    }
+
+    /// Ends every worker once the daemon has drained: their stdin is already closed (the
+    /// tasks holding it ended with `warm_all`), so they get the shutdown grace to exit, then
+    /// SIGKILL. Every child is reaped before the daemon lets go of its PID file.
+    async fn shut_down(&self) {
+        self.inner.jobs.close();
+        let grace = self.inner.options.shutdown_grace;
+        let deadline = Instant::now() + grace;
+        for (id, slot) in self.inner.children.iter().enumerate() {
+            let Some(mut child) = lock(slot).take() else {
+                continue;
+            };
+            let exited = async { child.status().await.ok() }
+                .or(async {
+                    Timer::at(deadline).await;
+                    None
+                })
+                .await;
+            match exited {
+                Some(status) => log::info!("worker {}: exited ({status})", id + 1),
+                None => {
+                    log::warn!("worker {}: still running after {grace:?}; killing it", id + 1);
+                    let _ = child.kill();
+                    let _ = child.status().await;
+                }
+            }
+        }
+    }
+
+    fn namespace(&self) -> &str {
+        &self.inner.options.namespace
+    }
+
+    fn config_id(&self) -> &str {
+        &self.inner.options.config_id
+    }
+}
+
+impl Inner {
+    /// Why requests cannot be served now: no worker runs and the last start failed.
+    fn start_failure(&self) -> Option<String> {
+        if self.running.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        lock(&self.start_failure).clone()
+    }
+
+    /// Answers the requests waiting in the queue with an error, while no worker runs.
+    pub(super) async fn fail_queued(&self, why: &str) {
+        while self.running.load(Ordering::SeqCst) == 0 {
+            let Ok(job) = self.queued.try_recv() else {
+                return;
+            };
+            let _ = job
+                .reply
+                .send(Err(format!("no worker is running: {why}")))
+                .await;
+        }
+    }
+}
+
+/// A mutex's contents, also after a panic elsewhere poisoned it (the data stays valid).
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
