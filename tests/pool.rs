@@ -61,9 +61,7 @@ impl PoolDaemon {
     /// Sends `ops` in the namespace and configuration the tests' pools serve.
     fn call(&self, ops: &str) -> Response {
         let mut client = Client::connect(&self.socket, Duration::from_secs(10)).unwrap();
-        client
-            .request(&Request::new(ops, "words", "v1"))
-            .unwrap()
+        client.request(&Request::new(ops, "words", "v1")).unwrap()
     }
 
     fn ok(&self, ops: &str) -> String {
@@ -95,9 +93,7 @@ impl Drop for PoolDaemon {
 }
 
 fn options(command: &[&str]) -> PoolOptions {
-    PoolOptions::new(command)
-        .namespace("words")
-        .config_id("v1")
+    PoolOptions::new(command).namespace("words").config_id("v1")
 }
 
 #[test]

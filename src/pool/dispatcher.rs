@@ -161,7 +161,10 @@ impl Dispatch for Pool {
             match exited {
                 Some(status) => log::info!("worker {}: exited ({status})", id + 1),
                 None => {
-                    log::warn!("worker {}: still running after {grace:?}; killing it", id + 1);
+                    log::warn!(
+                        "worker {}: still running after {grace:?}; killing it",
+                        id + 1
+                    );
                     let _ = child.kill();
                     let _ = child.status().await;
                 }
