@@ -84,6 +84,10 @@
 // goes through rustix.
 #![deny(unsafe_code)]
 
+// The path of a request: accept -> connection (read frame, decide, dispatch, write frame).
+// The lifecycle around it: server (start, signals, drain), instance (files and lock), shared
+// (what the tasks share). The client side (client, spawn, pidfile) never imports those.
+mod accept;
 mod client;
 mod config;
 mod connection;
@@ -94,7 +98,9 @@ pub mod fuzzing;
 mod inflight;
 mod instance;
 mod logger;
+mod pidfile;
 mod server;
+mod shared;
 mod spawn;
 mod systemd;
 mod wire;
@@ -104,9 +110,9 @@ pub use client::{probe, Client};
 pub use config::{env_truthy, pid_path, socket_path, state_dir, Config};
 pub use dispatch::Dispatch;
 pub use error::Error;
-pub use instance::{is_process_running, running_pid};
 pub use logger::init_stderr_logger;
-pub use server::{Daemon, ShutdownHandle};
+pub use pidfile::{is_process_running, running_pid};
+pub use server::{Daemon, ShutdownHandle, Stopped};
 pub use spawn::Spawn;
 pub use wire::{
     encode_frame, frame_len, read_frame, write_frame, ProbeInfo, Request, Response, MAX_FRAME_BYTES,

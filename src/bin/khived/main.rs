@@ -121,7 +121,8 @@ fn run_serve(serve: Serve) -> u8 {
         }
     };
     match result {
-        Ok(()) => status::OK,
+        // 0 after a drain, 128 + n when a second signal forced the stop.
+        Ok(stopped) => stopped.exit_code(),
         Err(e @ khived::Error::AlreadyRunning { .. }) => fail(status::ALREADY_RUNNING, e),
         Err(e) => fail(status::FAILED, e),
     }
