@@ -48,6 +48,11 @@ pub fn is_process_running(pid: u32) -> bool {
 /// with its process, even one killed with SIGKILL. This function takes a shared lock for two
 /// system calls; a daemon starting at that moment retries past it.
 ///
+/// # Errors
+///
+/// The PID file cannot be opened (other than missing: that is `Ok(None)`) or its lock cannot
+/// be inspected, or it is locked while naming no live process; each message names the file.
+///
 /// # Examples
 ///
 /// ```no_run
@@ -57,11 +62,6 @@ pub fn is_process_running(pid: u32) -> bool {
 /// }
 /// # std::io::Result::Ok(())
 /// ```
-///
-/// # Errors
-///
-/// The PID file cannot be opened (other than missing: that is `Ok(None)`) or its lock cannot
-/// be inspected, or it is locked while naming no live process; each message names the file.
 pub fn running_pid(pid_file: &Path) -> io::Result<Option<u32>> {
     let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
     let fd = match rustix::fs::open(pid_file, flags, Mode::empty()) {
