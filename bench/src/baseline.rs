@@ -19,7 +19,8 @@ use crate::frame::{self, FrameReader};
 const NAMESPACE: &str = "echo";
 const CONFIG_ID: &str = "";
 
-/// A request as PROTOCOL.md defines it, parsed the way khived parses it: borrowing where JSON allows.
+/// A request as PROTOCOL.md defines it, parsed the way khived parses it: borrowing where JSON
+/// allows.
 #[derive(Deserialize)]
 struct Request<'a> {
     #[serde(borrow)]
