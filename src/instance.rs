@@ -210,8 +210,8 @@ fn lock_pid_file(path: &Path) -> Result<File, Error> {
 }
 
 /// Takes the exclusive lock if no daemon holds it. A daemon holds it for good, but
-/// [`running_pid`](crate::running_pid) takes a shared lock for a moment: a few quick retries tell the two apart,
-/// so that `khived status` polled during a start cannot make the start fail.
+/// `running_pid` takes a shared lock for a moment: a few quick retries tell the two apart, so
+/// that `khived status` polled during a start cannot make the start fail.
 fn try_lock_exclusive(fd: &OwnedFd) -> io::Result<bool> {
     for _ in 0..10 {
         match rustix::fs::flock(fd, FlockOperation::NonBlockingLockExclusive) {
