@@ -254,6 +254,20 @@ pub struct ChildDaemon {
     pub log: PathBuf,
 }
 
+/// The command that runs a child daemon on `socket`, with its PID file beside it.
+pub fn child_command(socket: &Path, env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .env("KHIVE_SOCKET", socket)
+        .env("KHIVE_PID", socket.with_extension("pid"));
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command
+}
+
 impl ChildDaemon {
     /// Starts a daemon on `socket` with extra environment variables; does not wait for it.
     pub fn spawn(socket: &Path, env: &[(&str, &str)]) -> ChildDaemon {
@@ -262,18 +276,11 @@ impl ChildDaemon {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
         let log = socket.with_extension(format!("{}.log", rand_suffix()));
-        let mut command = Command::new(std::env::current_exe().unwrap());
+        let mut command = child_command(socket, env);
         command
-            .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, "1")
-            .env("KHIVE_SOCKET", socket)
-            .env("KHIVE_PID", &pid_file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
-        for (key, value) in env {
-            command.env(key, value);
-        }
         ChildDaemon {
             child: command.spawn().unwrap(),
             socket: socket.to_owned(),
