@@ -5,6 +5,8 @@
 //! KHIVE_SOCKET=/tmp/echo/echo.sock cargo run --example echo
 //! ```
 
+use std::process::ExitCode;
+
 use khived::{Config, Daemon, Dispatch};
 
 struct Echo;
@@ -28,10 +30,14 @@ impl Dispatch for Echo {
     }
 }
 
-fn main() {
+fn main() -> ExitCode {
     khived::init_stderr_logger(log::LevelFilter::Info);
-    if let Err(e) = Daemon::new(Config::from_env(), Echo).run_blocking() {
-        log::error!("{e}");
-        std::process::exit(1);
+    match Daemon::new(Config::from_env(), Echo).run_blocking() {
+        // 0 after a drain; 128 + n when a second signal forced the stop.
+        Ok(stopped) => ExitCode::from(stopped.exit_code()),
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
     }
 }

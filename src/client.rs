@@ -14,6 +14,8 @@ use crate::wire::{encode_frame, read_frame, ProbeInfo, Request, Response};
 
 /// A connection to a daemon, for one or several requests under one deadline.
 ///
+/// # Examples
+///
 /// ```no_run
 /// use std::time::Duration;
 ///
@@ -35,8 +37,11 @@ impl Client {
     /// Connects to the daemon at `path`; `timeout` bounds this call and every request made
     /// on the connection afterwards, all together.
     ///
+    /// # Errors
+    ///
     /// A missing socket is [`io::ErrorKind::NotFound`]; a socket nobody listens on is
-    /// [`io::ErrorKind::ConnectionRefused`]; both messages name the path.
+    /// [`io::ErrorKind::ConnectionRefused`]; a daemon whose queue of connections stays full
+    /// past the deadline is [`io::ErrorKind::TimedOut`]; every message names the path.
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> io::Result<Client> {
         let path = path.as_ref();
         let deadline = Instant::now().checked_add(timeout);
@@ -79,6 +84,11 @@ impl Client {
     }
 
     /// Sends one request and reads its response.
+    ///
+    /// # Errors
+    ///
+    /// As [`exchange`](Client::exchange), and [`io::ErrorKind::InvalidData`] if the answer is
+    /// not a response.
     pub fn request(&mut self, request: &Request<'_>) -> io::Result<Response> {
         let frame = encode_frame(request)?;
         let body = self.exchange(&frame)?;
@@ -91,6 +101,13 @@ impl Client {
     }
 
     /// Asks the daemon who it is; see [`ProbeInfo`].
+    ///
+    /// # Errors
+    ///
+    /// As [`request`](Client::request), and [`io::ErrorKind::InvalidData`] if the daemon
+    /// answers with an error or with something that is not a [`ProbeInfo`].
+    ///
+    /// # Examples
     ///
     /// ```no_run
     /// # use std::time::Duration;
@@ -125,6 +142,12 @@ impl Client {
     }
 
     /// Writes one raw frame and reads one raw frame back, within the deadline.
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::TimedOut`] once the deadline has passed, naming the socket and what
+    /// was being done; any error of the socket, or of [`read_frame`] (a frame cut short, a
+    /// header above the cap).
     pub fn exchange(&mut self, frame: &[u8]) -> io::Result<Vec<u8>> {
         use std::io::Write;
         self.arm_timeouts()?;
@@ -184,6 +207,12 @@ impl Client {
 }
 
 /// Probes the daemon at `path`: connects, asks who it is, and returns the answer.
+///
+/// # Errors
+///
+/// As [`Client::connect`] and [`Client::probe`]: "not running" is an error.
+///
+/// # Examples
 ///
 /// ```no_run
 /// # use std::time::Duration;

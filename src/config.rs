@@ -9,6 +9,8 @@ use std::time::Duration;
 /// Every field can be set in code; [`Config::from_env`] fills them from the `KHIVE_*`
 /// environment variables the way existing clients expect.
 ///
+/// # Examples
+///
 /// ```
 /// use std::time::Duration;
 ///
@@ -73,6 +75,8 @@ impl Config {
     /// The defaults, with `KHIVE_SOCKET`, `KHIVE_PID` and `KHIVE_DRAIN_TIMEOUT_SECS` applied
     /// where they are set (empty paths and unparsable numbers are ignored).
     ///
+    /// # Examples
+    ///
     /// ```
     /// let config = khived::Config::from_env();
     /// assert_eq!(config.socket, khived::socket_path());
@@ -92,6 +96,8 @@ impl Config {
     /// A configuration for a daemon on `socket`, with its PID file beside it (the socket's
     /// path with the extension `pid`) and default limits; the environment is not read.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let config = khived::Config::at("/run/user/1000/app/app.sock");
     /// assert_eq!(config.pid_file.to_str(), Some("/run/user/1000/app/app.pid"));
@@ -108,6 +114,8 @@ impl Config {
 
 /// The state directory: `$HOME/.khive`, or `./.khive` when `HOME` is unset.
 ///
+/// # Examples
+///
 /// ```
 /// assert!(khived::state_dir().ends_with(".khive"));
 /// ```
@@ -120,6 +128,8 @@ pub fn state_dir() -> PathBuf {
 
 /// The socket path: `KHIVE_SOCKET` when set and non-empty, else `<state dir>/khived.sock`.
 ///
+/// # Examples
+///
 /// ```
 /// let path = khived::socket_path();
 /// assert!(path.is_absolute() || path.starts_with(".khive") || std::env::var_os("KHIVE_SOCKET").is_some());
@@ -129,6 +139,8 @@ pub fn socket_path() -> PathBuf {
 }
 
 /// The PID file path: `KHIVE_PID` when set and non-empty, else `<state dir>/khived.pid`.
+///
+/// # Examples
 ///
 /// ```
 /// if std::env::var_os("KHIVE_PID").is_none() {
@@ -141,6 +153,8 @@ pub fn pid_path() -> PathBuf {
 
 /// Whether the variable `key` is set to something other than empty, `0` or `false` (any
 /// case), after trimming white space.
+///
+/// # Examples
 ///
 /// ```
 /// std::env::set_var("KHIVE_DOC_FLAG", " True ");

@@ -16,9 +16,10 @@ use async_io::{Async, Timer};
 use futures_lite::future::{self, FutureExt};
 use rustix::net::SendFlags;
 
+use crate::config::Config;
 use crate::dispatch::Dispatch;
 use crate::inflight::Flag;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::wire::{encode_frame_into, ProbeInfo, Request, Response, MAX_FRAME_BYTES, READ_CHUNK};
 
 /// The read buffer's size when a connection starts; it grows only as a frame needs it.
@@ -42,26 +43,10 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
         let body = match conn.read_frame(deadline, idle_stop).await {
             Ok(Some(body)) => body,
             Ok(None) => return,
-            Err(ReadError::TooLarge(len)) => {
-                let error = format!("frame too large: {len} bytes (limit {MAX_FRAME_BYTES})");
-                conn.reply_and_close(shared, &error);
-                return;
-            }
-            Err(ReadError::Truncated(what)) => {
-                conn.reply_and_close(shared, &format!("bad request: {what}"));
-                return;
-            }
-            Err(ReadError::TimedOut) if idle_stop.is_none() => {
-                let error = format!(
-                    "bad request: no complete request within {:?}",
-                    config.first_request_timeout
-                );
-                conn.reply_and_close(shared, &error);
-                return;
-            }
-            Err(ReadError::TimedOut) => return,
-            Err(ReadError::Io(e)) => {
-                log::debug!("connection read failed: {e}");
+            Err(e) => {
+                if let Some(error) = closing_reply(e, idle_stop.is_none(), config) {
+                    conn.reply_and_close(shared, &error);
+                }
                 return;
             }
         };
@@ -82,6 +67,26 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
         idle_stop = Some(&shared.draining);
         // Let other connections run before looking for this client's next request.
         future::yield_now().await;
+    }
+}
+
+/// What a client whose frame could not be read is told before its connection closes; `None`
+/// closes it without a word (the client is gone, or idle between requests).
+fn closing_reply(error: ReadError, first_request: bool, config: &Config) -> Option<String> {
+    match error {
+        ReadError::TooLarge(len) => Some(format!(
+            "frame too large: {len} bytes (limit {MAX_FRAME_BYTES})"
+        )),
+        ReadError::Truncated(what) => Some(format!("bad request: {what}")),
+        ReadError::TimedOut if first_request => Some(format!(
+            "bad request: no complete request within {:?}",
+            config.first_request_timeout
+        )),
+        ReadError::TimedOut => None,
+        ReadError::Io(e) => {
+            log::debug!("connection read failed: {e}");
+            None
+        }
     }
 }
 

@@ -53,8 +53,15 @@ pub trait Dispatch: Send + Sync + 'static {
     }
 
     /// Releases what `warm_all` started (child processes, threads), once the drain is over
-    /// and before the daemon removes its files and lets go of its PID file. Not called when a
-    /// second signal ends the process at once. The default does nothing.
+    /// (complete or timed out) and before the daemon removes its files and lets go of its PID
+    /// file, so that a new daemon cannot start while this one's children still run. The
+    /// default does nothing.
+    ///
+    /// Not called when a second signal forces the stop
+    /// ([`Stopped::Forced`](crate::Stopped::Forced)): the daemon then removes its files and
+    /// returns at once, and the dispatcher is dropped, so its `Drop` is what runs; whatever
+    /// must not outlive the process should also be released there (or be tied to it, as
+    /// with `PR_SET_PDEATHSIG`).
     fn shut_down(&self) -> impl Future<Output = ()> + Send {
         async {}
     }

@@ -6,6 +6,8 @@ use std::path::Path;
 
 /// Why a daemon did not start or stopped with an error.
 ///
+/// # Examples
+///
 /// ```
 /// let err = khived::Error::AlreadyRunning { pid: Some(4242) };
 /// assert_eq!(err.to_string(), "khived is already running as pid 4242");

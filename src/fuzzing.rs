@@ -22,7 +22,7 @@ use rustix::net::SendFlags;
 
 use crate::config::Config;
 use crate::dispatch::Dispatch;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::wire::{encode_frame, read_frame, ProbeInfo, Request, Response, MAX_FRAME_BYTES};
 
 /// How far ahead of the bytes that have arrived `read_frame` promises to allocate (its docs
@@ -443,7 +443,7 @@ fn error(prefix: &str, then: Then) -> Expected {
     }
 }
 
-/// SPEC section 4 for the fuzz dispatcher.
+/// The answer the request path owes `request` (PROTOCOL.md), with the fuzz dispatcher.
 fn answer(request: &Request<'_>, served: u64) -> Expected {
     if request.probe {
         return Expected::Probe { served };

@@ -1,11 +1,9 @@
-//! One daemon per socket: the state directory, the PID file lock, the socket file.
-//!
-//! The kernel decides who runs: the daemon takes a non-blocking exclusive `flock` on the PID
-//! file and holds it until it exits, so two daemons started at the same moment cannot both
-//! pass a check-then-act test. Only the lock holder touches the socket path.
+//! One daemon per socket: the state directory, the PID file lock, the socket file. Why a
+//! lock, and what it guarantees, is told in the crate documentation ("One daemon per
+//! socket"); reading the lock from outside is `pidfile`'s.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Seek, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
@@ -17,6 +15,7 @@ use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
 use crate::config::{state_dir, Config};
 use crate::error::annotate;
+use crate::pidfile::{is_process_running, read_pid, wait_for_pid};
 use crate::Error;
 
 /// The longest socket path the platform accepts, in bytes (`sun_path` less its NUL).
@@ -118,65 +117,6 @@ impl Drop for Instance {
     }
 }
 
-/// Whether a process with this id exists (a signal-0 probe). PID 0 and ids that do not fit
-/// an `i32` are never running; a process of another user counts as running.
-///
-/// ```
-/// assert!(khived::is_process_running(std::process::id()));
-/// assert!(!khived::is_process_running(0));
-/// assert!(!khived::is_process_running(u32::MAX));
-/// ```
-pub fn is_process_running(pid: u32) -> bool {
-    let Some(pid) = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    else {
-        return false;
-    };
-    match rustix::process::test_kill_process(pid) {
-        Ok(()) => true,
-        Err(e) => e == rustix::io::Errno::PERM,
-    }
-}
-
-/// The PID of the daemon holding the lock on `pid_file`, or `None` if no daemon holds it (the
-/// file is missing, or left behind by a daemon that died). A PID file whose lock is free is
-/// never trusted, so the PID of a dead daemon, maybe reused since, is never acted on. A lock
-/// held while the file names no live process (a daemon in the middle of starting, for a
-/// second at most) is an error.
-///
-/// ```no_run
-/// match khived::running_pid(&khived::pid_path())? {
-///     Some(pid) => println!("running as pid {pid}"),
-///     None => println!("not running"),
-/// }
-/// # std::io::Result::Ok(())
-/// ```
-pub fn running_pid(pid_file: &Path) -> io::Result<Option<u32>> {
-    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-    let fd = match rustix::fs::open(pid_file, flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => return Ok(None),
-        Err(e) => return Err(annotate(e.into(), "cannot open PID file", pid_file)),
-    };
-    // A shared lock is granted only if no daemon holds its exclusive one. It is held for
-    // two system calls; a daemon starting at this very moment retries past it.
-    match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockShared) {
-        Ok(()) => {
-            let _ = rustix::fs::flock(&fd, FlockOperation::Unlock);
-            Ok(None)
-        }
-        Err(rustix::io::Errno::WOULDBLOCK) => match wait_for_pid(File::from(fd)) {
-            Some(pid) => Ok(Some(pid)),
-            None => Err(io::Error::other(format!(
-                "{} is locked by a daemon, but names no live process",
-                pid_file.display()
-            ))),
-        },
-        Err(e) => Err(annotate(e.into(), "cannot inspect the lock of", pid_file)),
-    }
-}
-
 fn check_socket_path(path: &Path) -> io::Result<()> {
     let len = path.as_os_str().len();
     if len > MAX_SOCKET_PATH {
@@ -270,8 +210,8 @@ fn lock_pid_file(path: &Path) -> Result<File, Error> {
 }
 
 /// Takes the exclusive lock if no daemon holds it. A daemon holds it for good, but
-/// [`running_pid`] takes a shared lock for a moment: a few quick retries tell the two apart,
-/// so that `khived status` polled during a start cannot make the start fail.
+/// `running_pid` takes a shared lock for a moment: a few quick retries tell the two apart, so
+/// that `khived status` polled during a start cannot make the start fail.
 fn try_lock_exclusive(fd: &OwnedFd) -> io::Result<bool> {
     for _ in 0..10 {
         match rustix::fs::flock(fd, FlockOperation::NonBlockingLockExclusive) {
@@ -313,25 +253,6 @@ fn write_pid(file: &mut File) -> io::Result<()> {
     file.write_all(std::process::id().to_string().as_bytes())
 }
 
-/// The lock holder writes its PID soon after locking; until then the file may be empty or
-/// name the dead daemon before it, so only a live PID is taken.
-fn wait_for_pid(mut file: File) -> Option<u32> {
-    for _ in 0..200 {
-        if let Some(pid) = read_pid(&mut file).filter(|&pid| is_process_running(pid)) {
-            return Some(pid);
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    None
-}
-
-fn read_pid(file: &mut File) -> Option<u32> {
-    let mut text = String::new();
-    file.rewind().ok()?;
-    file.read_to_string(&mut text).ok()?;
-    text.trim().parse().ok().filter(|&pid| pid != 0)
-}
-
 fn same_file(file: &File, path: &Path) -> bool {
     match (file.metadata(), fs::symlink_metadata(path)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
@@ -343,7 +264,7 @@ fn same_file(file: &File, path: &Path) -> bool {
 /// lock held, before our PID is written. Someone still serving there (a khived that lost its
 /// PID file, or an older version that does not lock) is left alone: anything that answers a
 /// probe with a response frame (even a mismatch or `daemon_busy`) is a khived, and so is a
-/// socket that accepts connections while the PID file names a live process (SPEC §6).
+/// socket that accepts connections while the PID file names a live process (PROTOCOL.md).
 fn clear_leftover_socket(path: &Path, previous: Option<u32>) -> Result<(), Error> {
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,

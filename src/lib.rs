@@ -3,14 +3,14 @@
 //! Tools that are slow to start (they load indexes, models, caches) can run once as a daemon
 //! and answer short-lived clients in microseconds. khived is that daemon's runtime: implement
 //! [`Dispatch`], hand it to a [`Daemon`], and clients reach it over a per-user Unix socket
-//! with 4-byte big-endian length-prefixed JSON frames ([`wire`](crate::Request)).
+//! with 4-byte big-endian length-prefixed JSON frames (see [The wire format](#the-wire-format)).
 //!
 //! What the runtime takes care of:
 //!
 //! - **One daemon per socket**, decided by an exclusive `flock` on the PID file that the daemon
-//!   holds for its whole life. A second daemon fails with [`Error::AlreadyRunning`] and touches
-//!   none of the first one's files; files left by a daemon killed with SIGKILL are cleaned up
-//!   by the next start.
+//!   holds for its whole life (see [One daemon per socket](#one-daemon-per-socket)). A second
+//!   daemon fails with [`Error::AlreadyRunning`] and touches none of the first one's files;
+//!   files left by a daemon killed with SIGKILL are cleaned up by the next start.
 //! - **Private files**: the socket's directory is 0700 and must belong to the daemon's user;
 //!   the socket is 0600 from the moment it exists; the PID file is 0600 and never opened
 //!   through a symbolic link.
@@ -20,8 +20,39 @@
 //! - **Shutdown**: on SIGTERM or SIGINT (or a [`ShutdownHandle`], or after an idle period) the
 //!   listener closes first, idle connections close, requests in flight finish up to the drain
 //!   timeout, and the socket and PID file are removed if they are still the daemon's own.
+//!   A second signal during the drain stops at once. Either way [`Daemon::run`] returns how it
+//!   stopped ([`Stopped`]); the library never exits the process.
 //! - **Limits**: deadlines for slow clients, a cap on connections, and a frame reader that
 //!   allocates only as bytes arrive.
+//! - **The client side**: [`Client`], [`probe`], [`Spawn`] (start a daemon on demand) and
+//!   [`running_pid`] use the wire format and the PID file only, never the server's code.
+//!
+//! # The wire format
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of JSON, at most
+//! [`MAX_FRAME_BYTES`] (8 MiB). A client sends a [`Request`] frame and reads a [`Response`]
+//! frame; it may send further requests on the same connection, which are answered in order.
+//! The daemon checks the request's namespace, then its configuration id, then dispatches;
+//! `served_config_id` is on every response. A request with `"probe": true` is answered with
+//! the daemon's [`ProbeInfo`]. A bad, oversized or truncated frame gets an error response
+//! (`bad request: …`, `frame too large: …`) and the connection closes. A header announcing
+//! more than the cap is refused before its body is read, and a reader allocates at most
+//! 64 KiB ahead of the bytes that have arrived, so a peer that announces 8 MiB and then
+//! sends nothing costs 64 KiB. [`read_frame`], [`write_frame`] and [`encode_frame`] speak it
+//! over any stream. The complete protocol, with what each side may rely on, is in the
+//! project's PROTOCOL.md.
+//!
+//! # One daemon per socket
+//!
+//! The kernel decides who runs: the daemon takes a non-blocking exclusive `flock` on its PID
+//! file and holds it until it exits, so two daemons started at the same moment cannot both
+//! pass a check-then-act test ("is the PID alive? is the socket answering?"), and a lock dies
+//! with its process, even one killed with SIGKILL, so no stale state can keep a new daemon
+//! out. Only the lock holder touches the socket path: it removes a socket left by a dead
+//! daemon (after making sure nothing answers there) and binds its own. [`running_pid`] reads
+//! the lock from outside, so a PID from a stale file is never acted on, and a PID file whose
+//! lock is free names no daemon. [`Spawn`] uses the PID file to wait for a daemon that is
+//! still draining, and a lock file of its own so that many clients start one daemon.
 //!
 //! To keep a program in another language warm, no dispatcher needs writing: the
 //! [`pool`] module's `Pool` (feature `pool`, on by default) runs worker processes that speak
@@ -37,6 +68,12 @@
 //! received through `async-signal` (a self-pipe, no extra thread). In-flight connections are
 //! counted with guards that wake the drain through `event-listener` when the count reaches
 //! zero: shutdown never polls and never sleeps.
+//!
+//! A connection's socket is registered with the reactor only when something has to wait: a
+//! read that would block is first retried a few times, letting the other connections run in
+//! between, because a client's request (or its next one, or its close) usually arrives within
+//! microseconds, and waiting for it through `epoll` costs three `epoll_ctl` calls and a sleep
+//! and wake-up of the thread. A fresh connection usually has its request waiting already.
 //!
 //! # Examples
 //!
@@ -66,9 +103,11 @@
 //!     }
 //! }
 //!
-//! fn main() -> Result<(), khived::Error> {
+//! fn main() -> Result<std::process::ExitCode, khived::Error> {
 //!     khived::init_stderr_logger(log::LevelFilter::Info);
-//!     Daemon::new(Config::from_env(), Echo).run_blocking()
+//!     let stopped = Daemon::new(Config::from_env(), Echo).run_blocking()?;
+//!     // 0 after a drain; 128 + n when a second signal forced the stop.
+//!     Ok(stopped.exit_code().into())
 //! }
 //! ```
 //!
@@ -89,6 +128,10 @@
 // service manager in `systemd`. Everything else goes through rustix.
 #![deny(unsafe_code)]
 
+// The path of a request: accept -> connection (read frame, decide, dispatch, write frame).
+// The lifecycle around it: server (start, signals, drain), instance (files and lock), shared
+// (what the tasks share). The client side (client, spawn, pidfile) never imports those.
+mod accept;
 mod client;
 mod config;
 mod connection;
@@ -99,8 +142,10 @@ pub mod fuzzing;
 mod inflight;
 mod instance;
 mod logger;
+mod pidfile;
 pub mod pool;
 mod server;
+mod shared;
 mod spawn;
 mod systemd;
 mod wire;
@@ -109,9 +154,9 @@ pub use client::{probe, Client};
 pub use config::{env_truthy, pid_path, socket_path, state_dir, Config};
 pub use dispatch::Dispatch;
 pub use error::Error;
-pub use instance::{is_process_running, running_pid};
 pub use logger::init_stderr_logger;
-pub use server::{Daemon, ShutdownHandle};
+pub use pidfile::{is_process_running, running_pid};
+pub use server::{Daemon, ShutdownHandle, Stopped};
 pub use spawn::Spawn;
 // `fuzzing` names the line protocol by this path.
 use pool::line as worker_line;

@@ -13,6 +13,8 @@ static LOGGER: StderrLogger = StderrLogger;
 /// `2026-11-26T07:00:00.123Z khived[PID] INFO message`. Returns `false` (and changes nothing)
 /// if the application has installed a logger already.
 ///
+/// # Examples
+///
 /// ```
 /// khived::init_stderr_logger(log::LevelFilter::Info);
 /// log::info!("ready");

@@ -1,29 +1,26 @@
-//! The daemon: accept loop, shutdown, drain, idle stop.
+//! The daemon's lifecycle: start, supervise the accept loop and the background tasks, stop
+//! on a signal, the shutdown handle or idleness, drain, clean up. The path of one request is
+//! in `accept` and `connection`.
 
 use std::io;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::AtomicU64;
+use std::os::unix::net::UnixListener;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_executor::Executor;
 use async_io::{Async, Timer};
 use async_signal::{Signal, Signals};
 use futures_lite::future::{self, FutureExt};
 use futures_lite::StreamExt;
-use rustix::net::{SendFlags, SocketFlags};
 
+use crate::accept::{accept_loop, connection_cap};
 use crate::config::Config;
-use crate::connection;
 use crate::dispatch::Dispatch;
 use crate::inflight::{Flag, InFlight};
 use crate::instance::Instance;
+use crate::shared::Shared;
 use crate::systemd;
-use crate::wire::{encode_frame, Response};
 use crate::Error;
-
-/// Descriptors kept free for the daemon's own use when the open-file limit caps connections.
-const FD_RESERVE: u64 = 32;
 
 /// A daemon serving one dispatcher on one socket.
 ///
@@ -46,7 +43,8 @@ const FD_RESERVE: u64 = 32;
 ///     std::thread::sleep(std::time::Duration::from_secs(60));
 ///     stop.shutdown();
 /// });
-/// daemon.run_blocking()?;
+/// let stopped = daemon.run_blocking()?;
+/// std::process::exit(stopped.exit_code().into());
 /// # Ok::<(), khived::Error>(())
 /// ```
 #[derive(Debug)]
@@ -58,6 +56,8 @@ pub struct Daemon<D> {
 
 /// Stops a running [`Daemon`] as SIGTERM would: the listener closes, requests in flight
 /// finish (up to the drain timeout), files are removed. Cloneable and usable from any thread.
+///
+/// # Examples
 ///
 /// ```no_run
 /// # struct Echo;
@@ -91,43 +91,70 @@ impl ShutdownHandle {
     }
 }
 
-/// What every task of a daemon shares.
-#[derive(Debug)]
-pub(crate) struct Shared<D> {
-    pub(crate) dispatcher: D,
-    pub(crate) config: Config,
-    pub(crate) in_flight: Arc<InFlight>,
-    /// Requests answered so far.
-    pub(crate) served: AtomicU64,
-    pub(crate) started: Instant,
-    /// Set once the listener is closed: idle connections close, busy ones finish.
-    pub(crate) draining: Flag,
-    pub(crate) notifier: Option<systemd::Notifier>,
+/// How a daemon stopped, returned by [`Daemon::run`] once its files are removed.
+///
+/// The library never exits the process: after a second signal, the caller decides, and
+/// [`exit_code`](Stopped::exit_code) gives the status a shell expects.
+///
+/// # Examples
+///
+/// ```no_run
+/// # struct Echo;
+/// # impl khived::Dispatch for Echo {
+/// #     async fn dispatch(&self, ops: &str, _: Option<&str>, _: Option<&[Option<String>]>)
+/// #         -> Result<String, String> { Ok(ops.to_owned()) }
+/// #     fn namespace(&self) -> &str { "echo" }
+/// #     fn config_id(&self) -> &str { "" }
+/// # }
+/// use std::process::ExitCode;
+///
+/// fn main() -> Result<ExitCode, khived::Error> {
+///     let stopped = khived::Daemon::new(khived::Config::from_env(), Echo).run_blocking()?;
+///     if let khived::Stopped::Forced { signal, .. } = stopped {
+///         eprintln!("stopped at once by signal {signal}");
+///     }
+///     Ok(ExitCode::from(stopped.exit_code()))
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Stopped {
+    /// Every connection finished within the drain timeout, then
+    /// [`Dispatch::shut_down`] ran.
+    Drained,
+    /// The drain timeout passed with connections still open: they were cut off, then
+    /// [`Dispatch::shut_down`] ran.
+    DrainTimedOut,
+    /// A second SIGTERM or SIGINT arrived during the drain: open connections were cut off at
+    /// once and [`Dispatch::shut_down`] was not called (the dispatcher is dropped instead).
+    #[non_exhaustive]
+    Forced {
+        /// The second signal's number: 15 for SIGTERM, 2 for SIGINT.
+        signal: i32,
+    },
 }
 
-impl<D> Shared<D> {
-    pub(crate) fn new(dispatcher: D, config: Config) -> Self {
-        Shared {
-            dispatcher,
-            config,
-            in_flight: Arc::default(),
-            served: AtomicU64::new(0),
-            started: Instant::now(),
-            draining: Flag::default(),
-            notifier: None,
-        }
-    }
-
-    /// Tells the service manager, if there is one, how we are doing.
-    pub(crate) fn notify(&self, state: &str) {
-        if let Some(notifier) = &self.notifier {
-            notifier.notify(state);
+impl Stopped {
+    /// The conventional exit status for this outcome: 0 after a drain (complete or timed
+    /// out), 128 + the signal's number after a forced stop (143 for SIGTERM, 130 for SIGINT).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(khived::Stopped::Drained.exit_code(), 0);
+    /// assert_eq!(khived::Stopped::DrainTimedOut.exit_code(), 0);
+    /// ```
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Stopped::Drained | Stopped::DrainTimedOut => 0,
+            Stopped::Forced { signal } => 128u8.saturating_add((*signal).clamp(0, 127) as u8),
         }
     }
 }
 
 impl<D: Dispatch> Daemon<D> {
     /// A daemon for `dispatcher`, configured by `config`; nothing happens until it runs.
+    #[must_use = "a daemon does nothing until it runs"]
     pub fn new(config: Config, dispatcher: D) -> Self {
         Daemon {
             config,
@@ -145,17 +172,28 @@ impl<D: Dispatch> Daemon<D> {
     ///
     /// The threads are the caller's, which runs every connection and drives the reactor, and
     /// the `async-io` helper thread, which drives the reactor while the caller is busy.
-    pub fn run_blocking(self) -> Result<(), Error> {
+    ///
+    /// # Errors
+    ///
+    /// As [`run`](Daemon::run).
+    pub fn run_blocking(self) -> Result<Stopped, Error> {
         async_io::block_on(self.run())
     }
 
     /// Runs the daemon until SIGTERM, SIGINT (if [`Config::handle_signals`]), the shutdown
-    /// handle or the idle timeout stops it. Returns `Ok(())` after a clean drain.
+    /// handle or the idle timeout stops it, and returns how it stopped once the socket and the
+    /// PID file are removed and the PID file's lock is released.
     ///
     /// Connections run as tasks of an executor inside this future, so they make progress
-    /// only while it is polled; spawn it on your executor or await it. A second signal during
-    /// the drain removes the daemon's files and exits the process at once with status
-    /// 128 + the signal's number.
+    /// only while it is polled; spawn it on your executor or await it.
+    ///
+    /// A stop closes the listener, then waits for requests in flight up to
+    /// [`Config::drain_timeout`], then calls [`Dispatch::shut_down`]: the result is
+    /// [`Stopped::Drained`] or [`Stopped::DrainTimedOut`]. A second signal during the drain
+    /// stops at once: connections are cut off, `shut_down` is skipped, the files are removed,
+    /// and the result is [`Stopped::Forced`]. The library never exits the process; a `main`
+    /// should exit with [`Stopped::exit_code`] (128 + the signal's number after a forced
+    /// stop), as shells and service managers expect.
     ///
     /// Starting blocks the polling thread briefly: taking the PID file's lock retries for up
     /// to 100 ms, and a socket left in place is probed for up to 1 s before it is replaced.
@@ -163,7 +201,15 @@ impl<D: Dispatch> Daemon<D> {
     /// `LISTEN_FDNAMES` and `NOTIFY_SOCKET` from the environment so that child processes do
     /// not take them for their own; like any change of the environment, that is best done
     /// before other threads that read it are running.
-    pub async fn run(self) -> Result<(), Error> {
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyRunning`] if another daemon holds the PID file's lock or answers on the
+    /// socket (none of its files are touched); [`Error::Io`] if the daemon cannot start, with
+    /// a message naming the path or limit and what to do: a socket path too long, a directory
+    /// that others can write to or that belongs to another user, a PID file that is a symbolic
+    /// link, a socket the service manager passed that is not a listening Unix stream socket.
+    pub async fn run(self) -> Result<Stopped, Error> {
         let Daemon {
             config,
             dispatcher,
@@ -206,23 +252,16 @@ impl<D: Dispatch> Daemon<D> {
             &shutdown,
             signals.as_mut(),
         );
-        let outcome = executor.run(supervise).await;
+        let stopped = executor.run(supervise).await;
+        // Dropping the executor cancels the connections still open.
         drop(executor);
-        if let Drained::Forced(signal) = outcome {
-            instance.cleanup();
-            std::process::exit(128 + signal_number(signal));
+        if !matches!(stopped, Stopped::Forced { .. }) {
+            shared.dispatcher.shut_down().await;
         }
-        shared.dispatcher.shut_down().await;
         instance.cleanup();
         log::info!("stopped");
-        Ok(())
+        Ok(stopped)
     }
-}
-
-enum Drained {
-    All,
-    TimedOut,
-    Forced(Signal),
 }
 
 /// Starts the accept loop and the background tasks, waits for a reason to stop, then drains.
@@ -233,7 +272,7 @@ async fn supervise<D: Dispatch>(
     max_connections: usize,
     shutdown: &ShutdownHandle,
     mut signals: Option<&mut Signals>,
-) -> Drained {
+) -> Stopped {
     let closing = Arc::new(Flag::default());
     let accept = executor.spawn(accept_loop(
         listener,
@@ -286,30 +325,33 @@ async fn supervise<D: Dispatch>(
 
     let drained = async {
         shared.in_flight.until_zero().await;
-        Drained::All
+        Stopped::Drained
     }
     .or(async {
         Timer::after(drain).await;
-        Drained::TimedOut
+        Stopped::DrainTimedOut
     })
     .or(async {
         match next_signal(signals).await {
-            Some(signal) => Drained::Forced(signal),
+            Some(signal) => {
+                log::warn!(
+                    "{} received again: stopping now, {} connection(s) cut off",
+                    signal_name(signal),
+                    shared.in_flight.get()
+                );
+                Stopped::Forced {
+                    signal: signal_number(signal),
+                }
+            }
             None => future::pending().await,
         }
     })
     .await;
-    match drained {
-        Drained::All => {}
-        Drained::TimedOut => log::warn!(
+    if drained == Stopped::DrainTimedOut {
+        log::warn!(
             "drain timeout ({drain:?}) reached: {} connection(s) cut off",
             shared.in_flight.get()
-        ),
-        Drained::Forced(signal) => log::warn!(
-            "{} received again: exiting now, {} connection(s) cut off",
-            signal_name(signal),
-            shared.in_flight.get()
-        ),
+        );
     }
     drained
 }
@@ -342,183 +384,6 @@ fn signal_name(signal: Signal) -> &'static str {
     }
 }
 
-/// Accepts connections and spawns a task for each, until `closing` is set. Runs as a task of
-/// its own, not as the future given to `Executor::run`, which is polled again on every
-/// wake-up of the executor.
-async fn accept_loop<D: Dispatch>(
-    listener: Async<UnixListener>,
-    shared: Arc<Shared<D>>,
-    executor: Arc<Executor<'static>>,
-    max_connections: usize,
-    closing: Arc<Flag>,
-) {
-    let mut gate = Gate {
-        shared,
-        executor,
-        max_connections,
-        own_uid: rustix::process::geteuid().as_raw(),
-        refusals: Throttled::default(),
-    };
-    let mut backoff = AcceptBackoff::default();
-    loop {
-        let accepted = async { Some(listener.read_with(accept).await) }
-            .or(async {
-                closing.wait().await;
-                None
-            })
-            .await;
-        match accepted {
-            None => break,
-            Some(Ok(fd)) => {
-                backoff.reset();
-                gate.admit(UnixStream::from(fd));
-            }
-            Some(Err(e)) => backoff.failed(e).await,
-        }
-    }
-    // Clients the kernel queued before the shutdown have connected and may have sent their
-    // request: take them in (they are drained like the rest), then close the listener.
-    while let Ok(fd) = accept(listener.get_ref()) {
-        gate.admit(UnixStream::from(fd));
-    }
-}
-
-/// `accept4` with the flags set: saves an `fcntl` per connection.
-fn accept(listener: &UnixListener) -> io::Result<rustix::fd::OwnedFd> {
-    rustix::net::accept_with(listener, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
-        .map_err(io::Error::from)
-}
-
-/// What a connection passes before it is served: the peer check and the connection cap.
-struct Gate<D> {
-    shared: Arc<Shared<D>>,
-    executor: Arc<Executor<'static>>,
-    max_connections: usize,
-    own_uid: u32,
-    refusals: Throttled,
-}
-
-impl<D: Dispatch> Gate<D> {
-    fn admit(&mut self, stream: UnixStream) {
-        let shared = &self.shared;
-        // Who is calling is decided before a byte is read: file modes can be loosened by
-        // mistake, the kernel's record of the peer cannot.
-        match peer_uid(&stream) {
-            Ok(uid) if uid == self.own_uid || (uid == 0 && shared.config.allow_root) => {}
-            Ok(uid) => {
-                self.refusals.warn(|suppressed| {
-                    format!("refused a connection from uid {uid} ({suppressed} more refusals not logged)")
-                });
-                return;
-            }
-            Err(e) => {
-                self.refusals.warn(|suppressed| {
-                    format!("refused a connection: cannot tell who it is: {e} ({suppressed} more refusals not logged)")
-                });
-                return;
-            }
-        }
-        if shared.in_flight.get() >= self.max_connections {
-            refuse_busy(shared, &stream, self.max_connections);
-            return;
-        }
-        // Counted before the task exists, so a shutdown that starts now waits for it.
-        let guard = shared.in_flight.enter();
-        let shared = Arc::clone(shared);
-        self.executor
-            .spawn(async move {
-                connection::serve(&shared, stream).await;
-                drop(guard);
-            })
-            .detach();
-    }
-}
-
-/// Tells a client over the cap that the daemon is busy, without ever waiting for it: a fresh
-/// socket's buffer always takes one small frame.
-fn refuse_busy<D: Dispatch>(shared: &Shared<D>, stream: &UnixStream, max: usize) {
-    let error = format!("daemon_busy: {max} connections open; try again shortly");
-    let response = Response::error(error, shared.dispatcher.config_id());
-    if let Ok(frame) = encode_frame(&response) {
-        let _ = rustix::net::send(stream, &frame, SendFlags::NOSIGNAL);
-    }
-}
-
-/// The uid of the process at the other end, as the kernel recorded it at `connect`.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
-    Ok(rustix::net::sockopt::socket_peercred(stream)?.uid.as_raw())
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn peer_uid(_stream: &UnixStream) -> io::Result<u32> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "peer credentials (SO_PEERCRED) are not supported on this platform yet",
-    ))
-}
-
-/// A warning logged at most once a second, with a count of those held back.
-#[derive(Debug, Default)]
-struct Throttled {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl Throttled {
-    fn warn(&mut self, message: impl FnOnce(u64) -> String) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|last| now - last < Duration::from_secs(1))
-        {
-            self.suppressed += 1;
-            return;
-        }
-        log::warn!("{}", message(self.suppressed));
-        self.last = Some(now);
-        self.suppressed = 0;
-    }
-}
-
-/// Accept errors (out of descriptors, aborted connections) never end the daemon: it waits a
-/// little longer after each failure, from 10 ms up to 1 s, and logs at most once a second.
-#[derive(Debug)]
-struct AcceptBackoff {
-    delay: Duration,
-    log: Throttled,
-}
-
-impl Default for AcceptBackoff {
-    fn default() -> Self {
-        AcceptBackoff {
-            delay: Duration::from_millis(10),
-            log: Throttled::default(),
-        }
-    }
-}
-
-impl AcceptBackoff {
-    async fn failed(&mut self, e: io::Error) {
-        if matches!(
-            e.kind(),
-            io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
-        ) {
-            return;
-        }
-        let delay = self.delay;
-        self.log.warn(|suppressed| {
-            format!("accept failed: {e}; retrying in {delay:?} ({suppressed} similar failures not logged)")
-        });
-        Timer::after(delay).await;
-        self.delay = (delay * 2).min(Duration::from_secs(1));
-    }
-
-    fn reset(&mut self) {
-        self.delay = Duration::from_millis(10);
-    }
-}
-
 /// Requests a shutdown once no connection has been open for `after`.
 async fn idle_watch(in_flight: Arc<InFlight>, after: Duration, shutdown: ShutdownHandle) {
     loop {
@@ -536,21 +401,5 @@ async fn idle_watch(in_flight: Arc<InFlight>, after: Duration, shutdown: Shutdow
             shutdown.shutdown();
             return;
         }
-    }
-}
-
-/// The connection cap, lowered so that connections cannot use up the open-file limit.
-fn connection_cap(configured: usize) -> usize {
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-    match limit {
-        Some(limit) if limit.saturating_sub(FD_RESERVE) < configured as u64 => {
-            let cap = limit.saturating_sub(FD_RESERVE).max(1) as usize;
-            log::warn!(
-                "max_connections lowered from {configured} to {cap} by the open-file limit \
-                 ({limit}); raise it with `ulimit -n`"
-            );
-            cap
-        }
-        _ => configured,
     }
 }

@@ -1,8 +1,5 @@
-//! Starting a daemon on demand: connect, or start one and wait until it answers.
-//!
-//! Many short-lived clients may find no daemon at the same moment. They serialize on a spawn
-//! lock (a `flock`ed file beside the socket); whoever holds it connects once more before
-//! starting anything, so only the first one starts a daemon and the rest find it running.
+//! Starting a daemon on demand: connect, or start one and wait until it answers. How the
+//! spawn lock keeps many clients from starting many daemons is told on [`Spawn`].
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -16,8 +13,25 @@ use rustix::fs::FlockOperation;
 
 use crate::client::Client;
 use crate::error::annotate;
+use crate::pidfile::running_pid;
 
 /// How to start a daemon when none answers; see [`Spawn::connect`].
+///
+/// Many short-lived clients may find no daemon at the same moment. They serialize on a spawn
+/// lock: an exclusive `flock` on `<socket>.spawn.lock`, a file beside the socket (created
+/// mode 0600, never through a symbolic link, and left in place: removing it would let two
+/// clients lock two different files). Whoever holds the lock connects once more before it
+/// starts anything, so only the first client starts a daemon and the others find it
+/// answering. The wait for the lock is bounded (the ready timeout plus 5 s), so a client
+/// stuck while holding it cannot hang the others.
+///
+/// The daemon is started in a session of its own (no controlling terminal, no signals meant
+/// for the client's terminal), with its standard input from `/dev/null` and its output
+/// appended to a log file. If it exits before it answers (another daemon won a race, or the
+/// previous one still drains and holds the PID file), the PID file tells which: the start is
+/// retried once the previous daemon has let go of it.
+///
+/// # Examples
 ///
 /// ```no_run
 /// use std::process::Command;
@@ -35,18 +49,30 @@ pub struct Spawn {
     socket: PathBuf,
     command: Command,
     log: PathBuf,
-    pid_file: Option<PathBuf>,
+    pid_file: PathBuf,
     ready_timeout: Duration,
 }
 
 impl Spawn {
     /// Starts `command` (which must serve `socket`) when no daemon answers there. Its output
-    /// is appended to `<socket>.log`; it gets 5 s to answer a probe.
+    /// is appended to the socket's path with the extension `log`; its PID file is expected
+    /// beside the socket, with the extension `pid`, as [`Config::at`](crate::Config::at)
+    /// puts it; it gets 5 s to answer a probe.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::process::Command;
+    ///
+    /// // Logs to /run/user/1000/app/app.log, expects /run/user/1000/app/app.pid.
+    /// let spawn = khived::Spawn::new("/run/user/1000/app/app.sock", Command::new("app-daemon"));
+    /// ```
+    #[must_use = "a Spawn does nothing until `connect` is called"]
     pub fn new(socket: impl Into<PathBuf>, command: Command) -> Spawn {
         let socket = socket.into();
         Spawn {
             log: socket.with_extension("log"),
-            pid_file: None,
+            pid_file: socket.with_extension("pid"),
             socket,
             command,
             ready_timeout: Duration::from_secs(5),
@@ -54,20 +80,24 @@ impl Spawn {
     }
 
     /// Where the daemon's standard output and error are appended.
+    #[must_use = "a builder method returns the changed Spawn"]
     pub fn log_file(mut self, path: impl Into<PathBuf>) -> Spawn {
         self.log = path.into();
         self
     }
 
-    /// The daemon's PID file. With it, a daemon still holding the lock while it drains (its
-    /// listener closed, so nothing answers) is waited for, and then replaced, instead of
-    /// failing the start.
+    /// The daemon's PID file, when it is not beside the socket (as with
+    /// [`Config::from_env`](crate::Config::from_env) and `KHIVE_PID`). A daemon still holding
+    /// its lock while it drains (its listener closed, so nothing answers) is waited for, and
+    /// then replaced, instead of failing the start.
+    #[must_use = "a builder method returns the changed Spawn"]
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Spawn {
-        self.pid_file = Some(path.into());
+        self.pid_file = path.into();
         self
     }
 
     /// How long a started daemon may take to answer a probe.
+    #[must_use = "a builder method returns the changed Spawn"]
     pub fn ready_timeout(mut self, timeout: Duration) -> Spawn {
         self.ready_timeout = timeout;
         self
@@ -75,9 +105,14 @@ impl Spawn {
 
     /// Connects to the daemon, starting it first if nobody listens on the socket.
     ///
-    /// `timeout` bounds the returned client's requests, as in [`Client::connect`]. If the
-    /// started daemon exits before it answers, the error gives its exit status and the last
-    /// lines of its log.
+    /// `timeout` bounds the returned client's requests, as in [`Client::connect`].
+    ///
+    /// # Errors
+    ///
+    /// The spawn lock cannot be created or taken in time; the command cannot be started; the
+    /// started daemon exits before it answers (the error gives its exit status and the last
+    /// lines of its log) or does not answer within the ready timeout; or, once started, the
+    /// daemon cannot be connected to (as [`Client::connect`]).
     pub fn connect(mut self, timeout: Duration) -> io::Result<Client> {
         if let Ok(client) = Client::connect(&self.socket, timeout) {
             return Ok(client);
@@ -187,19 +222,14 @@ impl Spawn {
             pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
-}
 
-impl Spawn {
     /// Whether a daemon held the PID file's lock and let go of it before `deadline`.
     fn wait_for_previous(&self, deadline: Instant) -> bool {
-        let Some(pid_file) = &self.pid_file else {
-            return false;
-        };
-        if matches!(crate::instance::running_pid(pid_file), Ok(None)) {
+        if matches!(running_pid(&self.pid_file), Ok(None)) {
             return false;
         }
         while Instant::now() < deadline {
-            if matches!(crate::instance::running_pid(pid_file), Ok(None)) {
+            if matches!(running_pid(&self.pid_file), Ok(None)) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));

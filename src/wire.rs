@@ -1,7 +1,6 @@
-//! The wire format: length-prefixed JSON frames and the request and response types.
-//!
-//! A frame is a 4-byte big-endian length followed by that many bytes of JSON. The field names
-//! of [`Request`] and [`Response`] are a contract with existing clients and must not change.
+//! The wire format: length-prefixed JSON frames and the request and response types. The
+//! format itself is told in the crate documentation ("The wire format"); the field names of
+//! [`Request`] and [`Response`] are a contract with existing clients and must not change.
 
 use std::borrow::Cow;
 use std::io;
@@ -12,6 +11,8 @@ use serde::{Deserialize, Serialize};
 /// The largest frame body either side may send: 8 MiB.
 ///
 /// A header announcing more is refused before anything is allocated for the body.
+///
+/// # Examples
 ///
 /// ```
 /// assert_eq!(khived::MAX_FRAME_BYTES, 8 * 1024 * 1024);
@@ -28,6 +29,12 @@ pub(crate) const READ_CHUNK: usize = 64 * 1024;
 /// Strings borrow from the frame they were decoded from where JSON allows it, so the daemon
 /// does not copy the `ops` it dispatches.
 ///
+/// The protocol grows by adding fields that older peers ignore, so the type is
+/// `#[non_exhaustive]`: build one with [`Request::new`] or [`Request::probe`] and set the
+/// optional fields afterwards.
+///
+/// # Examples
+///
 /// ```
 /// use khived::Request;
 ///
@@ -42,6 +49,7 @@ pub(crate) const READ_CHUNK: usize = 64 * 1024;
 /// assert_eq!(old.config_id, "");
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Request<'a> {
     /// The request itself, opaque to the runtime.
     #[serde(borrow)]
@@ -70,9 +78,12 @@ fn is_false(value: &bool) -> bool {
 impl<'a> Request<'a> {
     /// A request for `ops` with no presentation.
     ///
+    /// # Examples
+    ///
     /// ```
-    /// let request = khived::Request::new("status", "khive", "");
+    /// let mut request = khived::Request::new("status", "khive", "");
     /// assert!(!request.probe);
+    /// request.presentation = Some("json".into());
     /// ```
     pub fn new(
         ops: impl Into<Cow<'a, str>>,
@@ -92,6 +103,8 @@ impl<'a> Request<'a> {
     /// A probe: never dispatched, answered with the daemon's [`ProbeInfo`] whatever its
     /// namespace and configuration.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let probe = khived::Request::probe();
     /// assert!(serde_json::to_string(&probe).unwrap().contains(r#""probe":true"#));
@@ -106,6 +119,11 @@ impl<'a> Request<'a> {
 
 /// The daemon's answer to one request.
 ///
+/// `#[non_exhaustive]`, like [`Request`]: build one with [`Response::ok`],
+/// [`Response::error`] or [`Response::default`] and set fields afterwards.
+///
+/// # Examples
+///
 /// ```
 /// // Older daemons omit `config_mismatch` and `served_config_id`.
 /// let old: khived::Response = serde_json::from_str(
@@ -115,6 +133,7 @@ impl<'a> Request<'a> {
 /// assert_eq!(old.served_config_id, None);
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Response {
     /// Whether the request was dispatched and succeeded.
     pub ok: bool,
@@ -136,7 +155,28 @@ pub struct Response {
 }
 
 impl Response {
+    /// A successful response carrying the dispatcher's `result`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let response = khived::Response::ok("hello", "cfg-1");
+    /// assert!(response.ok);
+    /// assert_eq!(response.result.as_deref(), Some("hello"));
+    /// assert_eq!(response.served_config_id.as_deref(), Some("cfg-1"));
+    /// ```
+    pub fn ok(result: impl Into<String>, served_config_id: &str) -> Self {
+        Response {
+            ok: true,
+            result: Some(result.into()),
+            served_config_id: Some(served_config_id.to_owned()),
+            ..Response::default()
+        }
+    }
+
     /// A failed response carrying `error`, as the runtime sends for bad or oversized frames.
+    ///
+    /// # Examples
     ///
     /// ```
     /// let response = khived::Response::error("bad request: expected value", "cfg-1");
@@ -155,6 +195,11 @@ impl Response {
 /// What a daemon says about itself in answer to a probe ([`Request::probe`]); the response's
 /// `result` holds this object as JSON text.
 ///
+/// Clients decode it (see [`Client::probe`](crate::Client::probe)); it is
+/// `#[non_exhaustive]` because later versions may report more.
+///
+/// # Examples
+///
 /// ```
 /// let text = r#"{"pid":7,"namespace":"khive","config_id":"c","version":"0.1.0",
 ///                "uptime_ms":5,"in_flight":1,"served":2}"#;
@@ -162,6 +207,7 @@ impl Response {
 /// assert_eq!(info.pid, 7);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ProbeInfo {
     /// The daemon's process id.
     pub pid: u32,
@@ -180,6 +226,12 @@ pub struct ProbeInfo {
 }
 
 /// Checks a frame header and returns the body length it announces.
+///
+/// # Errors
+///
+/// A length above [`MAX_FRAME_BYTES`] is [`io::ErrorKind::InvalidData`], `frame too large: …`.
+///
+/// # Examples
 ///
 /// ```
 /// assert_eq!(khived::frame_len([0, 0, 1, 0]).unwrap(), 256);
@@ -206,6 +258,14 @@ fn too_large(what: &str, len: usize) -> io::Error {
 /// The body buffer grows only as bytes arrive, at most 64 KiB ahead of them: a header that
 /// announces 8 MiB followed by silence costs 64 KiB, not 8 MiB. End of stream anywhere,
 /// including before the first header byte, is an [`io::ErrorKind::UnexpectedEof`] error.
+///
+/// # Errors
+///
+/// [`io::ErrorKind::UnexpectedEof`] at the end of the stream, with a message saying where in
+/// the frame it came; [`io::ErrorKind::InvalidData`] for a header above
+/// [`MAX_FRAME_BYTES`]; any error of `reader`.
+///
+/// # Examples
 ///
 /// ```
 /// # futures_lite::future::block_on(async {
@@ -253,8 +313,12 @@ fn eof(message: &str) -> io::Error {
 
 /// Writes `body` as one frame (header and body in one write) and flushes.
 ///
+/// # Errors
+///
 /// A body above [`MAX_FRAME_BYTES`] is refused with [`io::ErrorKind::InvalidData`] and
-/// nothing is written.
+/// nothing is written; any error of `writer`.
+///
+/// # Examples
 ///
 /// ```
 /// # futures_lite::future::block_on(async {
@@ -278,6 +342,13 @@ pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
 }
 
 /// Encodes `message` as a complete frame (header and JSON body) ready to write.
+///
+/// # Errors
+///
+/// `message` cannot be serialized as JSON, or its JSON is above [`MAX_FRAME_BYTES`]
+/// ([`io::ErrorKind::InvalidData`], `frame too large: …`).
+///
+/// # Examples
 ///
 /// ```
 /// let frame = khived::encode_frame(&khived::Request::probe()).unwrap();

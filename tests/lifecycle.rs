@@ -94,6 +94,35 @@ fn drain_timeout_cuts_off_a_request_that_is_too_slow() {
 }
 
 #[test]
+fn spawn_waits_for_a_draining_daemon_through_the_pid_file_beside_the_socket() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let env = [("KHIVE_DRAIN_TIMEOUT_SECS", "2")];
+    let mut old = ChildDaemon::start(&socket, &env);
+    let _slow = start_slow_request(&old, 60_000);
+    old.terminate();
+    // The old daemon no longer listens but holds `k.pid` until its drain times out.
+    old.wait_for_log("listener closed");
+    // No `Spawn::pid_file`: the default, beside the socket, is where the old daemon's is.
+    let mut client = khived::Spawn::new(&socket, common::child_command(&socket, &[]))
+        .ready_timeout(Duration::from_secs(30))
+        .connect(Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(old.wait(EXIT_WAIT).code(), Some(0), "{}", old.log());
+    let new = client.probe().unwrap();
+    assert_ne!(new.pid, old.pid());
+    assert!(client.request(&request("hello")).unwrap().ok);
+    // Stop the new daemon, which is no child of ours.
+    let pid = rustix::process::Pid::from_raw(new.pid as i32).unwrap();
+    rustix::process::kill_process(pid, Signal::TERM).unwrap();
+    let deadline = Instant::now() + EXIT_WAIT;
+    while khived::running_pid(&socket.with_extension("pid")).unwrap() == Some(new.pid) {
+        assert!(Instant::now() < deadline, "the spawned daemon did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
 fn second_signal_during_the_drain_exits_at_once() {
     let dir = temp_dir();
     let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &[]);

@@ -37,7 +37,7 @@ struct PoolDaemon {
     _dir: tempfile::TempDir,
     socket: PathBuf,
     stop: ShutdownHandle,
-    thread: Option<JoinHandle<Result<(), khived::Error>>>,
+    thread: Option<JoinHandle<Result<khived::Stopped, khived::Error>>>,
 }
 
 impl PoolDaemon {
@@ -77,7 +77,7 @@ impl PoolDaemon {
     }
 
     /// Stops the daemon; `run` has returned, so every worker has been reaped.
-    fn shutdown(mut self) -> Result<(), khived::Error> {
+    fn shutdown(mut self) -> Result<khived::Stopped, khived::Error> {
         self.stop.shutdown();
         self.thread.take().unwrap().join().unwrap()
     }

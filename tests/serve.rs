@@ -299,7 +299,8 @@ fn shutdown_finishes_a_request_in_flight_and_closes_idle_connections() {
     assert!(started.elapsed() < Duration::from_millis(800));
     let response = slow.join().unwrap();
     assert_eq!(response.result.as_deref(), Some("sleep:1000"));
-    stopping.join().unwrap().unwrap();
+    // The slow request finished within the drain timeout.
+    assert_eq!(stopping.join().unwrap().unwrap(), khived::Stopped::Drained);
 }
 
 #[test]
@@ -316,4 +317,27 @@ fn idle_shutdown_stops_a_daemon_nobody_uses() {
         std::thread::sleep(Duration::from_millis(20));
     }
     daemon.shutdown().unwrap();
+}
+
+#[test]
+fn run_says_when_the_drain_timed_out() {
+    let daemon = InProcess::start(|config, _| config.drain_timeout = Duration::from_millis(300));
+    let socket = daemon.socket.clone();
+    let _slow = std::thread::spawn(move || {
+        let mut client = khived::Client::connect(&socket, Duration::from_secs(120)).unwrap();
+        client.request(&request("sleep:60000"))
+    });
+    // The slow request is in flight once a probe counts two connections: itself and it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while khived::probe(&daemon.socket, Duration::from_secs(5))
+        .unwrap()
+        .in_flight
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the slow request never arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stopped = daemon.shutdown().unwrap();
+    assert_eq!(stopped, khived::Stopped::DrainTimedOut);
+    assert_eq!(stopped.exit_code(), 0);
 }

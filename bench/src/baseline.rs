@@ -19,7 +19,8 @@ use crate::frame::{self, FrameReader};
 const NAMESPACE: &str = "echo";
 const CONFIG_ID: &str = "";
 
-/// The request of SPEC §3, parsed the way khived parses it: borrowing where JSON allows.
+/// A request as PROTOCOL.md defines it, parsed the way khived parses it: borrowing where JSON
+/// allows.
 #[derive(Deserialize)]
 struct Request<'a> {
     #[serde(borrow)]
@@ -83,7 +84,7 @@ fn accept_loop(listener: &UnixListener) -> io::Result<()> {
     }
 }
 
-/// Answers requests in order until the client closes (SPEC §8); a frame that cannot be
+/// Answers requests in order until the client closes (PROTOCOL.md); a frame that cannot be
 /// trusted gets an error reply and ends the connection.
 fn serve(mut stream: UnixStream) {
     let mut reader = FrameReader::default();

@@ -5,7 +5,7 @@
 
 use std::io::{self, Read};
 
-/// The protocol's cap on a frame body (SPEC §2).
+/// The protocol's cap on a frame body (PROTOCOL.md).
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 
 /// Appends `message` to `out` as one frame, header included, so it goes out in one write.

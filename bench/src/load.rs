@@ -22,7 +22,7 @@ use crate::frame::{self, FrameReader};
 pub enum Mode {
     /// Connect, send one request, read one response, close: what khive's tools do.
     OneShot,
-    /// Send request after request on one connection (SPEC §8).
+    /// Send request after request on one connection, as the protocol allows (PROTOCOL.md).
     Persistent,
 }
 
@@ -55,7 +55,7 @@ pub struct Options {
     pub timeout: Duration,
 }
 
-/// The request of SPEC §3, field for field.
+/// A request as PROTOCOL.md defines it, field for field.
 #[derive(Serialize)]
 struct Request<'a> {
     ops: &'a str,

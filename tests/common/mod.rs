@@ -78,7 +78,7 @@ pub struct InProcess {
     pub socket: PathBuf,
     pub pid_file: PathBuf,
     pub stop: ShutdownHandle,
-    thread: Option<JoinHandle<Result<(), khived::Error>>>,
+    thread: Option<JoinHandle<Result<khived::Stopped, khived::Error>>>,
 }
 
 impl InProcess {
@@ -116,7 +116,7 @@ impl InProcess {
     }
 
     /// Stops the daemon and returns what `run` returned.
-    pub fn shutdown(mut self) -> Result<(), khived::Error> {
+    pub fn shutdown(mut self) -> Result<khived::Stopped, khived::Error> {
         self.stop.shutdown();
         self.thread.take().unwrap().join().unwrap()
     }
@@ -182,8 +182,9 @@ const CHILD_TEST: &str = "child_daemon";
 
 /// The body of each test binary's `child_daemon` test. In a normal test run it does nothing;
 /// in a child started by [`ChildDaemon::spawn`] it runs a daemon with [`TestDispatch`] from
-/// the `KHIVE_*` variables and exits with 0 after a clean stop, 3 if another daemon was
-/// already running, 1 on any other error.
+/// the `KHIVE_*` variables and exits as an embedder's `main` should: with the stop's exit code
+/// (0 after a drain, 128 + n after a second signal), 3 if another daemon was already running,
+/// 1 on any other error.
 pub fn child_main() {
     if std::env::var_os(CHILD_ENV).is_none() {
         return;
@@ -215,7 +216,7 @@ pub fn child_main() {
         });
     }
     let code = match Daemon::new(config, TestDispatch::default()).run_blocking() {
-        Ok(()) => 0,
+        Ok(stopped) => i32::from(stopped.exit_code()),
         Err(e @ khived::Error::AlreadyRunning { .. }) => {
             eprintln!("{e}");
             3
@@ -253,6 +254,20 @@ pub struct ChildDaemon {
     pub log: PathBuf,
 }
 
+/// The command that runs a child daemon on `socket`, with its PID file beside it.
+pub fn child_command(socket: &Path, env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .env("KHIVE_SOCKET", socket)
+        .env("KHIVE_PID", socket.with_extension("pid"));
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command
+}
+
 impl ChildDaemon {
     /// Starts a daemon on `socket` with extra environment variables; does not wait for it.
     pub fn spawn(socket: &Path, env: &[(&str, &str)]) -> ChildDaemon {
@@ -261,18 +276,11 @@ impl ChildDaemon {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
         let log = socket.with_extension(format!("{}.log", rand_suffix()));
-        let mut command = Command::new(std::env::current_exe().unwrap());
+        let mut command = child_command(socket, env);
         command
-            .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, "1")
-            .env("KHIVE_SOCKET", socket)
-            .env("KHIVE_PID", &pid_file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
-        for (key, value) in env {
-            command.env(key, value);
-        }
         ChildDaemon {
             child: command.spawn().unwrap(),
             socket: socket.to_owned(),

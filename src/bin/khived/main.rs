@@ -97,8 +97,8 @@ fn run_serve(serve: Serve) -> u8 {
         _ => log::LevelFilter::Info,
     };
     khived::init_stderr_logger(level);
-    let config = serve.config();
-    let result = match serve.pool_options() {
+    let config = daemon_config(&serve);
+    let result = match pool_options(&serve) {
         None => Daemon::new(
             config,
             Echo {
@@ -113,7 +113,8 @@ fn run_serve(serve: Serve) -> u8 {
         },
     };
     match result {
-        Ok(()) => status::OK,
+        // 0 after a drain, 128 + n when a second signal forced the stop.
+        Ok(stopped) => stopped.exit_code(),
         Err(e @ khived::Error::AlreadyRunning { .. }) => fail(status::ALREADY_RUNNING, e),
         Err(e) => fail(status::FAILED, e),
     }
@@ -139,7 +140,7 @@ fn redirect_stderr(path: &std::path::Path) -> std::io::Result<()> {
 fn run_call(call: Call) -> u8 {
     let connected = if call.spawn {
         let mut command = std::process::Command::new(current_exe());
-        command.arg("serve").args(call.serve.to_args());
+        command.arg("serve").args(serve_args(&call.serve));
         let mut spawn = khived::Spawn::new(&call.serve.common.socket, command)
             .pid_file(&call.serve.common.pid_file);
         if let Some(log) = &call.serve.log_file {
@@ -342,69 +343,71 @@ fn wait_gone(pid_file: &std::path::Path, timeout: Duration) -> bool {
     }
 }
 
-impl Serve {
-    fn config(&self) -> Config {
-        let mut config = Config::from_env();
-        config.socket = self.common.socket.clone();
-        config.pid_file = self.common.pid_file.clone();
-        if let Some(drain) = self.drain_timeout {
-            config.drain_timeout = drain;
-        }
-        config.idle_shutdown = self.idle_timeout;
-        if let Some(max) = self.max_connections {
-            config.max_connections = max;
-        }
-        config
-    }
+// The serve options' own methods are in `args`, with their parsing; these three are how the
+// rest of the binary uses them.
 
-    /// The worker pool `--worker` asks for, if it does.
-    fn pool_options(&self) -> Option<PoolOptions> {
-        let mut options = PoolOptions::new(self.worker.as_ref()?)
-            .workers(self.workers)
-            .queue(self.queue)
-            .namespace(&self.namespace)
-            .config_id(&self.config_id);
-        options.request_timeout = self.request_timeout;
-        options.warm = self.warm.clone();
-        Some(options)
-    }
+/// The worker pool `--worker` asks for, if it does.
+fn pool_options(serve: &Serve) -> Option<PoolOptions> {
+    let mut options = PoolOptions::new(serve.worker.as_ref()?)
+        .workers(serve.workers)
+        .queue(serve.queue)
+        .namespace(&serve.namespace)
+        .config_id(&serve.config_id);
+    options.request_timeout = serve.request_timeout;
+    options.warm = serve.warm.clone();
+    Some(options)
+}
 
-    /// The command-line arguments that make `khived serve` run with these options.
-    fn to_args(&self) -> Vec<OsString> {
-        let common = &self.common;
-        let mut args: Vec<OsString> = vec![
-            "--socket".into(),
-            common.socket.clone().into(),
-            "--pid".into(),
-            common.pid_file.clone().into(),
-            "--namespace".into(),
-            self.namespace.clone().into(),
-            "--config-id".into(),
-            self.config_id.clone().into(),
-        ];
-        let secs = |d: Duration| d.as_secs_f64().to_string().into();
-        if let Some(drain) = self.drain_timeout {
-            args.extend(["--drain-timeout".into(), secs(drain)]);
-        }
-        if let Some(idle) = self.idle_timeout {
-            args.extend(["--idle-timeout".into(), secs(idle)]);
-        }
-        if let Some(max) = self.max_connections {
-            args.extend(["--max-connections".into(), max.to_string().into()]);
-        }
-        if let Some(worker) = &self.worker {
-            args.extend(["--workers".into(), self.workers.to_string().into()]);
-            args.extend(["--queue".into(), self.queue.to_string().into()]);
-            if let Some(timeout) = self.request_timeout {
-                args.extend(["--request-timeout".into(), secs(timeout)]);
-            }
-            if let Some(warm) = &self.warm {
-                args.extend(["--warm".into(), warm.into()]);
-            }
-            // `--worker` takes the rest of the line, so it comes last.
-            args.push("--worker".into());
-            args.extend(worker.iter().cloned());
-        }
-        args
+/// The daemon's configuration for these serve options.
+fn daemon_config(serve: &Serve) -> Config {
+    let mut config = Config::from_env();
+    config.socket = serve.common.socket.clone();
+    config.pid_file = serve.common.pid_file.clone();
+    if let Some(drain) = serve.drain_timeout {
+        config.drain_timeout = drain;
     }
+    config.idle_shutdown = serve.idle_timeout;
+    if let Some(max) = serve.max_connections {
+        config.max_connections = max;
+    }
+    config
+}
+
+/// The command-line arguments that make `khived serve` run with these options.
+fn serve_args(serve: &Serve) -> Vec<OsString> {
+    let common = &serve.common;
+    let mut args: Vec<OsString> = vec![
+        "--socket".into(),
+        common.socket.clone().into(),
+        "--pid".into(),
+        common.pid_file.clone().into(),
+        "--namespace".into(),
+        serve.namespace.clone().into(),
+        "--config-id".into(),
+        serve.config_id.clone().into(),
+    ];
+    let secs = |d: Duration| d.as_secs_f64().to_string().into();
+    if let Some(drain) = serve.drain_timeout {
+        args.extend(["--drain-timeout".into(), secs(drain)]);
+    }
+    if let Some(idle) = serve.idle_timeout {
+        args.extend(["--idle-timeout".into(), secs(idle)]);
+    }
+    if let Some(max) = serve.max_connections {
+        args.extend(["--max-connections".into(), max.to_string().into()]);
+    }
+    if let Some(worker) = &serve.worker {
+        args.extend(["--workers".into(), serve.workers.to_string().into()]);
+        args.extend(["--queue".into(), serve.queue.to_string().into()]);
+        if let Some(timeout) = serve.request_timeout {
+            args.extend(["--request-timeout".into(), secs(timeout)]);
+        }
+        if let Some(warm) = &serve.warm {
+            args.extend(["--warm".into(), warm.into()]);
+        }
+        // `--worker` takes the rest of the line, so it comes last.
+        args.push("--worker".into());
+        args.extend(worker.iter().cloned());
+    }
+    args
 }

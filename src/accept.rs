@@ -1,0 +1,217 @@
+//! The accept stage: take a connection, check who is calling, enforce the connection cap,
+//! and hand the connection to [`connection::serve`] as a task of its own.
+//!
+//! Nothing here reads a byte from a client: a connection is refused (peer check), answered
+//! `daemon_busy` (over the cap) or spawned.
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_executor::Executor;
+use async_io::{Async, Timer};
+use futures_lite::future::FutureExt;
+use rustix::net::{SendFlags, SocketFlags};
+
+use crate::connection;
+use crate::dispatch::Dispatch;
+use crate::inflight::Flag;
+use crate::shared::Shared;
+use crate::wire::{encode_frame, Response};
+
+/// Descriptors kept free for the daemon's own use when the open-file limit caps connections.
+const FD_RESERVE: u64 = 32;
+
+/// Accepts connections and spawns a task for each, until `closing` is set. Runs as a task of
+/// its own, not as the future given to `Executor::run`, which is polled again on every
+/// wake-up of the executor.
+pub(crate) async fn accept_loop<D: Dispatch>(
+    listener: Async<UnixListener>,
+    shared: Arc<Shared<D>>,
+    executor: Arc<Executor<'static>>,
+    max_connections: usize,
+    closing: Arc<Flag>,
+) {
+    let mut gate = Gate {
+        shared,
+        executor,
+        max_connections,
+        own_uid: rustix::process::geteuid().as_raw(),
+        refusals: Throttled::default(),
+    };
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        let accepted = async { Some(listener.read_with(accept).await) }
+            .or(async {
+                closing.wait().await;
+                None
+            })
+            .await;
+        match accepted {
+            None => break,
+            Some(Ok(fd)) => {
+                backoff.reset();
+                gate.admit(UnixStream::from(fd));
+            }
+            Some(Err(e)) => backoff.failed(e).await,
+        }
+    }
+    // Clients the kernel queued before the shutdown have connected and may have sent their
+    // request: take them in (they are drained like the rest), then close the listener.
+    while let Ok(fd) = accept(listener.get_ref()) {
+        gate.admit(UnixStream::from(fd));
+    }
+}
+
+/// `accept4` with the flags set: saves an `fcntl` per connection.
+fn accept(listener: &UnixListener) -> io::Result<rustix::fd::OwnedFd> {
+    rustix::net::accept_with(listener, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
+        .map_err(io::Error::from)
+}
+
+/// What a connection passes before it is served: the peer check and the connection cap.
+struct Gate<D> {
+    shared: Arc<Shared<D>>,
+    executor: Arc<Executor<'static>>,
+    max_connections: usize,
+    own_uid: u32,
+    refusals: Throttled,
+}
+
+impl<D: Dispatch> Gate<D> {
+    fn admit(&mut self, stream: UnixStream) {
+        let shared = &self.shared;
+        // Who is calling is decided before a byte is read: file modes can be loosened by
+        // mistake, the kernel's record of the peer cannot.
+        match peer_uid(&stream) {
+            Ok(uid) if uid == self.own_uid || (uid == 0 && shared.config.allow_root) => {}
+            Ok(uid) => {
+                self.refusals.warn(|suppressed| {
+                    format!("refused a connection from uid {uid} ({suppressed} more refusals not logged)")
+                });
+                return;
+            }
+            Err(e) => {
+                self.refusals.warn(|suppressed| {
+                    format!("refused a connection: cannot tell who it is: {e} ({suppressed} more refusals not logged)")
+                });
+                return;
+            }
+        }
+        if shared.in_flight.get() >= self.max_connections {
+            refuse_busy(shared, &stream, self.max_connections);
+            return;
+        }
+        // Counted before the task exists, so a shutdown that starts now waits for it.
+        let guard = shared.in_flight.enter();
+        let shared = Arc::clone(shared);
+        self.executor
+            .spawn(async move {
+                connection::serve(&shared, stream).await;
+                drop(guard);
+            })
+            .detach();
+    }
+}
+
+/// Tells a client over the cap that the daemon is busy, without ever waiting for it: a fresh
+/// socket's buffer always takes one small frame.
+fn refuse_busy<D: Dispatch>(shared: &Shared<D>, stream: &UnixStream, max: usize) {
+    let error = format!("daemon_busy: {max} connections open; try again shortly");
+    let response = Response::error(error, shared.dispatcher.config_id());
+    if let Ok(frame) = encode_frame(&response) {
+        let _ = rustix::net::send(stream, &frame, SendFlags::NOSIGNAL);
+    }
+}
+
+/// The uid of the process at the other end, as the kernel recorded it at `connect`.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    Ok(rustix::net::sockopt::socket_peercred(stream)?.uid.as_raw())
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn peer_uid(_stream: &UnixStream) -> io::Result<u32> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "peer credentials (SO_PEERCRED) are not supported on this platform yet",
+    ))
+}
+
+/// A warning logged at most once a second, with a count of those held back.
+#[derive(Debug, Default)]
+struct Throttled {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttled {
+    fn warn(&mut self, message: impl FnOnce(u64) -> String) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now - last < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        log::warn!("{}", message(self.suppressed));
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// Accept errors (out of descriptors, aborted connections) never end the daemon: it waits a
+/// little longer after each failure, from 10 ms up to 1 s, and logs at most once a second.
+#[derive(Debug)]
+struct AcceptBackoff {
+    delay: Duration,
+    log: Throttled,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff {
+            delay: Duration::from_millis(10),
+            log: Throttled::default(),
+        }
+    }
+}
+
+impl AcceptBackoff {
+    async fn failed(&mut self, e: io::Error) {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+        ) {
+            return;
+        }
+        let delay = self.delay;
+        self.log.warn(|suppressed| {
+            format!("accept failed: {e}; retrying in {delay:?} ({suppressed} similar failures not logged)")
+        });
+        Timer::after(delay).await;
+        self.delay = (delay * 2).min(Duration::from_secs(1));
+    }
+
+    fn reset(&mut self) {
+        self.delay = Duration::from_millis(10);
+    }
+}
+
+/// The connection cap, lowered so that connections cannot use up the open-file limit.
+pub(crate) fn connection_cap(configured: usize) -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    match limit {
+        Some(limit) if limit.saturating_sub(FD_RESERVE) < configured as u64 => {
+            let cap = limit.saturating_sub(FD_RESERVE).max(1) as usize;
+            log::warn!(
+                "max_connections lowered from {configured} to {cap} by the open-file limit \
+                 ({limit}); raise it with `ulimit -n`"
+            );
+            cap
+        }
+        _ => configured,
+    }
+}

@@ -1,0 +1,107 @@
+//! Questions a client asks about a daemon's process from outside: which daemon holds a PID
+//! file's lock, and whether a process is alive. The daemon's own start-up, which takes the
+//! lock, is in `instance`; this module never touches the socket or writes a file.
+
+use std::fs::File;
+use std::io::{self, Read, Seek};
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::fs::{FlockOperation, Mode, OFlags};
+
+use crate::error::annotate;
+
+/// Whether a process with this id exists (a signal-0 probe). PID 0 and ids that do not fit
+/// an `i32` are never running; a process of another user counts as running.
+///
+/// A PID alone says little: the number of a daemon that died may have been given to any other
+/// process since. Ask [`running_pid`] which daemon holds a PID file's lock instead.
+///
+/// # Examples
+///
+/// ```
+/// assert!(khived::is_process_running(std::process::id()));
+/// assert!(!khived::is_process_running(0));
+/// assert!(!khived::is_process_running(u32::MAX));
+/// ```
+pub fn is_process_running(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return false;
+    };
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e == rustix::io::Errno::PERM,
+    }
+}
+
+/// The PID of the daemon holding the lock on `pid_file`, or `None` if no daemon holds it (the
+/// file is missing, or left behind by a daemon that died). A PID file whose lock is free is
+/// never trusted, so the PID of a dead daemon, maybe reused since, is never acted on. A lock
+/// held while the file names no live process (a daemon in the middle of starting, for a
+/// second at most) is an error.
+///
+/// The daemon holds an exclusive `flock` on its PID file for its whole life (see the crate
+/// documentation), so the kernel, not the file's contents, says whether it runs: a lock dies
+/// with its process, even one killed with SIGKILL. This function takes a shared lock for two
+/// system calls; a daemon starting at that moment retries past it.
+///
+/// # Errors
+///
+/// The PID file cannot be opened (other than missing: that is `Ok(None)`) or its lock cannot
+/// be inspected, or it is locked while naming no live process; each message names the file.
+///
+/// # Examples
+///
+/// ```no_run
+/// match khived::running_pid(&khived::pid_path())? {
+///     Some(pid) => println!("running as pid {pid}"),
+///     None => println!("not running"),
+/// }
+/// # std::io::Result::Ok(())
+/// ```
+pub fn running_pid(pid_file: &Path) -> io::Result<Option<u32>> {
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    let fd = match rustix::fs::open(pid_file, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(annotate(e.into(), "cannot open PID file", pid_file)),
+    };
+    // A shared lock is granted only if no daemon holds its exclusive one. It is held for
+    // two system calls; a daemon starting at this very moment retries past it.
+    match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockShared) {
+        Ok(()) => {
+            let _ = rustix::fs::flock(&fd, FlockOperation::Unlock);
+            Ok(None)
+        }
+        Err(rustix::io::Errno::WOULDBLOCK) => match wait_for_pid(File::from(fd)) {
+            Some(pid) => Ok(Some(pid)),
+            None => Err(io::Error::other(format!(
+                "{} is locked by a daemon, but names no live process",
+                pid_file.display()
+            ))),
+        },
+        Err(e) => Err(annotate(e.into(), "cannot inspect the lock of", pid_file)),
+    }
+}
+
+/// The lock holder writes its PID soon after locking; until then the file may be empty or
+/// name the dead daemon before it, so only a live PID is taken.
+pub(crate) fn wait_for_pid(mut file: File) -> Option<u32> {
+    for _ in 0..200 {
+        if let Some(pid) = read_pid(&mut file).filter(|&pid| is_process_running(pid)) {
+            return Some(pid);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+pub(crate) fn read_pid(file: &mut File) -> Option<u32> {
+    let mut text = String::new();
+    file.rewind().ok()?;
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok().filter(|&pid| pid != 0)
+}

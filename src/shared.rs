@@ -1,0 +1,45 @@
+//! What every task of a running daemon shares: the dispatcher, the configuration, the
+//! counters the probe reports, and the drain flag.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::inflight::{Flag, InFlight};
+use crate::systemd;
+
+/// The state of one daemon, behind an `Arc` in the accept loop and in every connection.
+#[derive(Debug)]
+pub(crate) struct Shared<D> {
+    pub(crate) dispatcher: D,
+    pub(crate) config: Config,
+    pub(crate) in_flight: Arc<InFlight>,
+    /// Requests answered so far.
+    pub(crate) served: AtomicU64,
+    pub(crate) started: Instant,
+    /// Set once the listener is closed: idle connections close, busy ones finish.
+    pub(crate) draining: Flag,
+    pub(crate) notifier: Option<systemd::Notifier>,
+}
+
+impl<D> Shared<D> {
+    pub(crate) fn new(dispatcher: D, config: Config) -> Self {
+        Shared {
+            dispatcher,
+            config,
+            in_flight: Arc::default(),
+            served: AtomicU64::new(0),
+            started: Instant::now(),
+            draining: Flag::default(),
+            notifier: None,
+        }
+    }
+
+    /// Tells the service manager, if there is one, how we are doing.
+    pub(crate) fn notify(&self, state: &str) {
+        if let Some(notifier) = &self.notifier {
+            notifier.notify(state);
+        }
+    }
+}
