@@ -42,8 +42,15 @@ impl Client {
     /// A missing socket is [`io::ErrorKind::NotFound`]; a socket nobody listens on is
     /// [`io::ErrorKind::ConnectionRefused`]; a daemon whose queue of connections stays full
     /// past the deadline is [`io::ErrorKind::TimedOut`]; every message names the path.
+    ///
+    /// [`io::ErrorKind::PermissionDenied`], with the fix in the message, if the socket is not
+    /// the user's to trust: a directory on its way (its own included) belongs to someone other
+    /// than the user or root, or is writable by group or others without being sticky (checked
+    /// before connecting), or the process serving it runs as neither the user nor root
+    /// (checked before anything is sent): someone else may have put their socket there.
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> io::Result<Client> {
         let path = path.as_ref();
+        crate::trust::check_socket_dirs(path)?;
         let deadline = Instant::now().checked_add(timeout);
         let fd = rustix::net::socket_with(
             AddressFamily::UNIX,
@@ -75,6 +82,7 @@ impl Client {
                 format!("{message} {}: {e}", path.display()),
             ));
         }
+        crate::trust::check_peer(&fd, path)?;
         Ok(Client {
             stream: UnixStream::from(fd),
             path: path.to_owned(),

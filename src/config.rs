@@ -1,13 +1,17 @@
 //! Where the daemon lives and the limits it keeps: paths, timeouts, environment variables.
 
 use std::env;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Everything the daemon needs to know besides its dispatcher.
 ///
 /// Every field can be set in code; [`Config::from_env`] fills them from the `KHIVE_*`
-/// environment variables the way existing clients expect.
+/// environment variables the way existing clients expect. The socket and the PID file go
+/// together: one daemon per socket is decided by the PID file's lock, so two daemons on two
+/// sockets need two PID files. When only one of `KHIVE_SOCKET` and `KHIVE_PID` is set, the
+/// other is derived beside it, in the same directory with the same stem (`KHIVE_SOCKET=a.sock`
+/// means the PID file `a.pid`; `KHIVE_PID=x.pid` means the socket `x.sock`).
 ///
 /// # Examples
 ///
@@ -45,7 +49,8 @@ pub struct Config {
     /// descriptor 3) is used instead of binding `socket` (default true). Such a socket is
     /// never removed at shutdown: the service manager keeps it across restarts.
     pub socket_activation: bool,
-    /// Whether the daemon stops on SIGTERM and SIGINT (default true). Turn it off when the
+    /// Whether the daemon stops on SIGTERM, SIGINT and SIGHUP (default true; SIGHUP is what
+    /// a daemon started from a terminal gets when the terminal closes). Turn it off when the
     /// embedding application handles signals itself and stops the daemon with a
     /// [`ShutdownHandle`](crate::ShutdownHandle).
     pub handle_signals: bool,
@@ -73,7 +78,8 @@ impl Default for Config {
 
 impl Config {
     /// The defaults, with `KHIVE_SOCKET`, `KHIVE_PID` and `KHIVE_DRAIN_TIMEOUT_SECS` applied
-    /// where they are set (empty paths and unparsable numbers are ignored).
+    /// where they are set (empty paths and unparsable numbers are ignored). With only one of
+    /// the two paths set, the other is beside it (see [`socket_path`] and [`pid_path`]).
     ///
     /// # Examples
     ///
@@ -82,9 +88,10 @@ impl Config {
     /// assert_eq!(config.socket, khived::socket_path());
     /// ```
     pub fn from_env() -> Self {
+        let (socket, pid_file) = env_paths();
         let mut config = Config {
-            socket: socket_path(),
-            pid_file: pid_path(),
+            socket,
+            pid_file,
             ..Config::default()
         };
         if let Some(secs) = env_secs("KHIVE_DRAIN_TIMEOUT_SECS") {
@@ -105,7 +112,7 @@ impl Config {
     pub fn at(socket: impl Into<PathBuf>) -> Self {
         let socket = socket.into();
         Config {
-            pid_file: socket.with_extension("pid"),
+            pid_file: beside(&socket, "pid"),
             socket,
             ..Config::default()
         }
@@ -126,7 +133,9 @@ pub fn state_dir() -> PathBuf {
     }
 }
 
-/// The socket path: `KHIVE_SOCKET` when set and non-empty, else `<state dir>/khived.sock`.
+/// The socket path: `KHIVE_SOCKET` when set and non-empty; else, when only `KHIVE_PID` is
+/// set, beside the PID file with the extension `sock` (`x.pid` -> `x.sock`); else
+/// `<state dir>/khived.sock`.
 ///
 /// # Examples
 ///
@@ -135,20 +144,58 @@ pub fn state_dir() -> PathBuf {
 /// assert!(path.is_absolute() || path.starts_with(".khive") || std::env::var_os("KHIVE_SOCKET").is_some());
 /// ```
 pub fn socket_path() -> PathBuf {
-    env_path("KHIVE_SOCKET").unwrap_or_else(|| state_dir().join("khived.sock"))
+    env_paths().0
 }
 
-/// The PID file path: `KHIVE_PID` when set and non-empty, else `<state dir>/khived.pid`.
+/// The PID file path: `KHIVE_PID` when set and non-empty; else, when only `KHIVE_SOCKET` is
+/// set, beside the socket with the extension `pid` (`a.sock` -> `a.pid`), so that daemons
+/// on different sockets never share a lock; else `<state dir>/khived.pid`.
 ///
 /// # Examples
 ///
 /// ```
-/// if std::env::var_os("KHIVE_PID").is_none() {
+/// if std::env::var_os("KHIVE_PID").is_none() && std::env::var_os("KHIVE_SOCKET").is_none() {
 ///     assert!(khived::pid_path().ends_with(".khive/khived.pid"));
 /// }
 /// ```
 pub fn pid_path() -> PathBuf {
-    env_path("KHIVE_PID").unwrap_or_else(|| state_dir().join("khived.pid"))
+    env_paths().1
+}
+
+/// The socket and PID file the environment asks for.
+fn env_paths() -> (PathBuf, PathBuf) {
+    paths_from(env_path("KHIVE_SOCKET"), env_path("KHIVE_PID"))
+}
+
+/// The socket and PID file for these settings: both, one (the other derived beside it), or
+/// neither (the state directory's).
+fn paths_from(socket: Option<PathBuf>, pid_file: Option<PathBuf>) -> (PathBuf, PathBuf) {
+    match (socket, pid_file) {
+        (Some(socket), Some(pid_file)) => (socket, pid_file),
+        (Some(socket), None) => {
+            let pid_file = beside(&socket, "pid");
+            (socket, pid_file)
+        }
+        (None, Some(pid_file)) => (beside(&pid_file, "sock"), pid_file),
+        (None, None) => {
+            let dir = state_dir();
+            (dir.join("khived.sock"), dir.join("khived.pid"))
+        }
+    }
+}
+
+/// A file beside `path`: the same directory and stem, the extension `extension`
+/// (`a.sock` -> `a.pid`). Should that name `path` itself (`x.pid` beside `x.pid`), the
+/// extension is added instead (`x.pid.pid`), so that the two never collide.
+pub(crate) fn beside(path: &Path, extension: &str) -> PathBuf {
+    let derived = path.with_extension(extension);
+    if derived != path {
+        return derived;
+    }
+    let mut name = path.as_os_str().to_owned();
+    name.push(".");
+    name.push(extension);
+    PathBuf::from(name)
 }
 
 /// Whether the variable `key` is set to something other than empty, `0` or `false` (any
@@ -186,7 +233,41 @@ fn env_secs(key: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::is_truthy;
+    use std::path::PathBuf;
+
+    use super::{beside, is_truthy, paths_from, state_dir};
+
+    #[test]
+    fn one_path_set_derives_the_other_beside_it() {
+        let some = |path: &str| Some(PathBuf::from(path));
+        let pair = |socket: &str, pid: &str| (PathBuf::from(socket), PathBuf::from(pid));
+        assert_eq!(
+            paths_from(some("/r/a.sock"), None),
+            pair("/r/a.sock", "/r/a.pid")
+        );
+        assert_eq!(
+            paths_from(None, some("/r/x.pid")),
+            pair("/r/x.sock", "/r/x.pid")
+        );
+        assert_eq!(paths_from(some("a"), None), pair("a", "a.pid"));
+        assert_eq!(
+            paths_from(some("/r/x.pid"), None),
+            pair("/r/x.pid", "/r/x.pid.pid")
+        );
+        assert_eq!(
+            paths_from(some("/r/a.sock"), some("/p/b.pid")),
+            pair("/r/a.sock", "/p/b.pid")
+        );
+        let dir = state_dir();
+        assert_eq!(
+            paths_from(None, None),
+            (dir.join("khived.sock"), dir.join("khived.pid"))
+        );
+        assert_eq!(
+            beside("/r/x.sock".as_ref(), "sock"),
+            PathBuf::from("/r/x.sock.sock")
+        );
+    }
 
     #[test]
     fn truthy_values() {

@@ -5,7 +5,7 @@
 use std::fs::{self, File};
 use std::io::{self, Seek, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,9 +13,10 @@ use std::time::Duration;
 use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
-use crate::config::{state_dir, Config};
+use crate::config::{beside, Config};
 use crate::error::annotate;
-use crate::pidfile::{is_process_running, read_pid, wait_for_pid};
+use crate::pidfile::{is_process_running, read_pid, running_pid, wait_for_pid};
+use crate::trust::prepare_dir;
 use crate::Error;
 
 /// The longest socket path the platform accepts, in bytes (`sun_path` less its NUL).
@@ -51,19 +52,17 @@ impl Instance {
             prepare_dir(&config.pid_file)?;
         }
         let mut pid_file = lock_pid_file(&config.pid_file)?;
-        let (listener, socket_id) = match inherited {
-            Some(listener) => {
-                write_pid(&mut pid_file)?;
-                (listener, None)
-            }
-            None => {
-                // Until the socket is known to be free, the PID file keeps what it said: a
-                // daemon that does not lock (an older version) may still be running.
-                let previous = read_pid(&mut pid_file);
-                clear_leftover_socket(&config.socket, previous)?;
-                write_pid(&mut pid_file)?;
-                let (listener, id) = bind_private(&config.socket)?;
-                (listener, Some(id))
+        let claimed = match inherited {
+            Some(listener) => write_pid(&mut pid_file)
+                .map(|()| (listener, None))
+                .map_err(Error::from),
+            None => claim_socket(config, &mut pid_file),
+        };
+        let (listener, socket_id) = match claimed {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                abandon_pid_file(&mut pid_file, &config.pid_file);
+                return Err(e);
             }
         };
         Ok((
@@ -117,6 +116,33 @@ impl Drop for Instance {
     }
 }
 
+/// Removes a leftover socket and binds ours, writing our PID in between; the lock is held.
+fn claim_socket(
+    config: &Config,
+    pid_file: &mut File,
+) -> Result<(UnixListener, Option<(u64, u64)>), Error> {
+    // Until the socket is known to be free, the PID file keeps what it said: a daemon that
+    // does not lock (an older version) may still be running.
+    let previous = read_pid(pid_file);
+    clear_leftover_socket(&config.socket, previous, &config.pid_file)?;
+    write_pid(pid_file)?;
+    let (listener, id) = bind_private(&config.socket)?;
+    Ok((listener, Some(id)))
+}
+
+/// After a failed start, removes the PID file if it is ours: created empty by our open, or
+/// holding our PID. One that names another process is left as it was. It is removed while
+/// still locked, so a daemon waiting for the lock finds the path gone and starts over.
+fn abandon_pid_file(file: &mut File, path: &Path) {
+    let empty = file.metadata().is_ok_and(|meta| meta.len() == 0);
+    let ours = empty || read_pid(file) == Some(std::process::id());
+    if ours && same_file(file, path) {
+        if let Err(e) = fs::remove_file(path) {
+            log::warn!("cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
 fn check_socket_path(path: &Path) -> io::Result<()> {
     let len = path.as_os_str().len();
     if len > MAX_SOCKET_PATH {
@@ -128,63 +154,6 @@ fn check_socket_path(path: &Path) -> io::Result<()> {
                 path.display()
             ),
         ));
-    }
-    Ok(())
-}
-
-/// Creates the directory that will hold `file` (mode 0700) and checks that only we can
-/// write to it: anyone who can write there could replace our socket or PID file.
-fn prepare_dir(file: &Path) -> io::Result<()> {
-    let dir = match file.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    if !dir.exists() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| annotate(e, "cannot create", dir))?;
-        // The mode given to mkdir is filtered by the umask; set it exactly.
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| annotate(e, "cannot set permissions on", dir))?;
-    }
-    let meta = fs::metadata(dir).map_err(|e| annotate(e, "cannot inspect", dir))?;
-    if !meta.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is not a directory", dir.display()),
-        ));
-    }
-    let euid = rustix::process::geteuid().as_raw();
-    if meta.uid() != euid {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "refusing to use {}: it is owned by uid {}, not by this user (uid {euid}); \
-                 choose a directory of your own (KHIVE_SOCKET, KHIVE_PID)",
-                dir.display(),
-                meta.uid()
-            ),
-        ));
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        // Our own default state directory is ours to fix; anyone else's is not.
-        if dir == state_dir() {
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                .map_err(|e| annotate(e, "cannot set permissions on", dir))?;
-        } else {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!(
-                    "refusing to use {}: it is writable by group or others (mode {mode:04o}); \
-                     fix it with `chmod 700 {}`",
-                    dir.display(),
-                    dir.display()
-                ),
-            ));
-        }
     }
     Ok(())
 }
@@ -261,11 +230,14 @@ fn same_file(file: &File, path: &Path) -> bool {
 }
 
 /// Removes a socket left by a daemon that died without cleaning up. Called only with the
-/// lock held, before our PID is written. Someone still serving there (a khived that lost its
-/// PID file, or an older version that does not lock) is left alone: anything that answers a
-/// probe with a response frame (even a mismatch or `daemon_busy`) is a khived, and so is a
-/// socket that accepts connections while the PID file names a live process (PROTOCOL.md).
-fn clear_leftover_socket(path: &Path, previous: Option<u32>) -> Result<(), Error> {
+/// lock held, before our PID is written.
+///
+/// Only the kernel's "nothing there" (`ENOENT`) or "nobody listens" (`ECONNREFUSED`) makes
+/// a socket a leftover. Anything that answers a probe with a response frame (even a mismatch
+/// or `daemon_busy`) is a running khived. A socket that accepts connections but does not
+/// answer is refused too: a daemon that is hung or stopped (SIGSTOP) still owns it, and
+/// taking it over would leave two daemons believing they serve one path (PROTOCOL.md).
+fn clear_leftover_socket(path: &Path, previous: Option<u32>, pid_file: &Path) -> Result<(), Error> {
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -282,21 +254,34 @@ fn clear_leftover_socket(path: &Path, previous: Option<u32>) -> Result<(), Error
         .into());
     }
     let previous = previous.filter(|&pid| is_process_running(pid));
-    if let Ok(mut client) = crate::client::Client::connect(path, Duration::from_secs(1)) {
-        let answer = client.request(&crate::wire::Request::probe());
-        let probed = answer.ok().map(|response| {
-            let info = response.result.as_deref().filter(|_| response.ok);
-            info.and_then(|text| serde_json::from_str::<crate::wire::ProbeInfo>(text).ok())
-                .map(|info| info.pid)
-        });
-        match (probed, previous) {
-            (Some(pid), _) => {
+    // A second look when the first connection was cut: a daemon closing its listener at that
+    // moment drops the connections waiting in its queue, and refuses the next one.
+    for attempt in 0..2 {
+        let mut client = match crate::client::Client::connect(path, Duration::from_secs(1)) {
+            Ok(client) => client,
+            Err(e) if is_nobody_there(&e) => break,
+            Err(e) => return Err(not_answering(path, pid_file, previous, &e)),
+        };
+        let e = match client.request(&crate::wire::Request::probe()) {
+            Ok(response) => {
+                let info = response.result.as_deref().filter(|_| response.ok);
+                let probed = info
+                    .and_then(|text| serde_json::from_str::<crate::wire::ProbeInfo>(text).ok())
+                    .map(|info| info.pid);
                 return Err(Error::AlreadyRunning {
-                    pid: pid.or(previous),
-                })
+                    pid: probed.or(previous),
+                });
             }
-            (None, Some(pid)) => return Err(Error::AlreadyRunning { pid: Some(pid) }),
-            (None, None) => {}
+            Err(e) => e,
+        };
+        let cut = matches!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+        );
+        if !cut || attempt == 1 {
+            return Err(not_answering(path, pid_file, previous, &e));
         }
     }
     log::info!("removing stale socket {}", path.display());
@@ -306,6 +291,37 @@ fn clear_leftover_socket(path: &Path, previous: Option<u32>) -> Result<(), Error
         }
         _ => Ok(()),
     }
+}
+
+/// Whether a failed connect says that nothing listens on the socket.
+fn is_nobody_there(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// The refusal for a socket that someone holds but that does not answer, naming the process
+/// holding a PID file for it when there is one: the PID file beside the socket (another
+/// daemon's, maybe with another configuration) or ours, as it was before we took its lock.
+fn not_answering(path: &Path, pid_file: &Path, previous: Option<u32>, e: &io::Error) -> Error {
+    let beside = beside(path, "pid");
+    let holder = match (beside != pid_file).then(|| running_pid(&beside)) {
+        Some(Ok(Some(pid))) => Some((pid, beside.as_path())),
+        _ => previous.map(|pid| (pid, pid_file)),
+    };
+    let holder = match holder {
+        Some((pid, file)) => format!("pid {pid} holds its PID file {}", file.display()),
+        None => "no PID file names its holder".to_owned(),
+    };
+    io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!(
+            "{} accepts connections but does not answer ({e}); {holder}. A daemon that is              hung or stopped still owns it: refusing to take it over. Stop or resume that              process, or remove the socket if you are sure nothing serves it",
+            path.display()
+        ),
+    )
+    .into()
 }
 
 /// Binds a listening socket that is mode 0600 from the moment its file exists.

@@ -11,16 +11,19 @@
 //!   holds for its whole life (see [One daemon per socket](#one-daemon-per-socket)). A second
 //!   daemon fails with [`Error::AlreadyRunning`] and touches none of the first one's files;
 //!   files left by a daemon killed with SIGKILL are cleaned up by the next start.
-//! - **Private files**: the socket's directory is 0700 and must belong to the daemon's user;
+//! - **Private files**: the socket's directory is 0700 and must belong to the daemon's user,
+//!   and every directory above it to the user or root, writable by no one else unless sticky;
 //!   the socket is 0600 from the moment it exists; the PID file is 0600 and never opened
-//!   through a symbolic link.
+//!   through a symbolic link. Clients check the same directories, and that the process
+//!   serving the socket runs as their user (or root), before they send anything.
 //! - **The request path**: namespace and configuration checks, the probe, several requests per
 //!   connection answered in order, error replies instead of silent closes for bad, oversized
 //!   or truncated frames, and panics in the dispatcher caught and answered.
-//! - **Shutdown**: on SIGTERM or SIGINT (or a [`ShutdownHandle`], or after an idle period) the
-//!   listener closes first, idle connections close, requests in flight finish up to the drain
-//!   timeout, and the socket and PID file are removed if they are still the daemon's own.
-//!   A second signal during the drain stops at once. Either way [`Daemon::run`] returns how it
+//! - **Shutdown**: on SIGTERM, SIGINT or SIGHUP (or a [`ShutdownHandle`], or after an idle
+//!   period) the listener closes first, idle connections close, requests in flight finish up
+//!   to the drain timeout, and the socket and PID file are removed if they are still the
+//!   daemon's own. SIGHUP is a stop like the others: it is what a daemon started from a
+//!   terminal gets when the terminal closes. A second signal during the drain stops at once. Either way [`Daemon::run`] returns how it
 //!   stopped ([`Stopped`]); the library never exits the process.
 //! - **Limits**: deadlines for slow clients, a cap on connections, and a frame reader that
 //!   allocates only as bytes arrive.
@@ -130,7 +133,8 @@
 
 // The path of a request: accept -> connection (read frame, decide, dispatch, write frame).
 // The lifecycle around it: server (start, signals, drain), instance (files and lock), shared
-// (what the tasks share). The client side (client, spawn, pidfile) never imports those.
+// (what the tasks share). The client side (client, spawn, pidfile) never imports those;
+// both sides share `config` and `trust` (which directories and peers are trusted).
 mod accept;
 mod client;
 mod config;
@@ -148,6 +152,7 @@ mod server;
 mod shared;
 mod spawn;
 mod systemd;
+mod trust;
 mod wire;
 
 pub use client::{probe, Client};

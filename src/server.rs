@@ -125,18 +125,20 @@ pub enum Stopped {
     /// The drain timeout passed with connections still open: they were cut off, then
     /// [`Dispatch::shut_down`] ran.
     DrainTimedOut,
-    /// A second SIGTERM or SIGINT arrived during the drain: open connections were cut off at
-    /// once and [`Dispatch::shut_down`] was not called (the dispatcher is dropped instead).
+    /// A second SIGTERM, SIGINT or SIGHUP arrived during the drain: open connections were cut
+    /// off at once and [`Dispatch::shut_down`] was not called (the dispatcher is dropped
+    /// instead).
     #[non_exhaustive]
     Forced {
-        /// The second signal's number: 15 for SIGTERM, 2 for SIGINT.
+        /// The second signal's number: 15 for SIGTERM, 2 for SIGINT, 1 for SIGHUP.
         signal: i32,
     },
 }
 
 impl Stopped {
     /// The conventional exit status for this outcome: 0 after a drain (complete or timed
-    /// out), 128 + the signal's number after a forced stop (143 for SIGTERM, 130 for SIGINT).
+    /// out), 128 + the signal's number after a forced stop (143 for SIGTERM, 130 for SIGINT,
+    /// 129 for SIGHUP).
     ///
     /// # Examples
     ///
@@ -180,8 +182,8 @@ impl<D: Dispatch> Daemon<D> {
         async_io::block_on(self.run())
     }
 
-    /// Runs the daemon until SIGTERM, SIGINT (if [`Config::handle_signals`]), the shutdown
-    /// handle or the idle timeout stops it, and returns how it stopped once the socket and the
+    /// Runs the daemon until SIGTERM, SIGINT or SIGHUP (if [`Config::handle_signals`]), the
+    /// shutdown handle or the idle timeout stops it, and returns how it stopped once the socket and the
     /// PID file are removed and the PID file's lock is released.
     ///
     /// Connections run as tasks of an executor inside this future, so they make progress
@@ -216,7 +218,10 @@ impl<D: Dispatch> Daemon<D> {
             shutdown,
         } = self;
         let mut signals = match config.handle_signals {
-            true => Some(Signals::new([Signal::Term, Signal::Int])?),
+            // SIGHUP too: a daemon started from a terminal (`khived serve &`) gets it when the
+            // terminal closes, and its default action would kill it without a drain, leaving
+            // its socket and PID file behind.
+            true => Some(Signals::new([Signal::Term, Signal::Int, Signal::Hup])?),
             false => None,
         };
         let inherited = match config.socket_activation {
@@ -372,6 +377,7 @@ async fn next_signal(signals: Option<&mut Signals>) -> Option<Signal> {
 
 fn signal_number(signal: Signal) -> i32 {
     match signal {
+        Signal::Hup => 1,
         Signal::Int => 2,
         _ => 15,
     }
@@ -379,6 +385,7 @@ fn signal_number(signal: Signal) -> i32 {
 
 fn signal_name(signal: Signal) -> &'static str {
     match signal {
+        Signal::Hup => "SIGHUP",
         Signal::Int => "SIGINT",
         _ => "SIGTERM",
     }

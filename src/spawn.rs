@@ -1,19 +1,21 @@
 //! Starting a daemon on demand: connect, or start one and wait until it answers. How the
 //! spawn lock keeps many clients from starting many daemons is told on [`Spawn`].
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rustix::fs::FlockOperation;
+use rustix::fs::{FileType, FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::client::Client;
 use crate::error::annotate;
 use crate::pidfile::running_pid;
+use crate::trust::prepare_dir;
 
 /// How to start a daemon when none answers; see [`Spawn::connect`].
 ///
@@ -114,8 +116,11 @@ impl Spawn {
     /// lines of its log) or does not answer within the ready timeout; or, once started, the
     /// daemon cannot be connected to (as [`Client::connect`]).
     pub fn connect(mut self, timeout: Duration) -> io::Result<Client> {
-        if let Ok(client) = Client::connect(&self.socket, timeout) {
-            return Ok(client);
+        match Client::connect(&self.socket, timeout) {
+            Ok(client) => return Ok(client),
+            // Someone else's socket or directory: starting a daemon would not help.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(e),
+            Err(_) => {}
         }
         let _lock = self.lock()?;
         // Another client may have started a daemon while we waited for the lock.
@@ -128,20 +133,10 @@ impl Spawn {
 
     fn lock(&self) -> io::Result<File> {
         let path = lock_path(&self.socket);
-        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
-        }
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(&path)
-            .map_err(|e| annotate(e, "cannot open spawn lock", &path))?;
+        // The daemon's own check, before anything is created: a spawn lock (or a log) in a
+        // directory the daemon would refuse is a file others could replace.
+        prepare_dir(&path)?;
+        let file = open_private(&path, "spawn lock")?;
         // Bounded: a client stuck while holding the lock must not hang every other client.
         let deadline = Instant::now() + self.ready_timeout + Duration::from_secs(5);
         loop {
@@ -156,17 +151,15 @@ impl Spawn {
     }
 
     fn start(&mut self) -> io::Result<()> {
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&self.log)
-            .map_err(|e| annotate(e, "cannot open daemon log", &self.log))?;
+        if self.log.parent() != self.socket.parent() {
+            prepare_dir(&self.log)?;
+        }
+        let mut log = open_log(&self.log)?;
         let log_start = log.seek(SeekFrom::End(0))?;
         self.command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log);
+            .stderr(log.try_clone()?);
         // SAFETY: the closure runs in the child between fork and exec and only makes the
         // setsid system call, which is async-signal-safe and touches no memory of ours.
         #[allow(unsafe_code)]
@@ -202,7 +195,7 @@ impl Spawn {
                 return Err(io::Error::other(format!(
                     "the daemon exited ({status}) before it was ready; last lines of {}:\n{}",
                     self.log.display(),
-                    tail(&self.log, log_start, 10)
+                    tail(&log, log_start, 10)
                 )));
             }
             if Instant::now() >= deadline {
@@ -214,7 +207,7 @@ impl Spawn {
                         self.socket.display(),
                         self.ready_timeout,
                         self.log.display(),
-                        tail(&self.log, log_start, 10)
+                        tail(&log, log_start, 10)
                     ),
                 ));
             }
@@ -245,13 +238,74 @@ fn lock_path(socket: &Path) -> PathBuf {
     socket.with_file_name(name)
 }
 
-/// The last `lines` lines written to `path` after byte `from`.
-fn tail(path: &Path, from: u64, lines: usize) -> String {
-    let mut text = String::new();
-    if let Ok(mut file) = File::open(path) {
-        let _ = file.seek(SeekFrom::Start(from));
-        let _ = file.take(1 << 20).read_to_string(&mut text);
+/// Opens the log a started daemon appends to: created mode 0600 if missing, appended to,
+/// readable (the last lines of a failed start are read back through it), close-on-exec.
+///
+/// The log's directory must have passed the daemon's own check first; even then, the name
+/// is opened without following a symbolic link (a planted link would make us append to a
+/// file elsewhere) and without blocking (a planted FIFO would hang the open while we hold
+/// the spawn lock), and only a regular file is accepted. The file is returned in blocking
+/// mode, ready to be handed to whatever writes the log.
+pub(crate) fn open_log(path: &Path) -> io::Result<File> {
+    open_private(path, "daemon log")
+}
+
+/// Opens `path` (described as `what` in errors) read-write for appending, as [`open_log`]
+/// says: never through a symbolic link, never blocking, a regular file only.
+fn open_private(path: &Path, what: &str) -> io::Result<File> {
+    let flags = OFlags::RDWR
+        | OFlags::APPEND
+        | OFlags::CREATE
+        | OFlags::NOFOLLOW
+        | OFlags::NONBLOCK
+        | OFlags::CLOEXEC;
+    let not_regular = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{what} {} is not a regular file; refusing to use it (remove it)",
+                path.display()
+            ),
+        )
+    };
+    let fd = rustix::fs::open(path, flags, Mode::from_raw_mode(0o600)).map_err(|e| match e {
+        Errno::LOOP => io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{what} {} is a symbolic link; refusing to follow it (remove the link)",
+                path.display()
+            ),
+        ),
+        Errno::NXIO => not_regular(),
+        e => annotate(e.into(), &format!("cannot open {what}"), path),
+    })?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| annotate(e.into(), "cannot inspect", path))?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+        return Err(not_regular());
     }
+    // O_NONBLOCK was for the open only; writes to a regular file ignore it, but whoever is
+    // handed the descriptor (the daemon's stdout) must not see it.
+    let flags = rustix::fs::fcntl_getfl(&fd)?;
+    rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK)?;
+    Ok(File::from(fd))
+}
+
+/// The last `lines` lines written to `log` after byte `from`.
+fn tail(log: &File, from: u64, lines: usize) -> String {
+    let mut text = Vec::new();
+    let mut buf = vec![0; 64 << 10];
+    let mut at = from;
+    // At most 1 MiB: a daemon's start-up error is in its last lines.
+    while text.len() < 1 << 20 {
+        match log.read_at(&mut buf, at) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                text.extend_from_slice(&buf[..n]);
+                at += n as u64;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&text);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

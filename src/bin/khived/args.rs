@@ -19,6 +19,8 @@ pub(crate) enum Command {
 pub(crate) struct Common {
     pub(crate) socket: PathBuf,
     pub(crate) pid_file: PathBuf,
+    /// Which of the two were given on the command line: the other is derived beside it.
+    given: (bool, bool),
 }
 
 pub(crate) struct Serve {
@@ -69,7 +71,8 @@ Commands:
   stop     Stop the running daemon
 
 Every command takes --socket PATH and --pid PATH (defaults: $KHIVE_SOCKET or
-~/.khive/khived.sock, $KHIVE_PID or ~/.khive/khived.pid) and --help.
+~/.khive/khived.sock, $KHIVE_PID or ~/.khive/khived.pid) and --help. When only
+one of the two is given (or set), the other is beside it: a.sock <-> a.pid.
 
 Options:
   -h, --help     Print help
@@ -183,14 +186,29 @@ impl Common {
         Common {
             socket: khived::socket_path(),
             pid_file: khived::pid_path(),
+            given: (false, false),
         }
     }
 
     /// Takes `--socket` or `--pid`; returns false for any other option.
     fn take(&mut self, name: &str, parser: &mut lexopt::Parser) -> Result<bool, lexopt::Error> {
+        // As with KHIVE_SOCKET and KHIVE_PID: daemons on two sockets must not share a PID
+        // file, so one path given alone brings its partner along.
         match name {
-            "socket" => self.socket = parser.value()?.into(),
-            "pid" => self.pid_file = parser.value()?.into(),
+            "socket" => {
+                self.socket = parser.value()?.into();
+                self.given.0 = true;
+                if !self.given.1 {
+                    self.pid_file = beside(&self.socket, "pid");
+                }
+            }
+            "pid" => {
+                self.pid_file = parser.value()?.into();
+                self.given.1 = true;
+                if !self.given.0 {
+                    self.socket = beside(&self.pid_file, "sock");
+                }
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -351,4 +369,17 @@ fn positive(parser: &mut lexopt::Parser) -> Result<usize, lexopt::Error> {
 
 fn unknown(name: &str) -> lexopt::Error {
     format!("invalid option '--{name}'").into()
+}
+
+/// The file beside `path` with `extension` (`a.sock` -> `a.pid`), the library's rule for one
+/// of `KHIVE_SOCKET` and `KHIVE_PID` set alone: never `path` itself (`x.pid` -> `x.pid.pid`).
+fn beside(path: &std::path::Path, extension: &str) -> PathBuf {
+    let derived = path.with_extension(extension);
+    if derived != path {
+        return derived;
+    }
+    let mut name = path.as_os_str().to_owned();
+    name.push(".");
+    name.push(extension);
+    PathBuf::from(name)
 }
