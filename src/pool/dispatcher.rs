@@ -33,7 +33,8 @@ use crate::Dispatch;
 /// fn main() -> Result<(), khived::Error> {
 ///     khived::init_stderr_logger(log::LevelFilter::Info);
 ///     let pool = Pool::new(PoolOptions::new(["python3", "worker.py"]).workers(2))?;
-///     Daemon::new(Config::from_env(), pool).run_blocking()
+///     Daemon::new(Config::from_env(), pool).run_blocking()?;
+///     Ok(())
 /// }
 /// ```
 pub struct Pool {

@@ -49,7 +49,8 @@
 //!         .workers(2)
 //!         .request_timeout(Duration::from_secs(30))
 //!         .namespace("words");
-//!     Daemon::new(Config::from_env(), Pool::new(options)?).run_blocking()
+//!     Daemon::new(Config::from_env(), Pool::new(options)?).run_blocking()?;
+//!     Ok(())
 //! }
 //! ```
 
