@@ -89,6 +89,9 @@ mod config;
 mod connection;
 mod dispatch;
 mod error;
+// The fuzz targets' way in to the per-connection handler; not part of the API (see
+// Cargo.toml's `__fuzzing` feature).
+#[cfg(feature = "__fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 mod inflight;
@@ -109,7 +112,8 @@ pub use logger::init_stderr_logger;
 pub use server::{Daemon, ShutdownHandle};
 pub use spawn::Spawn;
 pub use wire::{
-    encode_frame, frame_len, read_frame, write_frame, ProbeInfo, Request, Response, MAX_FRAME_BYTES,
+    encode_frame, frame_len, read_frame, write_frame, FrameDecoder, ProbeInfo, Request, Response,
+    MAX_FRAME_BYTES,
 };
 
 // The README's Rust example is compiled with the doctests.

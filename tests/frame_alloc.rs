@@ -1,43 +1,15 @@
 //! The frame reader allocates only as bytes arrive: a header announcing 8 MiB followed by
-//! nothing must not cost 8 MiB. Checked with a global allocator that records the largest
-//! single allocation made by this test binary's reading thread.
+//! nothing must not cost 8 MiB. Checked with the fuzz targets' counting allocator, which
+//! records the largest single allocation made by the reading thread.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_lite::io::AsyncRead;
-
-struct Recording;
-
-thread_local! {
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note(size: usize) {
-    let _ = LARGEST.try_with(|largest| largest.set(largest.get().max(size)));
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the thread-local
-// bookkeeping allocates nothing.
-#[allow(unsafe_code)] // a global allocator cannot be written without it
-unsafe impl GlobalAlloc for Recording {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        System.realloc(ptr, layout, new_size)
-    }
-}
+use khived_oracles::{largest_allocation_while, CountingAllocator};
 
 #[global_allocator]
-static ALLOCATOR: Recording = Recording;
+static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 /// A peer that sends `data` in pieces of `piece` bytes, then ends the stream.
 struct Trickle<'a> {
@@ -56,12 +28,6 @@ impl AsyncRead for Trickle<'_> {
         self.data = &self.data[n..];
         Poll::Ready(Ok(n))
     }
-}
-
-fn largest_allocation_while(f: impl FnOnce()) -> usize {
-    LARGEST.with(|largest| largest.set(0));
-    f();
-    LARGEST.with(|largest| largest.get())
 }
 
 #[test]
