@@ -217,8 +217,8 @@ fn answer(request: &Request<'_>, served: u64) -> Expected {
     if request.probe {
         return Expected::Probe { served };
     }
+    // Field by field rather than a struct literal: `Response` may become `#[non_exhaustive]`.
     let mut response = Response::default();
-    response.served_config_id = Some(CONFIG_ID.to_owned());
     if request.namespace != NAMESPACE {
         response.namespace_mismatch = true;
     } else if request.config_id != CONFIG_ID {
@@ -231,6 +231,7 @@ fn answer(request: &Request<'_>, served: u64) -> Expected {
         response.ok = true;
         response.result = Some(request.ops.clone().into_owned());
     }
+    response.served_config_id = Some(CONFIG_ID.to_owned());
     let encoded = serde_json::to_vec(&response).map_or(0, |json| json.len());
     if encoded > MAX_FRAME_BYTES {
         return error("response too large: ", Then::Continue);
