@@ -230,8 +230,8 @@ impl Connection {
     ) -> Result<Option<&[u8]>, ReadError> {
         let mut patience = PATIENCE;
         loop {
-            // Whole frame or not, the body is taken below: a borrow returned from inside the
-            // loop would keep `frames` borrowed for the reads.
+            // A whole frame ends the loop and its body is taken after it: a borrow returned
+            // from inside the loop would keep `frames` borrowed for the reads below.
             match self.frames.decode() {
                 Ok(Some(_)) => break,
                 Ok(None) => {}

@@ -246,7 +246,7 @@ fn too_large(what: &str, len: usize) -> io::Error {
 /// assert_eq!(bodies, [b"{}", b"[]"]);
 /// # std::io::Result::Ok(())
 /// ```
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct FrameDecoder {
     /// Bytes read so far; `start..end` holds those not yet consumed, `end..` is room.
     buf: Vec<u8>,
@@ -402,6 +402,16 @@ impl FrameDecoder {
         self.buf.truncate(body.end);
         self.buf.drain(..4);
         self.buf
+    }
+}
+
+impl std::fmt::Debug for FrameDecoder {
+    // The buffer's bytes would make a frame of several megabytes unreadable in a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameDecoder")
+            .field("buffered", &self.buffered())
+            .field("room", &(self.buf.len() - self.end))
+            .finish()
     }
 }
 
