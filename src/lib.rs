@@ -137,6 +137,9 @@ mod config;
 mod connection;
 mod dispatch;
 mod error;
+// The fuzz targets' way in to the per-connection handler; not part of the API (see
+// Cargo.toml's `__fuzzing` feature).
+#[cfg(feature = "__fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 mod inflight;
@@ -158,10 +161,9 @@ pub use logger::init_stderr_logger;
 pub use pidfile::{is_process_running, running_pid};
 pub use server::{Daemon, ShutdownHandle, Stopped};
 pub use spawn::Spawn;
-// `fuzzing` names the line protocol by this path.
-use pool::line as worker_line;
 pub use wire::{
-    encode_frame, frame_len, read_frame, write_frame, ProbeInfo, Request, Response, MAX_FRAME_BYTES,
+    encode_frame, frame_len, read_frame, write_frame, FrameDecoder, ProbeInfo, Request, Response,
+    MAX_FRAME_BYTES,
 };
 
 // The README's Rust example is compiled with the doctests.
