@@ -41,7 +41,8 @@ pub struct Spawn {
 
 impl Spawn {
     /// Starts `command` (which must serve `socket`) when no daemon answers there. Its output
-    /// is appended to `<socket>.log`; it gets 5 s to answer a probe.
+    /// is appended to the socket's path with the extension `log` (`khived.log` beside
+    /// `khived.sock`); it gets 5 s to answer a probe.
     pub fn new(socket: impl Into<PathBuf>, command: Command) -> Spawn {
         let socket = socket.into();
         Spawn {

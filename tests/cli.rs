@@ -224,7 +224,11 @@ fn serve_refuses_to_start_twice() {
     assert_eq!(second.status.code(), Some(5));
     let expected = format!("khived: already running as pid {}", server.child.id());
     assert!(stderr(&second).contains(&expected), "{}", stderr(&second));
-    assert!(!stderr(&second).contains("khived: khived"), "{}", stderr(&second));
+    assert!(
+        !stderr(&second).contains("khived: khived"),
+        "{}",
+        stderr(&second)
+    );
 }
 
 #[test]
@@ -607,7 +611,11 @@ fn help_of_a_command_and_usage_errors_point_to_it() {
     for command in ["serve", "start", "restart", "call", "status", "stop"] {
         let help = khived(&["help", command]);
         assert_eq!(help.status.code(), Some(0), "{command}");
-        assert_eq!(help.stdout, khived(&[command, "--help"]).stdout, "{command}");
+        assert_eq!(
+            help.stdout,
+            khived(&[command, "--help"]).stdout,
+            "{command}"
+        );
         assert!(
             stdout(&help).contains(&format!("Usage: khived {command}")),
             "{command}"
@@ -723,7 +731,10 @@ fn start_restart_and_stop_json() {
 
     let none = place.run("stop", &["--json"]);
     let value: serde_json::Value = serde_json::from_slice(&none.stdout).unwrap();
-    assert_eq!((value["stopped"].clone(), value["pid"].clone()), (true.into(), serde_json::Value::Null));
+    assert_eq!(
+        (value["stopped"].clone(), value["pid"].clone()),
+        (true.into(), serde_json::Value::Null)
+    );
     assert_eq!(value["was_running"], false);
 
     // With nothing running, restart just starts.
@@ -773,7 +784,10 @@ fn the_worker_command_comes_after_dashes() {
     let _cleanup = Detached(&place);
     let marker = place.dir.path().to_str().unwrap();
     // `--worker` takes the rest of the line: OPS after it is a usage error showing the form.
-    let wrong = place.run("call", &["--spawn", "--worker", "python3", WORKER, "upper hi"]);
+    let wrong = place.run(
+        "call",
+        &["--spawn", "--worker", "python3", WORKER, "upper hi"],
+    );
     assert_eq!(wrong.status.code(), Some(2));
     assert!(
         stderr(&wrong).contains("khived call --spawn 'upper hi' -- python3 examples/worker.py"),

@@ -84,7 +84,10 @@ fn probe_reports_the_daemon() {
     assert_eq!(info.namespace, common::NAMESPACE);
     assert_eq!(info.config_id, CONFIG_ID);
     assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
-    assert_eq!(info.in_flight, 0, "the probing connection itself is not counted");
+    assert_eq!(
+        info.in_flight, 0,
+        "the probing connection itself is not counted"
+    );
     assert!(info.served >= 1);
     // A probe skips the namespace and config checks.
     let mut probe = Request::new("", "another-namespace", "another-config");
