@@ -394,19 +394,17 @@ impl State {
 
 /// Probes the socket, then asks the PID file's lock about a daemon that did not answer.
 fn inspect(common: &Common, timeout: Duration, holder: &std::io::Result<Option<u32>>) -> State {
-    let probed = Client::connect(&common.socket, timeout).map(|mut client| {
-        let response = client.request(&Request::probe());
-        (client, response)
-    });
+    let probed = Client::connect(&common.socket, timeout)
+        .map(|mut client| client.request(&Request::probe()));
     let e = match probed {
-        Ok((_, Ok(response))) if response.ok => {
+        Ok(Ok(response)) if response.ok => {
             let info = response.result.as_deref().unwrap_or_default();
             return match serde_json::from_str::<ProbeInfo>(info) {
                 Ok(info) => State::Answering(info),
                 Err(e) => State::NotAnswering(format!("bad probe answer {info:?}: {e}")),
             };
         }
-        Ok((_, Ok(response))) => {
+        Ok(Ok(response)) => {
             let error = response.error.unwrap_or_default();
             return if error.starts_with("daemon_busy") {
                 State::Busy(error)
@@ -415,7 +413,7 @@ fn inspect(common: &Common, timeout: Duration, holder: &std::io::Result<Option<u
             };
         }
         // Accepted (or queued by the kernel) but not answered in time.
-        Ok((_, Err(e))) => return State::NotAnswering(e.to_string()),
+        Ok(Err(e)) => return State::NotAnswering(e.to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
             return State::NotAnswering(e.to_string())
         }
