@@ -291,8 +291,19 @@ fn connection_cap_follows_the_open_file_limit() {
 #[test]
 fn a_client_over_the_cap_reads_the_busy_reply() {
     let daemon = InProcess::start(|config, _| config.max_connections = 1);
-    let _holder = daemon.connect_raw();
+    // The slot is taken once the daemon has answered on the holder: the readiness probe's
+    // connection may keep it for a moment after it closed, and turn the holder away.
     let deadline = Instant::now() + Duration::from_secs(10);
+    let _holder = loop {
+        let mut stream = daemon.connect_raw();
+        let probe = serde_json::to_vec(&khived::Request::probe()).unwrap();
+        let _ = stream.write_all(&common::frame(&probe));
+        if common::read_response(&mut stream).unwrap().ok {
+            break stream;
+        }
+        assert!(Instant::now() < deadline, "the holder was never admitted");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     loop {
         // The client writes first; the daemon answers and closes without reading, so the
         // write may fail: the answer must still come through.
