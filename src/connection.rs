@@ -146,7 +146,8 @@ fn probe_text<D: Dispatch>(shared: &Shared<D>) -> String {
         config_id: shared.dispatcher.config_id().to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_ms: shared.started.elapsed().as_millis() as u64,
-        in_flight: shared.in_flight.get() as u64,
+        // Not counting the connection this probe came on.
+        in_flight: shared.in_flight.get().saturating_sub(1) as u64,
         served: shared.served.load(std::sync::atomic::Ordering::Relaxed),
     };
     serde_json::to_string(&info).unwrap_or_default()

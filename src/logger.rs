@@ -1,6 +1,8 @@
 //! A minimal logger for daemons that have none: one line per record on standard error.
 
 use std::io::Write;
+use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{LevelFilter, Log, Metadata, Record};
@@ -10,7 +12,8 @@ struct StderrLogger;
 static LOGGER: StderrLogger = StderrLogger;
 
 /// Sends `log` records up to `level` to standard error as
-/// `2026-11-26T07:00:00.123Z khived[PID] INFO message`. Returns `false` (and changes nothing)
+/// `2026-11-26T07:00:00.123Z NAME[PID] INFO message`, where NAME is the file name of the
+/// program that embeds the daemon (`khived` for the `khived` binary). Returns `false` (and changes nothing)
 /// if the application has installed a logger already.
 ///
 /// # Examples
@@ -38,8 +41,9 @@ impl Log for StderrLogger {
         }
         // One write per line, so lines from several threads do not interleave.
         let line = format!(
-            "{} khived[{}] {} {}\n",
+            "{} {}[{}] {} {}\n",
             timestamp(SystemTime::now()),
+            program_name(),
             std::process::id(),
             record.level(),
             record.args()
@@ -48,6 +52,20 @@ impl Log for StderrLogger {
     }
 
     fn flush(&self) {}
+}
+
+/// The name the running program was started under (the file name of its first argument), so
+/// that the log and error messages of a daemon name the embedding program, not this crate.
+pub(crate) fn program_name() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::args_os()
+            .next()
+            .and_then(|arg0| Path::new(&arg0).file_name().map(|name| name.to_owned()))
+            .map(|name| name.to_string_lossy().into_owned())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "daemon".to_owned())
+    })
 }
 
 /// UTC time in RFC 3339 form, without pulling in a date crate.

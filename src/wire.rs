@@ -222,7 +222,7 @@ pub struct ProbeInfo {
     pub version: String,
     /// Milliseconds since the daemon started serving.
     pub uptime_ms: u64,
-    /// Connections open at the moment of the probe, the probe's own included.
+    /// Connections open at the moment of the probe, not counting the probe's own.
     pub in_flight: u64,
     /// Requests answered so far, the probe not included.
     pub served: u64,
