@@ -18,11 +18,11 @@ use std::time::Duration;
 use async_io::{Async, Timer};
 use futures_lite::future::{self, FutureExt};
 use futures_lite::io::{AsyncRead, AsyncReadExt};
-use rustix::net::SendFlags;
 
 use crate::config::Config;
 use crate::dispatch::Dispatch;
 use crate::shared::Shared;
+use crate::sys;
 use crate::wire::{encode_frame, read_frame, ProbeInfo, Request, Response, MAX_FRAME_BYTES};
 
 /// How far ahead of the bytes that have arrived `read_frame` promises to allocate (its docs
@@ -305,6 +305,10 @@ pub fn connection(data: &[u8]) {
     server
         .set_nonblocking(true)
         .expect("set_nonblocking failed");
+    // Both ends are sent on; where SIGPIPE is suppressed per socket, each needs it.
+    sys::no_sigpipe(&client)
+        .and_then(|()| sys::no_sigpipe(&server))
+        .expect("SO_NOSIGPIPE failed");
     let client = Async::new(client).expect("registering the client end failed");
     let config = Config {
         first_request_timeout: Duration::from_millis(200),
@@ -335,12 +339,10 @@ async fn write_then_read(client: &Async<UnixStream>, input: &[u8]) -> Vec<u8> {
                 break;
             }
             let chunk = &input[written..input.len().min(written + size)];
-            // send with NOSIGNAL: libFuzzer's `main` does not ignore SIGPIPE as Rust's does,
-            // and the server closes early after a bad frame.
+            // Sent without SIGPIPE: libFuzzer's `main` does not ignore it as Rust's does, and
+            // the server closes early after a bad frame.
             let sent = client
-                .write_with(|s| {
-                    rustix::net::send(s, chunk, SendFlags::NOSIGNAL).map_err(Into::into)
-                })
+                .write_with(|s| sys::send(s, chunk).map_err(Into::into))
                 .await;
             match sent {
                 Ok(n) => written += n,
