@@ -16,7 +16,7 @@
 //! - The peer's uid comes from `getpeereid`, which rustix lacks: the one `unsafe` call in
 //!   this file, through `libc`.
 //! - Socket paths are shorter ([`MAX_SOCKET_PATH`]).
-//! - There is no service manager to speak to: [`no_service_manager`] stands in for the
+//! - There is no service manager to speak to: `no_service_manager` stands in for the
 //!   `systemd` module.
 
 use std::io;
