@@ -168,3 +168,54 @@ pub(crate) mod no_service_manager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use rustix::fs::OFlags;
+    use rustix::io::FdFlags;
+
+    use super::*;
+
+    fn close_on_exec(fd: impl AsFd) -> bool {
+        rustix::io::fcntl_getfd(fd)
+            .unwrap()
+            .contains(FdFlags::CLOEXEC)
+    }
+
+    fn nonblocking(fd: impl AsFd) -> bool {
+        rustix::fs::fcntl_getfl(fd)
+            .unwrap()
+            .contains(OFlags::NONBLOCK)
+    }
+
+    #[test]
+    fn new_sockets_are_close_on_exec_and_nonblocking_as_asked() {
+        for asked in [false, true] {
+            let fd = unix_socket(asked).unwrap();
+            assert!(close_on_exec(&fd));
+            assert_eq!(nonblocking(&fd), asked);
+        }
+    }
+
+    #[test]
+    fn accepted_sockets_are_close_on_exec_nonblocking_and_know_their_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = UnixListener::bind(&path).unwrap();
+        let client = UnixStream::connect(&path).unwrap();
+        // The connection is already queued: a blocking listener returns it at once.
+        let accepted = accept(&listener).unwrap();
+        assert!(close_on_exec(&accepted));
+        assert!(nonblocking(&accepted));
+        let me = rustix::process::geteuid().as_raw();
+        assert_eq!(peer_uid(&accepted).unwrap(), me);
+        assert_eq!(peer_uid(&client).unwrap(), me);
+        // A peer that is gone is an error, not a signal (the test harness ignores SIGPIPE
+        // anyway; what this shows is that the error comes back).
+        drop(client);
+        let sent = send(&accepted, b"x");
+        assert_eq!(sent, Err(rustix::io::Errno::PIPE));
+    }
+}
