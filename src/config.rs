@@ -44,6 +44,9 @@ pub struct Config {
     /// Whether a listening socket passed by a service manager (`LISTEN_PID`, `LISTEN_FDS`,
     /// descriptor 3) is used instead of binding `socket` (default true). Such a socket is
     /// never removed at shutdown: the service manager keeps it across restarts.
+    ///
+    /// Linux only, as are `sd_notify` readiness notifications: elsewhere the daemon always
+    /// binds `socket` itself, whatever this says, and notifies nobody.
     pub socket_activation: bool,
     /// Whether the daemon stops on SIGTERM and SIGINT (default true). Turn it off when the
     /// embedding application handles signals itself and stops the daemon with a

@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
 use futures_lite::future::{self, FutureExt};
-use rustix::net::SendFlags;
 
 use crate::config::Config;
 use crate::dispatch::Dispatch;
 use crate::inflight::Flag;
 use crate::shared::Shared;
+use crate::sys;
 use crate::wire::{encode_frame_into, FrameDecoder, ProbeInfo, Request, Response, READ_CHUNK};
 
 /// How many times a read that would block is retried, letting the other connections run in
@@ -293,8 +293,7 @@ impl Connection {
     async fn write_out(&mut self, deadline: Option<Instant>) -> io::Result<()> {
         let mut written = 0;
         while written < self.out.len() {
-            let sent =
-                rustix::net::send(self.io.stream()?, &self.out[written..], SendFlags::NOSIGNAL);
+            let sent = sys::send(self.io.stream()?, &self.out[written..]);
             match sent {
                 Ok(n) => written += n,
                 Err(rustix::io::Errno::AGAIN) => match self.wait(false, deadline, None).await? {
@@ -319,7 +318,7 @@ impl Connection {
         log::debug!("closing a connection: {error}");
         self.encode(&Response::error(error, shared.dispatcher.config_id()));
         if let Ok(stream) = self.io.stream() {
-            let _ = rustix::net::send(stream, &self.out, SendFlags::NOSIGNAL);
+            let _ = sys::send(stream, &self.out);
         }
     }
 

@@ -14,6 +14,10 @@ use crate::shared::Shared;
 /// it, and returns when the connection ends. `stream` must be non-blocking, as accepted
 /// sockets are. Nothing else of a daemon runs: no listener, no lock, no signals.
 pub async fn serve_connection<D: Dispatch>(dispatcher: D, config: Config, stream: UnixStream) {
+    // Accepted sockets get this from `sys::accept`; a socket pair has to be given it here.
+    if let Err(e) = crate::sys::no_sigpipe(&stream) {
+        log::warn!("cannot suppress SIGPIPE on a fuzzed connection: {e}");
+    }
     let shared = Shared::new(dispatcher, config);
     crate::connection::serve(&shared, stream).await;
 }

@@ -123,9 +123,10 @@
 //! ```
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
-// Three `unsafe` blocks exist: `pre_exec` in `spawn`, to put a started daemon in a session of
-// its own, `pre_exec` in `pool`, to give a worker PDEATHSIG, and taking descriptor 3 from a
-// service manager in `systemd`. Everything else goes through rustix.
+// Four `unsafe` blocks exist: `pre_exec` in `spawn`, to put a started daemon in a session of
+// its own, `pre_exec` in `pool`, to give a worker PDEATHSIG (Linux), taking descriptor 3 from
+// a service manager in `systemd` (Linux), and `getpeereid` in `sys` (not Linux: rustix lacks
+// it). Everything else goes through rustix.
 #![deny(unsafe_code)]
 
 // The path of a request: accept -> connection (read frame, decide, dispatch, write frame).
@@ -150,7 +151,12 @@ pub mod pool;
 mod server;
 mod shared;
 mod spawn;
+mod sys;
+#[cfg(target_os = "linux")]
 mod systemd;
+// Elsewhere there is no systemd to speak to: socket activation is off, notifications go nowhere.
+#[cfg(not(target_os = "linux"))]
+use sys::no_service_manager as systemd;
 mod wire;
 
 pub use client::{probe, Client};

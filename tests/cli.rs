@@ -100,6 +100,7 @@ fn stderr(output: &Output) -> String {
 
 /// Processes whose command line mentions `marker`: the workers get their test's directory as
 /// an argument, so any left running after their daemon has stopped show up here.
+#[cfg(target_os = "linux")]
 fn processes_mentioning(marker: &Path) -> Vec<String> {
     let marker = marker.to_string_lossy().into_owned();
     let mut found = Vec::new();
@@ -116,6 +117,23 @@ fn processes_mentioning(marker: &Path) -> Vec<String> {
         }
     }
     found
+}
+
+/// Processes whose command line mentions `marker`, as `ps` lists them where there is no
+/// `/proc`.
+#[cfg(not(target_os = "linux"))]
+fn processes_mentioning(marker: &Path) -> Vec<String> {
+    let marker = marker.to_string_lossy().into_owned();
+    let ps = Command::new("ps")
+        .args(["-axww", "-o", "pid=,command="])
+        .output()
+        .unwrap();
+    assert!(ps.status.success(), "ps failed: {}", stderr(&ps));
+    String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter(|line| line.contains(&marker))
+        .map(|line| line.trim().to_owned())
+        .collect()
 }
 
 #[test]

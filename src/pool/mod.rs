@@ -24,7 +24,9 @@
 //! - **Logs**: each worker's standard error goes to the daemon's log (the `log` crate), line
 //!   by line, prefixed with its id, which the worker also finds in `KHIVED_WORKER_ID`.
 //! - **No orphans**: workers get `PDEATHSIG=SIGKILL`, so they die with a daemon killed by
-//!   SIGKILL. At a normal shutdown the daemon drains the requests in flight, then the
+//!   SIGKILL. That is Linux only: elsewhere such a worker lives on until it reads the end of
+//!   its stdin (and exits, as at a normal shutdown) or fails to write a reply (broken pipe),
+//!   so one stuck in a request outlives the daemon. At a normal shutdown the daemon drains the requests in flight, then the
 //!   workers' stdin is closed, they get [`PoolOptions::shutdown_grace`] to exit, then
 //!   SIGKILL; every child is reaped before the daemon lets go of its PID file.
 //!

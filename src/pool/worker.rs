@@ -87,11 +87,19 @@ fn start(inner: &Inner, id: usize) -> io::Result<Pipes> {
         .command
         .split_first()
         .ok_or_else(|| io::Error::other("empty worker command"))?;
+    // Only Linux needs it mutable, for PDEATHSIG. Elsewhere a worker outlives a daemon killed
+    // by SIGKILL until it next reads its stdin and finds it closed (see the module docs).
+    #[cfg_attr(
+        not(any(target_os = "linux", target_os = "android")),
+        allow(unused_mut)
+    )]
     let mut command = std::process::Command::new(program);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     let daemon = rustix::process::getpid();
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed. It makes two system calls (prctl, getppid),
     // allocates nothing (its errors are plain errno values) and touches no memory of ours.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     #[allow(unsafe_code)]
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut command, move || {

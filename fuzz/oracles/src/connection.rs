@@ -62,6 +62,13 @@ impl Dispatch for FuzzDispatcher {
     }
 }
 
+/// Send flags that keep a send to a closed peer from raising `SIGPIPE`; Apple platforms lack
+/// the flag and get `SO_NOSIGPIPE` on the socket instead.
+#[cfg(not(target_vendor = "apple"))]
+const NO_SIGPIPE: SendFlags = SendFlags::NOSIGNAL;
+#[cfg(target_vendor = "apple")]
+const NO_SIGPIPE: SendFlags = SendFlags::empty();
+
 /// Runs the input, as a client's byte stream, through the real per-connection handler over a
 /// socket pair, and checks what comes back: well-formed response frames, each with
 /// `served_config_id`, then a close; never a panic or a hang; at most one response per
@@ -74,6 +81,8 @@ pub fn connection(data: &[u8]) {
     server
         .set_nonblocking(true)
         .expect("set_nonblocking failed");
+    #[cfg(target_vendor = "apple")]
+    rustix::net::sockopt::set_socket_nosigpipe(&client, true).expect("SO_NOSIGPIPE failed");
     let client = Async::new(client).expect("registering the client end failed");
     // No deadlines: the exchange always ends, since the client shuts down its writing side
     // once the input is sent and reads until the server closes. A deadline could only fire
@@ -104,12 +113,10 @@ async fn write_then_read(client: &Async<UnixStream>, input: &[u8]) -> Vec<u8> {
                 break;
             }
             let chunk = &input[written..input.len().min(written + size)];
-            // send with NOSIGNAL: libFuzzer's `main` does not ignore SIGPIPE as Rust's does,
-            // and the server closes early after a bad frame.
+            // Sent without SIGPIPE: libFuzzer's `main` does not ignore it as Rust's does, and
+            // the server closes early after a bad frame.
             let sent = client
-                .write_with(|s| {
-                    rustix::net::send(s, chunk, SendFlags::NOSIGNAL).map_err(Into::into)
-                })
+                .write_with(|s| rustix::net::send(s, chunk, NO_SIGPIPE).map_err(Into::into))
                 .await;
             match sent {
                 Ok(n) => written += n,
