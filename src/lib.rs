@@ -98,6 +98,7 @@ mod error;
 pub mod fuzzing;
 mod inflight;
 mod instance;
+mod logfile;
 mod logger;
 pub mod pool;
 mod server;
@@ -110,7 +111,8 @@ pub use config::{env_truthy, pid_path, socket_path, state_dir, Config};
 pub use dispatch::Dispatch;
 pub use error::Error;
 pub use instance::{is_process_running, running_pid};
-pub use logger::init_stderr_logger;
+pub use logfile::RotatingFile;
+pub use logger::{init_file_logger, init_stderr_logger};
 pub use server::{Daemon, ShutdownHandle};
 pub use spawn::Spawn;
 // `fuzzing` names the line protocol by this path.
