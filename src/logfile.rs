@@ -14,7 +14,8 @@ use rustix::fs::{FileType, Mode, OFlags};
 /// is deleted. The disk it uses is bounded by `max_bytes × (keep + 1)`.
 ///
 /// Each `write` call goes whole into one file (cut to `max_bytes` if it is longer), so a log
-/// line written with one call is never split across two files. One writer per file: two
+/// line written with one call is never split across two files. Format a line before writing
+/// it: `writeln!` may write it in several calls. One writer per file: two
 /// processes rotating the same path would rename each other's files.
 ///
 /// The file is opened safely for a path in a directory others might reach: it is created
@@ -31,7 +32,7 @@ use rustix::fs::{FileType, Mode, OFlags};
 /// std::fs::create_dir_all(&dir)?;
 /// let mut log = RotatingFile::open(dir.join("daemon.log"))?.max_bytes(64).keep(1);
 /// for i in 0..10 {
-///     writeln!(log, "line {i} of the log")?;
+///     log.write_all(format!("line {i} of the log\n").as_bytes())?;
 /// }
 /// // Only the newest lines are kept: two files of at most 64 bytes.
 /// assert!(std::fs::metadata(dir.join("daemon.log"))?.len() <= 64);
@@ -215,7 +216,8 @@ mod tests {
         let path = dir.path().join("k.log");
         let mut log = RotatingFile::open(&path).unwrap().max_bytes(100).keep(2);
         for i in 0..1000 {
-            writeln!(log, "line {i:04} xxxxxxxxxxxxxxxxxxxx").unwrap();
+            let line = format!("line {i:04} xxxxxxxxxxxxxxxxxxxx\n");
+            log.write_all(line.as_bytes()).unwrap();
         }
         let names: Vec<_> = ["k.log", "k.log.1", "k.log.2"]
             .iter()

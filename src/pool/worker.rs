@@ -25,6 +25,9 @@ const LAST_RESTART_DELAY: Duration = Duration::from_secs(10);
 /// A worker that ran this long before failing starts over with the shortest delay.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 
+const EXITED: &str = "exited while handling the request";
+const CLOSED_STDOUT: &str = "closed its standard output while handling the request";
+
 /// Why a worker process was given up on.
 enum Ended {
     /// The queue closed: the daemon is stopping.
@@ -63,10 +66,15 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                 Ended::Failed { why, job: None }
             }
         };
-        let status = reap(&inner, id).await;
+        let (status, exited) = reap(&inner, id).await;
         match ended {
             Ended::Stopping => return,
-            Ended::Failed { why, job } => {
+            Ended::Failed { mut why, job } => {
+                // Its stdout ended before its exit was seen: if it was not killed by `reap`,
+                // it had exited on its own, which is the clearer message.
+                if why == CLOSED_STDOUT && exited {
+                    why = EXITED.to_owned();
+                }
                 log::warn!("worker {id}: {why} ({status})");
                 if let Some(job) = job {
                     let _ = job
@@ -144,19 +152,24 @@ fn start(
     Ok((pipes, exited))
 }
 
+/// The signal `reap` kills with (its number on every Linux architecture).
+const SIGKILL: i32 = 9;
+
 /// Kills worker `id` if it still runs, with every process left in its group, and waits
-/// for it; returns how it ended.
-async fn reap(inner: &Inner, id: usize) -> String {
+/// for it; returns how it ended, and whether it had exited on its own (not by SIGKILL).
+async fn reap(inner: &Inner, id: usize) -> (String, bool) {
+    use std::os::unix::process::ExitStatusExt;
     let child = lock(&inner.children[id - 1]).take();
     let Some(mut child) = child else {
-        return "not started".to_owned();
+        return ("not started".to_owned(), false);
     };
     // A worker that printed garbage or hung may still run; one that died is only reaped.
+    // (One that is exiting keeps the exit status it chose: a later signal does not change it.)
     kill_group(child.id());
     let _ = child.kill();
     match child.status().await {
-        Ok(status) => status.to_string(),
-        Err(e) => format!("not reaped: {e}"),
+        Ok(status) => (status.to_string(), status.signal() != Some(SIGKILL)),
+        Err(e) => (format!("not reaped: {e}"), false),
     }
 }
 
@@ -293,12 +306,11 @@ fn stray(buf: &[u8]) -> String {
 async fn exchange(
     stdin: &mut ChildStdin,
     stdout: &mut BufReader<ChildStdout>,
-    mut exited: Pin<&mut impl Future<Output = io::Result<ExitStatus>>>,
+    exited: Pin<&mut impl Future<Output = io::Result<ExitStatus>>>,
     line: &[u8],
     id: u64,
     timeout: Option<Duration>,
 ) -> Result<Result<String, String>, String> {
-    const EXITED: &str = "exited while handling the request";
     let talk = async {
         stdin
             .write_all(line)
@@ -312,25 +324,13 @@ async fn exchange(
         // the reply is in the pipe before the exit can be seen.
         let read = async { Ok(read_line(stdout).await) };
         let gone = async {
-            let _ = exited.as_mut().await;
+            let _ = exited.await;
             Err(EXITED.to_owned())
         };
         let reply = match read.or(gone).await? {
             Ok(Some(reply)) => reply,
-            Ok(None) => {
-                // The end of its stdout: the worker has most likely exited, which is the
-                // clearer message (with the status), once the exit is seen.
-                let closed = "closed its standard output while handling the request";
-                return Err(async {
-                    let _ = exited.as_mut().await;
-                    EXITED.to_owned()
-                }
-                .or(async {
-                    Timer::after(Duration::from_secs(2)).await;
-                    closed.to_owned()
-                })
-                .await);
-            }
+            // The end of its stdout: most likely it exited, which `run` tells from its status.
+            Ok(None) => return Err(CLOSED_STDOUT.to_owned()),
             Err(why) => return Err(why),
         };
         let reply = line::parse_reply_with_id(&reply)?;
