@@ -354,8 +354,11 @@ for line in sys.stdin:
     if ops == "pid":
         ops = str(os.getpid())
     if ops == "twice":
-        sys.stdout.write(json.dumps({"ok": True, "result": "first"}) + "\n")
-        sys.stdout.write(json.dumps({"ok": True, "result": "secret of the first client"}) + "\n")
+        # In one write, so that both lines are there by the time the first is read: without
+        # an echoed id, a reply printed later can only be told apart by its timing.
+        first = json.dumps({"ok": True, "result": "first"})
+        second = json.dumps({"ok": True, "result": "secret of the first client"})
+        os.write(1, (first + "\n" + second + "\n").encode())
     elif ops == "stale":
         sys.stdout.write(json.dumps({"id": last, "ok": True, "result": "secret again"}) + "\n")
         sys.stdout.write(json.dumps({"id": request.get("id"), "ok": True, "result": ops}) + "\n")

@@ -27,6 +27,8 @@ const HEALTHY_RUN: Duration = Duration::from_secs(30);
 
 const EXITED: &str = "exited while handling the request";
 const CLOSED_STDOUT: &str = "closed its standard output while handling the request";
+const EXITED_IDLE: &str = "exited while idle";
+const CLOSED_IDLE: &str = "closed its standard output while idle";
 
 /// Why a worker process was given up on.
 enum Ended {
@@ -72,8 +74,11 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
             Ended::Failed { mut why, job } => {
                 // Its stdout ended before its exit was seen: if it was not killed by `reap`,
                 // it had exited on its own, which is the clearer message.
-                if why == CLOSED_STDOUT && exited {
-                    why = EXITED.to_owned();
+                if exited && (why == CLOSED_STDOUT || why == CLOSED_IDLE) {
+                    why = match why == CLOSED_STDOUT {
+                        true => EXITED.to_owned(),
+                        false => EXITED_IDLE.to_owned(),
+                    };
                 }
                 log::warn!("worker {id}: {why} ({status})");
                 if let Some(job) = job {
@@ -268,7 +273,7 @@ async fn idle(
     let job = async { Ok(inner.queued.recv().await.ok()) };
     let gone = async {
         let _ = exited.await;
-        Err("exited while idle".to_owned())
+        Err(EXITED_IDLE.to_owned())
     };
     let output = async {
         Err(match stdout.fill_buf().await {
@@ -292,7 +297,7 @@ async fn stray_output(stdout: &mut BufReader<ChildStdout>) -> Option<String> {
 /// is not quoted: it may be an answer meant for another client.
 fn stray(buf: &[u8]) -> String {
     match buf.len() {
-        0 => "closed its standard output".to_owned(),
+        0 => CLOSED_IDLE.to_owned(),
         len => format!(
             "is out of sync: it printed {len} byte(s) when no request was outstanding; \
              restarting it"
@@ -392,20 +397,16 @@ async fn forward_stderr(id: usize, stderr: ChildStderr, per_second: u32) {
     let mut bucket = Bucket::new(per_second);
     let mut line = Vec::new();
     let mut cut = 0;
-    let mut dropped: u64 = 0;
-    let mut reported = Instant::now();
-    let report = |dropped: &mut u64, reported: &mut Instant| {
-        if *dropped > 0 {
-            log::warn!(
-                "worker {id}: {dropped} stderr lines dropped (more than {per_second} lines/s)"
-            );
-        }
-        *dropped = 0;
-        *reported = Instant::now();
+    // Also reports what is left when the forwarding ends with the worker.
+    let mut dropped = Dropped {
+        id,
+        per_second,
+        count: 0,
+        reported: Instant::now(),
     };
     loop {
-        let report_at = reported + DROP_REPORT;
-        let waiting_drops = dropped > 0;
+        let report_at = dropped.reported + DROP_REPORT;
+        let waiting_drops = dropped.count > 0;
         let filled = async { Some(stderr.fill_buf().await.map(|buf| buf.len())) }
             .or(async {
                 match waiting_drops {
@@ -417,17 +418,16 @@ async fn forward_stderr(id: usize, stderr: ChildStderr, per_second: u32) {
             .await;
         match filled {
             None => {
-                report(&mut dropped, &mut reported);
+                dropped.report();
                 continue;
             }
             Some(Ok(0) | Err(_)) => {
                 if !line.is_empty() {
                     match bucket.take() {
                         true => log_line(id, &line, cut),
-                        false => dropped += 1,
+                        false => dropped.count += 1,
                     }
                 }
-                report(&mut dropped, &mut reported);
                 return;
             }
             Some(Ok(_)) => {}
@@ -445,7 +445,7 @@ async fn forward_stderr(id: usize, stderr: ChildStderr, per_second: u32) {
                 match bucket.take() {
                     true => log_line(id, &line, cut),
                     false => {
-                        dropped += 1;
+                        dropped.count += 1;
                         over = true;
                     }
                 }
@@ -454,14 +454,43 @@ async fn forward_stderr(id: usize, stderr: ChildStderr, per_second: u32) {
             }
         }
         stderr.consume(len);
-        if reported.elapsed() >= DROP_REPORT {
-            report(&mut dropped, &mut reported);
+        if dropped.reported.elapsed() >= DROP_REPORT {
+            dropped.report();
         }
         if over {
             Timer::at(bucket.next_token()).await;
         } else {
             future::yield_now().await;
         }
+    }
+}
+
+/// The count of a worker's stderr lines dropped since it was last logged.
+struct Dropped {
+    id: usize,
+    per_second: u32,
+    count: u64,
+    reported: Instant,
+}
+
+impl Dropped {
+    fn report(&mut self) {
+        if self.count > 0 {
+            log::warn!(
+                "worker {}: {} stderr lines dropped (more than {} lines/s)",
+                self.id,
+                self.count,
+                self.per_second
+            );
+        }
+        self.count = 0;
+        self.reported = Instant::now();
+    }
+}
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.report();
     }
 }
 
