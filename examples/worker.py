@@ -9,6 +9,9 @@ and call it from any shell:
     khived call 'upper hello'      # prints HELLO
 
 Anything a worker prints to stderr lands in the daemon's log, prefixed with its id.
+
+Each request carries an "id"; echoing it in the reply, as this worker does, lets the daemon
+check that every reply answers the request it is waiting for.
 """
 import json
 import os
@@ -35,27 +38,33 @@ def handle(model, request):
     if verb == "sleep":
         print(f"worker {WORKER_ID} sleeping {text}s", file=sys.stderr, flush=True)
         time.sleep(float(text))
-        return json.dumps({"ok": True, "result": text})
+        return {"ok": True, "result": text}
     if verb == "mojibake":
         # Not UTF-8, on purpose: the daemon must keep reading this worker's stderr.
         sys.stderr.buffer.write(b"\xff\xfe not utf-8\n")
         sys.stderr.flush()
-        return json.dumps({"ok": True, "result": "logged"})
+        return {"ok": True, "result": "logged"}
     if verb == "whoami":
-        return json.dumps({"ok": True, "result": WORKER_ID})
+        return {"ok": True, "result": WORKER_ID}
     if verb not in model:
-        return json.dumps({"ok": False, "error": f"unknown verb {verb!r}"})
-    return json.dumps({"ok": True, "result": model[verb](text)})
+        return {"ok": False, "error": f"unknown verb {verb!r}"}
+    return {"ok": True, "result": model[verb](text)}
 
 
 def main():
     model = load_model()
     print(f"worker {WORKER_ID} ready", file=sys.stderr, flush=True)
     for line in sys.stdin:
+        request_id = None
         try:
-            reply = handle(model, json.loads(line))
+            request = json.loads(line)
+            request_id = request.get("id")
+            reply = handle(model, request)
         except Exception as e:  # a bad request is an error reply, not a dead worker
-            reply = json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"})
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        if isinstance(reply, dict):
+            # Echo the request's id: the daemon checks that the reply answers its request.
+            reply = json.dumps({"id": request_id, **reply})
         sys.stdout.write(reply + "\n")
         sys.stdout.flush()
 

@@ -3,7 +3,7 @@
 
 Run from anywhere: python3 fuzz/make_seeds.py. It rewrites the seed files it knows and leaves
 other files alone. The seeds are committed; this script is how they were made, so that a
-change of the input layouts (src/fuzzing.rs) can regenerate them.
+change of the input layouts (fuzz/oracles/src/) can regenerate them.
 """
 
 import json
@@ -11,8 +11,8 @@ import os
 import struct
 
 CAP = 8 * 1024 * 1024  # MAX_FRAME_BYTES
-NAMESPACE = "fuzz"  # khived::fuzzing::NAMESPACE
-CONFIG_ID = "fuzz-config"  # khived::fuzzing::CONFIG_ID
+NAMESPACE = "fuzz"  # khived_oracles::NAMESPACE
+CONFIG_ID = "fuzz-config"  # khived_oracles::CONFIG_ID
 SEEDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
 
 

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use async_executor::Executor;
 use async_io::{Async, Timer};
 use futures_lite::future::FutureExt;
-use rustix::net::{SendFlags, SocketFlags};
 
 use crate::connection;
 use crate::dispatch::Dispatch;
 use crate::inflight::Flag;
 use crate::shared::Shared;
+use crate::sys;
 use crate::wire::{encode_frame, Response};
 
 /// Descriptors kept free for the daemon's own use when the open-file limit caps connections.
@@ -42,7 +42,7 @@ pub(crate) async fn accept_loop<D: Dispatch>(
     };
     let mut backoff = AcceptBackoff::default();
     loop {
-        let accepted = async { Some(listener.read_with(accept).await) }
+        let accepted = async { Some(listener.read_with(sys::accept).await) }
             .or(async {
                 closing.wait().await;
                 None
@@ -59,15 +59,9 @@ pub(crate) async fn accept_loop<D: Dispatch>(
     }
     // Clients the kernel queued before the shutdown have connected and may have sent their
     // request: take them in (they are drained like the rest), then close the listener.
-    while let Ok(fd) = accept(listener.get_ref()) {
+    while let Ok(fd) = sys::accept(listener.get_ref()) {
         gate.admit(UnixStream::from(fd));
     }
-}
-
-/// `accept4` with the flags set: saves an `fcntl` per connection.
-fn accept(listener: &UnixListener) -> io::Result<rustix::fd::OwnedFd> {
-    rustix::net::accept_with(listener, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
-        .map_err(io::Error::from)
 }
 
 /// What a connection passes before it is served: the peer check and the connection cap.
@@ -84,7 +78,7 @@ impl<D: Dispatch> Gate<D> {
         let shared = &self.shared;
         // Who is calling is decided before a byte is read: file modes can be loosened by
         // mistake, the kernel's record of the peer cannot.
-        match peer_uid(&stream) {
+        match sys::peer_uid(&stream) {
             Ok(uid) if uid == self.own_uid || (uid == 0 && shared.config.allow_root) => {}
             Ok(uid) => {
                 self.refusals.warn(|suppressed| {
@@ -121,22 +115,8 @@ fn refuse_busy<D: Dispatch>(shared: &Shared<D>, stream: &UnixStream, max: usize)
     let error = format!("daemon_busy: {max} connections open; try again shortly");
     let response = Response::error(error, shared.dispatcher.config_id());
     if let Ok(frame) = encode_frame(&response) {
-        let _ = rustix::net::send(stream, &frame, SendFlags::NOSIGNAL);
+        let _ = sys::send(stream, &frame);
     }
-}
-
-/// The uid of the process at the other end, as the kernel recorded it at `connect`.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
-    Ok(rustix::net::sockopt::socket_peercred(stream)?.uid.as_raw())
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn peer_uid(_stream: &UnixStream) -> io::Result<u32> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "peer credentials (SO_PEERCRED) are not supported on this platform yet",
-    ))
 }
 
 /// A warning logged at most once a second, with a count of those held back.

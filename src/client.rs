@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures_lite::io::AssertAsync;
-use rustix::net::{sockopt, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::net::{sockopt, SocketAddrUnix};
 
+use crate::sys;
 use crate::wire::{encode_frame, read_frame, ProbeInfo, Request, Response};
 
 /// A connection to a daemon, for one or several requests under one deadline.
@@ -52,12 +53,7 @@ impl Client {
         let path = path.as_ref();
         crate::trust::check_socket_dirs(path)?;
         let deadline = Instant::now().checked_add(timeout);
-        let fd = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::STREAM,
-            SocketFlags::CLOEXEC,
-            None,
-        )?;
+        let fd = sys::unix_socket(false)?;
         // A blocking connect to a Unix socket whose backlog is full waits, bounded by the
         // send timeout: that makes the connect honour the deadline too.
         let connect_timeout = deadline.map(|_| timeout.max(Duration::from_millis(1)));

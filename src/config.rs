@@ -48,6 +48,9 @@ pub struct Config {
     /// Whether a listening socket passed by a service manager (`LISTEN_PID`, `LISTEN_FDS`,
     /// descriptor 3) is used instead of binding `socket` (default true). Such a socket is
     /// never removed at shutdown: the service manager keeps it across restarts.
+    ///
+    /// Linux only, as are `sd_notify` readiness notifications: elsewhere the daemon always
+    /// binds `socket` itself, whatever this says, and notifies nobody.
     pub socket_activation: bool,
     /// Whether the daemon stops on SIGTERM, SIGINT and SIGHUP (default true; SIGHUP is what
     /// a daemon started from a terminal gets when the terminal closes). Turn it off when the

@@ -7,23 +7,19 @@
 
 use std::any::Any;
 use std::io::{self, Read};
-use std::ops::Range;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
 use futures_lite::future::{self, FutureExt};
-use rustix::net::SendFlags;
 
 use crate::config::Config;
 use crate::dispatch::Dispatch;
 use crate::inflight::Flag;
 use crate::shared::Shared;
-use crate::wire::{encode_frame_into, ProbeInfo, Request, Response, MAX_FRAME_BYTES, READ_CHUNK};
-
-/// The read buffer's size when a connection starts; it grows only as a frame needs it.
-const INITIAL_BUFFER: usize = 4096;
+use crate::sys;
+use crate::wire::{encode_frame_into, FrameDecoder, ProbeInfo, Request, Response, READ_CHUNK};
 
 /// How many times a read that would block is retried, letting the other connections run in
 /// between, before the socket is registered with the reactor. A client's next request (or
@@ -50,8 +46,8 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
                 return;
             }
         };
-        let (response, keep_open) = answer(shared, &conn.buf[body.clone()]).await;
-        conn.consume(body);
+        let (response, keep_open) = answer(shared, body).await;
+        conn.frames.consume();
         conn.encode(&response);
         if let Err(e) = conn.write_out(after(config.write_timeout)).await {
             log::debug!("connection write failed: {e}");
@@ -74,10 +70,8 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
 /// closes it without a word (the client is gone, or idle between requests).
 fn closing_reply(error: ReadError, first_request: bool, config: &Config) -> Option<String> {
     match error {
-        ReadError::TooLarge(len) => Some(format!(
-            "frame too large: {len} bytes (limit {MAX_FRAME_BYTES})"
-        )),
-        ReadError::Truncated(what) => Some(format!("bad request: {what}")),
+        ReadError::TooLarge(e) => Some(e.to_string()),
+        ReadError::Truncated(e) => Some(format!("bad request: {e}")),
         ReadError::TimedOut if first_request => Some(format!(
             "bad request: no complete request within {:?}",
             config.first_request_timeout
@@ -152,7 +146,8 @@ fn probe_text<D: Dispatch>(shared: &Shared<D>) -> String {
         config_id: shared.dispatcher.config_id().to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_ms: shared.started.elapsed().as_millis() as u64,
-        in_flight: shared.in_flight.get() as u64,
+        // Not counting the connection this probe came on.
+        in_flight: shared.in_flight.get().saturating_sub(1) as u64,
         served: shared.served.load(std::sync::atomic::Ordering::Relaxed),
     };
     serde_json::to_string(&info).unwrap_or_default()
@@ -170,9 +165,9 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
 
 enum ReadError {
     /// The header announced more than the cap; the body was not read.
-    TooLarge(usize),
+    TooLarge(io::Error),
     /// The client closed its side inside a frame.
-    Truncated(String),
+    Truncated(io::Error),
     TimedOut,
     Io(io::Error),
 }
@@ -215,10 +210,8 @@ impl Io {
 
 struct Connection {
     io: Io,
-    /// Bytes read so far; `start..end` holds those not yet consumed.
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
+    /// The bytes read and not yet answered, reused from request to request.
+    frames: FrameDecoder,
     /// The encoded response, written in one piece.
     out: Vec<u8>,
 }
@@ -227,58 +220,41 @@ impl Connection {
     fn new(stream: UnixStream) -> Self {
         Connection {
             io: Io::Plain(stream),
-            buf: Vec::new(),
-            start: 0,
-            end: 0,
+            frames: FrameDecoder::new(),
             out: Vec::new(),
         }
     }
 
-    /// Reads until a whole frame is buffered and returns the range of its body in `buf`.
-    /// `Ok(None)` is a clean end: the client closed between frames, or `idle_stop` was set
-    /// while no byte of a next frame had arrived.
+    /// Reads until a whole frame is buffered and returns its body, which stays buffered until
+    /// `frames.consume()`. `Ok(None)` is a clean end: the client closed between frames, or
+    /// `idle_stop` was set while no byte of a next frame had arrived.
     async fn read_frame(
         &mut self,
         deadline: Option<Instant>,
         idle_stop: Option<&Flag>,
-    ) -> Result<Option<Range<usize>>, ReadError> {
+    ) -> Result<Option<&[u8]>, ReadError> {
         let mut patience = PATIENCE;
         loop {
-            let buffered = self.end - self.start;
-            let needed = if buffered >= 4 {
-                let header = self.buf[self.start..self.start + 4].try_into();
-                let len = u32::from_be_bytes(header.unwrap_or_default()) as usize;
-                if len > MAX_FRAME_BYTES {
-                    return Err(ReadError::TooLarge(len));
-                }
-                if buffered >= 4 + len {
-                    let body = self.start + 4..self.start + 4 + len;
-                    return Ok(Some(body));
-                }
-                4 + len
-            } else {
-                4
-            };
-            self.make_room(needed);
+            // A whole frame ends the loop and its body is taken after it: a borrow returned
+            // from inside the loop would keep `frames` borrowed for the reads below.
+            match self.frames.decode() {
+                Ok(Some(_)) => break,
+                Ok(None) => {}
+                Err(e) => return Err(ReadError::TooLarge(e)),
+            }
+            let buffered = self.frames.buffered();
             let read = match self.io.stream() {
-                Ok(mut stream) => stream.read(&mut self.buf[self.end..]),
+                Ok(mut stream) => stream.read(self.frames.read_buf()),
                 Err(e) => Err(e),
             };
             match read {
-                Ok(0) if buffered == 0 => return Ok(None),
                 Ok(0) => {
-                    let what = if buffered < 4 {
-                        format!("connection closed inside a frame header ({buffered} of 4 bytes)")
-                    } else {
-                        format!(
-                            "connection closed inside a frame body ({} of {} bytes)",
-                            buffered - 4,
-                            needed - 4
-                        )
-                    };
-                    return Err(ReadError::Truncated(what));
+                    return match self.frames.finish() {
+                        Ok(()) => Ok(None),
+                        Err(e) => Err(ReadError::Truncated(e)),
+                    }
                 }
-                Ok(n) => self.end += n,
+                Ok(n) => self.frames.filled(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && patience > 0 => {
                     patience -= 1;
                     future::yield_now().await;
@@ -296,38 +272,7 @@ impl Connection {
                 Err(e) => return Err(ReadError::Io(e)),
             }
         }
-    }
-
-    /// Makes space to read into, growing the buffer towards a frame of `needed` bytes but
-    /// never more than [`READ_CHUNK`] beyond what has arrived.
-    fn make_room(&mut self, needed: usize) {
-        if self.end < self.buf.len() {
-            return;
-        }
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        if self.end < self.buf.len() {
-            return;
-        }
-        let target = needed.max(INITIAL_BUFFER).min(self.end + READ_CHUNK);
-        self.buf.reserve_exact(target - self.buf.len());
-        self.buf.resize(target, 0);
-    }
-
-    /// Marks a frame as handled.
-    fn consume(&mut self, body: Range<usize>) {
-        self.start = body.end;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-            // Do not keep a large frame's buffer for the rest of a long-lived connection.
-            if self.buf.len() > READ_CHUNK {
-                self.buf = Vec::new();
-            }
-        }
+        self.frames.decode().map_err(ReadError::TooLarge)
     }
 
     /// Encodes `response` into `out`, replacing it with an error if it is above the cap.
@@ -348,8 +293,7 @@ impl Connection {
     async fn write_out(&mut self, deadline: Option<Instant>) -> io::Result<()> {
         let mut written = 0;
         while written < self.out.len() {
-            let sent =
-                rustix::net::send(self.io.stream()?, &self.out[written..], SendFlags::NOSIGNAL);
+            let sent = sys::send(self.io.stream()?, &self.out[written..]);
             match sent {
                 Ok(n) => written += n,
                 Err(rustix::io::Errno::AGAIN) => match self.wait(false, deadline, None).await? {
@@ -374,7 +318,7 @@ impl Connection {
         log::debug!("closing a connection: {error}");
         self.encode(&Response::error(error, shared.dispatcher.config_id()));
         if let Ok(stream) = self.io.stream() {
-            let _ = rustix::net::send(stream, &self.out, SendFlags::NOSIGNAL);
+            let _ = sys::send(stream, &self.out);
         }
     }
 

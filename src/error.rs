@@ -4,13 +4,20 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 
+use crate::logger::program_name;
+
 /// Why a daemon did not start or stopped with an error.
+///
+/// Messages name the program that embeds the daemon (the file name it was started under),
+/// not this crate:
 ///
 /// # Examples
 ///
 /// ```
 /// let err = khived::Error::AlreadyRunning { pid: Some(4242) };
-/// assert_eq!(err.to_string(), "khived is already running as pid 4242");
+/// let program = std::env::args_os().next().unwrap();
+/// let program = std::path::Path::new(&program).file_name().unwrap().to_string_lossy();
+/// assert_eq!(err.to_string(), format!("{program} is already running as pid 4242"));
 /// ```
 #[derive(Debug)]
 #[non_exhaustive]
@@ -29,10 +36,14 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::AlreadyRunning { pid: Some(pid) } => {
-                write!(f, "khived is already running as pid {pid}")
+                write!(f, "{} is already running as pid {pid}", program_name())
             }
             Error::AlreadyRunning { pid: None } => {
-                write!(f, "khived is already running (its pid could not be read)")
+                write!(
+                    f,
+                    "{} is already running (its pid could not be read)",
+                    program_name()
+                )
             }
             Error::Io(e) => e.fmt(f),
         }

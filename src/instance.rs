@@ -11,16 +11,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rustix::fs::{FlockOperation, Mode, OFlags};
-use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::net::SocketAddrUnix;
 
 use crate::config::{beside, Config};
 use crate::error::annotate;
 use crate::pidfile::{is_process_running, read_pid, running_pid, wait_for_pid};
+use crate::sys::{self, MAX_SOCKET_PATH};
 use crate::trust::prepare_dir;
 use crate::Error;
-
-/// The longest socket path the platform accepts, in bytes (`sun_path` less its NUL).
-const MAX_SOCKET_PATH: usize = 107;
 
 /// How many connections may wait in the kernel's queue before `accept`.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -329,12 +327,7 @@ fn not_answering(path: &Path, pid_file: &Path, previous: Option<u32>, e: &io::Er
 /// On Linux the file created by `bind` takes the socket's own inode mode (less the umask), so
 /// setting that mode before `bind` leaves no window in which the umask decides who may connect.
 fn bind_private(path: &Path) -> io::Result<(UnixListener, (u64, u64))> {
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-        None,
-    )?;
+    let fd = sys::unix_socket(true)?;
     // Not every platform lets a socket be chmod-ed; the check after bind covers those.
     let _ = rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600));
     let addr = SocketAddrUnix::new(path)?;

@@ -126,9 +126,10 @@
 //! ```
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
-// Three `unsafe` blocks exist: `pre_exec` in `spawn`, to put a started daemon in a session of
-// its own, `pre_exec` in `pool`, to give a worker PDEATHSIG, and taking descriptor 3 from a
-// service manager in `systemd`. Everything else goes through rustix.
+// Four `unsafe` blocks exist: `pre_exec` in `spawn`, to put a started daemon in a session of
+// its own, `pre_exec` in `pool`, to give a worker PDEATHSIG (Linux), taking descriptor 3 from
+// a service manager in `systemd` (Linux), and `getpeereid` in `sys` (not Linux: rustix lacks
+// it). Everything else goes through rustix.
 #![deny(unsafe_code)]
 
 // The path of a request: accept -> connection (read frame, decide, dispatch, write frame).
@@ -141,17 +142,26 @@ mod config;
 mod connection;
 mod dispatch;
 mod error;
+// The fuzz targets' way in to the per-connection handler; not part of the API (see
+// Cargo.toml's `__fuzzing` feature).
+#[cfg(feature = "__fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 mod inflight;
 mod instance;
+mod logfile;
 mod logger;
 mod pidfile;
 pub mod pool;
 mod server;
 mod shared;
 mod spawn;
+mod sys;
+#[cfg(target_os = "linux")]
 mod systemd;
+// Elsewhere there is no systemd to speak to: socket activation is off, notifications go nowhere.
+#[cfg(not(target_os = "linux"))]
+use sys::no_service_manager as systemd;
 mod trust;
 mod wire;
 
@@ -159,14 +169,14 @@ pub use client::{probe, Client};
 pub use config::{env_truthy, pid_path, socket_path, state_dir, Config};
 pub use dispatch::Dispatch;
 pub use error::Error;
-pub use logger::init_stderr_logger;
+pub use logfile::RotatingFile;
+pub use logger::{init_file_logger, init_stderr_logger};
 pub use pidfile::{is_process_running, running_pid};
 pub use server::{Daemon, ShutdownHandle, Stopped};
 pub use spawn::Spawn;
-// `fuzzing` names the line protocol by this path.
-use pool::line as worker_line;
 pub use wire::{
-    encode_frame, frame_len, read_frame, write_frame, ProbeInfo, Request, Response, MAX_FRAME_BYTES,
+    encode_frame, frame_len, read_frame, write_frame, FrameDecoder, ProbeInfo, Request, Response,
+    MAX_FRAME_BYTES,
 };
 
 // The README's Rust example is compiled with the doctests.

@@ -1,16 +1,31 @@
-//! A minimal logger for daemons that have none: one line per record on standard error.
+//! A minimal logger for daemons that have none: one line per record, on standard error or
+//! into a size-bounded [`RotatingFile`].
 
 use std::io::Write;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{LevelFilter, Log, Metadata, Record};
 
-struct StderrLogger;
+use crate::logfile::RotatingFile;
 
-static LOGGER: StderrLogger = StderrLogger;
+/// Where the lines go.
+enum Logger {
+    Stderr,
+    File(Mutex<RotatingFile>),
+}
+
+static STDERR_LOGGER: Logger = Logger::Stderr;
+static FILE_LOGGER: OnceLock<Logger> = OnceLock::new();
+
+/// The longest record written, newline included: longer messages are cut, so that one
+/// record cannot take a whole log file.
+const LONGEST_RECORD: usize = 64 * 1024;
 
 /// Sends `log` records up to `level` to standard error as
-/// `2026-11-26T07:00:00.123Z khived[PID] INFO message`. Returns `false` (and changes nothing)
+/// `2026-11-26T07:00:00.123Z NAME[PID] INFO message`, where NAME is the file name of the
+/// program that embeds the daemon (`khived` for the `khived` binary). Returns `false` (and changes nothing)
 /// if the application has installed a logger already.
 ///
 /// # Examples
@@ -20,14 +35,44 @@ static LOGGER: StderrLogger = StderrLogger;
 /// log::info!("ready");
 /// ```
 pub fn init_stderr_logger(level: LevelFilter) -> bool {
-    if log::set_logger(&LOGGER).is_err() {
+    install(&STDERR_LOGGER, level)
+}
+
+/// Sends `log` records up to `level` to `file`, in the same form as
+/// [`init_stderr_logger`], so that the daemon's log cannot fill the disk: the file is
+/// rotated at its size limit (16 MiB and two old files unless set otherwise). Returns
+/// `false` (and changes nothing) if a logger is installed already.
+///
+/// Only records go to the file: standard error is left alone, so a panic message still goes
+/// wherever it points.
+///
+/// ```no_run
+/// use khived::RotatingFile;
+///
+/// let file = RotatingFile::open("/var/log/mydaemon.log")?;
+/// khived::init_file_logger(file, log::LevelFilter::Info);
+/// log::info!("ready");
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn init_file_logger(file: RotatingFile, level: LevelFilter) -> bool {
+    let mut file = Some(file);
+    let logger = FILE_LOGGER.get_or_init(|| Logger::File(Mutex::new(file.take().unwrap())));
+    // A second call finds the first file in place: that logger may already be installed.
+    if file.is_some() {
+        return false;
+    }
+    install(logger, level)
+}
+
+fn install(logger: &'static Logger, level: LevelFilter) -> bool {
+    if log::set_logger(logger).is_err() {
         return false;
     }
     log::set_max_level(level);
     true
 }
 
-impl Log for StderrLogger {
+impl Log for Logger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
         metadata.level() <= log::max_level()
     }
@@ -36,18 +81,50 @@ impl Log for StderrLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        // One write per line, so lines from several threads do not interleave.
-        let line = format!(
-            "{} khived[{}] {} {}\n",
+        let mut line = format!(
+            "{} {}[{}] {} {}",
             timestamp(SystemTime::now()),
+            program_name(),
             std::process::id(),
             record.level(),
             record.args()
         );
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        if line.len() >= LONGEST_RECORD {
+            let mut end = LONGEST_RECORD - 16;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+            line.push_str(" [cut]");
+        }
+        line.push('\n');
+        // One write per line, so lines from several threads do not interleave.
+        match self {
+            Logger::Stderr => {
+                let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            }
+            Logger::File(file) => {
+                let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = file.write_all(line.as_bytes());
+            }
+        }
     }
 
     fn flush(&self) {}
+}
+
+/// The name the running program was started under (the file name of its first argument), so
+/// that the log and error messages of a daemon name the embedding program, not this crate.
+pub(crate) fn program_name() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::args_os()
+            .next()
+            .and_then(|arg0| Path::new(&arg0).file_name().map(|name| name.to_owned()))
+            .map(|name| name.to_string_lossy().into_owned())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "daemon".to_owned())
+    })
 }
 
 /// UTC time in RFC 3339 form, without pulling in a date crate.
@@ -76,8 +153,31 @@ fn timestamp(now: SystemTime) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::timestamp;
+    use super::{init_file_logger, timestamp, LevelFilter};
+    use crate::RotatingFile;
     use std::time::{Duration, UNIX_EPOCH};
+
+    // The only test here that installs the process's logger.
+    #[test]
+    fn the_file_logger_keeps_its_files_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("daemon.log");
+        let file = RotatingFile::open(&path).unwrap().max_bytes(4096).keep(1);
+        assert!(init_file_logger(file, LevelFilter::Info));
+        log::info!("{}", "x".repeat(200_000));
+        for i in 0..1000 {
+            log::info!("record {i}");
+        }
+        log::debug!("not at this level");
+        let current = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(dir.path().join("daemon.log.1")).unwrap();
+        assert!(current.len() <= 4096 && old.len() <= 4096);
+        assert!(!dir.path().join("daemon.log.2").exists());
+        assert!(current.ends_with(" INFO record 999\n"), "{current}");
+        assert!(!current.contains("not at this level"));
+        let file = RotatingFile::open(dir.path().join("other.log")).unwrap();
+        assert!(!init_file_logger(file, LevelFilter::Info));
+    }
 
     #[test]
     fn timestamps_are_utc_civil_time() {

@@ -57,7 +57,8 @@ pub struct Spawn {
 
 impl Spawn {
     /// Starts `command` (which must serve `socket`) when no daemon answers there. Its output
-    /// is appended to the socket's path with the extension `log`; its PID file is expected
+    /// is appended to the socket's path with the extension `log` (`khived.log` beside
+    /// `khived.sock`); its PID file is expected
     /// beside the socket, with the extension `pid`, as [`Config::at`](crate::Config::at)
     /// puts it; it gets 5 s to answer a probe.
     ///

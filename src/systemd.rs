@@ -1,5 +1,6 @@
 //! Working under a service manager: an inherited listening socket (socket activation) and
-//! readiness notifications (`sd_notify`), both spoken directly, without libsystemd.
+//! readiness notifications (`sd_notify`), both spoken directly, without libsystemd. Linux
+//! only: elsewhere `sys::no_service_manager` takes this module's place.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};

@@ -154,7 +154,8 @@ fn check_one(dir: &Path, meta: &Metadata, euid: u32, file: &Path) -> io::Result<
 /// Checks, before anything is sent, that the process serving `socket` on this connection
 /// runs as this user or as root: anyone else may have put their socket there.
 pub(crate) fn check_peer(stream: impl AsFd, socket: &Path) -> io::Result<()> {
-    let uid = peer_uid(stream).map_err(|e| annotate(e, "cannot tell who serves", socket))?;
+    let uid =
+        crate::sys::peer_uid(stream).map_err(|e| annotate(e, "cannot tell who serves", socket))?;
     let euid = rustix::process::geteuid().as_raw();
     if uid == euid || uid == 0 {
         return Ok(());
@@ -167,20 +168,5 @@ pub(crate) fn check_peer(stream: impl AsFd, socket: &Path) -> io::Result<()> {
              (check who can write to the directories on its way)",
             socket.display()
         ),
-    ))
-}
-
-/// The uid of the process at the other end, as the kernel recorded it at `connect` (for a
-/// listener: at `listen`).
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn peer_uid(stream: impl AsFd) -> io::Result<u32> {
-    Ok(rustix::net::sockopt::socket_peercred(stream)?.uid.as_raw())
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn peer_uid(_stream: impl AsFd) -> io::Result<u32> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "peer credentials (SO_PEERCRED) are not supported on this platform yet",
     ))
 }

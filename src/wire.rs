@@ -24,6 +24,9 @@ pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 /// A peer announcing a large frame and then sending nothing costs at most this much.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
 
+/// The room a [`FrameDecoder`] that reads ahead starts with: most requests fit in one read.
+const INITIAL_BUFFER: usize = 4096;
+
 /// A request from a client.
 ///
 /// Strings borrow from the frame they were decoded from where JSON allows it, so the daemon
@@ -219,7 +222,7 @@ pub struct ProbeInfo {
     pub version: String,
     /// Milliseconds since the daemon started serving.
     pub uptime_ms: u64,
-    /// Connections open at the moment of the probe, the probe's own included.
+    /// Connections open at the moment of the probe, not counting the probe's own.
     pub in_flight: u64,
     /// Requests answered so far, the probe not included.
     pub served: u64,
@@ -253,10 +256,222 @@ fn too_large(what: &str, len: usize) -> io::Error {
     )
 }
 
+/// A frame decoder without I/O: it holds the bytes read so far, says where to read the next
+/// ones, and hands out each frame body once it is whole.
+///
+/// Both sides of khived read through it: [`read_frame`] on the client's side, and the daemon
+/// for every request. Whoever does the reading, the decoder keeps the same promises:
+///
+/// - A header above [`MAX_FRAME_BYTES`] is refused ([`decode`](Self::decode) fails) before any
+///   room for its body is made.
+/// - The buffer grows only as bytes arrive, never more than 64 KiB beyond them: a peer that
+///   announces 8 MiB and then sends nothing costs 64 KiB, not 8 MiB.
+/// - Several frames may arrive in one read; they are decoded one after the other.
+/// - Once every buffered frame is consumed, a buffer grown above 64 KiB for a large frame is
+///   released, so a long-lived connection does not keep it.
+///
+/// # Examples
+///
+/// Reading frames from any [`std::io::Read`]; an async reader is used the same way.
+///
+/// ```
+/// use std::io::Read;
+///
+/// // Two frames, `{}` and `[]`, as they might arrive on a socket.
+/// let mut socket: &[u8] = &[0, 0, 0, 2, b'{', b'}', 0, 0, 0, 2, b'[', b']'];
+/// let mut decoder = khived::FrameDecoder::new();
+/// let mut bodies = Vec::new();
+/// loop {
+///     if let Some(body) = decoder.decode()? {
+///         bodies.push(body.to_vec());
+///         decoder.consume();
+///         continue;
+///     }
+///     let read = socket.read(decoder.read_buf())?;
+///     if read == 0 {
+///         // Fails if the stream ended inside a frame.
+///         decoder.finish()?;
+///         break;
+///     }
+///     decoder.filled(read);
+/// }
+/// assert_eq!(bodies, [b"{}", b"[]"]);
+/// # std::io::Result::Ok(())
+/// ```
+#[derive(Default)]
+pub struct FrameDecoder {
+    /// Bytes read so far; `start..end` holds those not yet consumed, `end..` is room.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl FrameDecoder {
+    /// An empty decoder; it allocates nothing until the first read.
+    pub const fn new() -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The body of the next frame, once it has arrived whole; `Ok(None)` until then.
+    ///
+    /// The frame stays buffered until [`consume`](Self::consume): calling `decode` again
+    /// returns it again.
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidData`] when the frame's header announces more than
+    /// [`MAX_FRAME_BYTES`] (`frame too large: N bytes (limit M)`). The stream cannot be
+    /// trusted after that: close it.
+    pub fn decode(&self) -> io::Result<Option<&[u8]>> {
+        let buffered = &self.buf[self.start..self.end];
+        let Some(header) = buffered.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let len = frame_len(*header)?;
+        Ok(buffered.get(4..4 + len))
+    }
+
+    /// Drops the frame [`decode`](Self::decode) returned; the next call decodes the one after
+    /// it. Does nothing while no whole frame is buffered.
+    pub fn consume(&mut self) {
+        let Ok(Some(body)) = self.decode() else {
+            return;
+        };
+        self.start += 4 + body.len();
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            // Do not keep a large frame's buffer for the rest of a long-lived connection.
+            if self.buf.len() > READ_CHUNK {
+                self.buf = Vec::new();
+            }
+        }
+    }
+
+    /// Room for the next read, which may take in the frames after this one too: for a reader
+    /// that keeps the decoder for the whole stream, as the daemon does for a connection.
+    ///
+    /// The room is never empty while the next frame is incomplete (and its header within the
+    /// cap). It is 4 KiB at first, and grows towards the size of the frame being read but
+    /// never to more than 64 KiB beyond the bytes buffered.
+    pub fn read_buf(&mut self) -> &mut [u8] {
+        let needed = self.needed();
+        self.make_room(needed, INITIAL_BUFFER);
+        &mut self.buf[self.end..]
+    }
+
+    /// Room for the next read that ends where the frame being read ends: for a reader that
+    /// must leave the bytes after a frame in the stream, as [`read_frame`] does.
+    ///
+    /// Empty only when a whole frame is buffered or its header is above the cap, that is when
+    /// [`decode`](Self::decode) has something to say.
+    pub fn read_buf_in_frame(&mut self) -> &mut [u8] {
+        let needed = self.needed();
+        self.make_room(needed, 0);
+        let frame_end = (self.start + needed).min(self.buf.len()).max(self.end);
+        &mut self.buf[self.end..frame_end]
+    }
+
+    /// Records that the last read put `n` bytes at the start of the room it was given.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is larger than the room [`read_buf`](Self::read_buf) or
+    /// [`read_buf_in_frame`](Self::read_buf_in_frame) returned.
+    pub fn filled(&mut self, n: usize) {
+        assert!(
+            n <= self.buf.len() - self.end,
+            "FrameDecoder::filled: {n} bytes read into {} bytes of room",
+            self.buf.len() - self.end
+        );
+        self.end += n;
+    }
+
+    /// How many bytes are buffered and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Says whether the stream may end here: `Ok` if nothing is buffered (the peer closed
+    /// between frames), or else the error for a stream cut inside a frame.
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::UnexpectedEof`] naming how far the frame got, as in `connection closed
+    /// inside a frame body (6 of 20 bytes)`.
+    pub fn finish(&self) -> io::Result<()> {
+        let buffered = self.buffered();
+        let message = match self.buf[self.start..self.end].first_chunk::<4>() {
+            _ if buffered == 0 => return Ok(()),
+            None => format!("connection closed inside a frame header ({buffered} of 4 bytes)"),
+            Some(header) => format!(
+                "connection closed inside a frame body ({} of {} bytes)",
+                buffered - 4,
+                u32::from_be_bytes(*header)
+            ),
+        };
+        Err(io::Error::new(io::ErrorKind::UnexpectedEof, message))
+    }
+
+    /// The whole frame at the front, header included, takes this many bytes; at least 4.
+    fn needed(&self) -> usize {
+        match self.buf[self.start..self.end].first_chunk::<4>() {
+            // A header above the cap never gets room for its body.
+            Some(header) => 4 + frame_len(*header).unwrap_or(0),
+            None => 4,
+        }
+    }
+
+    /// Makes room to read into, growing the buffer towards a frame of `needed` bytes (or at
+    /// least `minimum`) but never more than [`READ_CHUNK`] beyond what has arrived.
+    fn make_room(&mut self, needed: usize, minimum: usize) {
+        if self.end < self.buf.len() {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let target = needed.max(minimum).min(self.end + READ_CHUNK);
+        if target > self.buf.len() {
+            self.buf.reserve_exact(target - self.buf.len());
+            self.buf.resize(target, 0);
+        }
+    }
+
+    /// The body of the one whole frame buffered, without copying it when it starts the buffer.
+    fn into_body(mut self) -> Vec<u8> {
+        let len = self.decode().ok().flatten().map_or(0, <[u8]>::len);
+        let body = self.start + 4..self.start + 4 + len;
+        if self.start != 0 {
+            return self.buf[body].to_vec();
+        }
+        self.buf.truncate(body.end);
+        self.buf.drain(..4);
+        self.buf
+    }
+}
+
+impl std::fmt::Debug for FrameDecoder {
+    // The buffer's bytes would make a frame of several megabytes unreadable in a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameDecoder")
+            .field("buffered", &self.buffered())
+            .field("room", &(self.buf.len() - self.end))
+            .finish()
+    }
+}
+
 /// Reads one frame and returns its body.
 ///
 /// The body buffer grows only as bytes arrive, at most 64 KiB ahead of them: a header that
-/// announces 8 MiB followed by silence costs 64 KiB, not 8 MiB. End of stream anywhere,
+/// announces 8 MiB followed by silence costs 64 KiB, not 8 MiB (see [`FrameDecoder`], which
+/// does the decoding). Nothing past the frame is read from `reader`. End of stream anywhere,
 /// including before the first header byte, is an [`io::ErrorKind::UnexpectedEof`] error.
 ///
 /// # Errors
@@ -274,41 +489,25 @@ fn too_large(what: &str, len: usize) -> io::Error {
 /// # std::io::Result::Ok(()) }).unwrap();
 /// ```
 pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(reader: &mut R) -> io::Result<Vec<u8>> {
-    let mut header = [0u8; 4];
-    let mut filled = 0;
-    while filled < 4 {
-        match reader.read(&mut header[filled..]).await {
-            Ok(0) if filled == 0 => return Err(eof("connection closed before a frame")),
-            Ok(0) => return Err(eof("connection closed inside a frame header")),
-            Ok(n) => filled += n,
+    let mut decoder = FrameDecoder::new();
+    loop {
+        if decoder.decode()?.is_some() {
+            return Ok(decoder.into_body());
+        }
+        match reader.read(decoder.read_buf_in_frame()).await {
+            Ok(0) => {
+                // The stream ended inside the frame, or before it.
+                decoder.finish()?;
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed before a frame",
+                ));
+            }
+            Ok(n) => decoder.filled(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    let len = frame_len(header)?;
-    let mut body = Vec::new();
-    while body.len() < len {
-        let filled = body.len();
-        let want = (len - filled).min(READ_CHUNK);
-        body.reserve_exact(want);
-        body.resize(filled + want, 0);
-        let read = match reader.read(&mut body[filled..]).await {
-            Ok(0) => {
-                return Err(eof(&format!(
-                    "connection closed inside a frame body ({filled} of {len} bytes)"
-                )))
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(e) => return Err(e),
-        };
-        body.truncate(filled + read);
-    }
-    Ok(body)
-}
-
-fn eof(message: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, message.to_owned())
 }
 
 /// Writes `body` as one frame (header and body in one write) and flushes.

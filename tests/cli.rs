@@ -100,6 +100,7 @@ fn stderr(output: &Output) -> String {
 
 /// Processes whose command line mentions `marker`: the workers get their test's directory as
 /// an argument, so any left running after their daemon has stopped show up here.
+#[cfg(target_os = "linux")]
 fn processes_mentioning(marker: &Path) -> Vec<String> {
     let marker = marker.to_string_lossy().into_owned();
     let mut found = Vec::new();
@@ -116,6 +117,23 @@ fn processes_mentioning(marker: &Path) -> Vec<String> {
         }
     }
     found
+}
+
+/// Processes whose command line mentions `marker`, as `ps` lists them where there is no
+/// `/proc`.
+#[cfg(not(target_os = "linux"))]
+fn processes_mentioning(marker: &Path) -> Vec<String> {
+    let marker = marker.to_string_lossy().into_owned();
+    let ps = Command::new("ps")
+        .args(["-axww", "-o", "pid=,command="])
+        .output()
+        .unwrap();
+    assert!(ps.status.success(), "ps failed: {}", stderr(&ps));
+    String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter(|line| line.contains(&marker))
+        .map(|line| line.trim().to_owned())
+        .collect()
 }
 
 #[test]
@@ -162,6 +180,8 @@ fn serve_call_status_stop() {
     assert!(text.contains("namespace:  \"khive\""), "{text}");
     // The readiness probe and the call.
     assert!(text.contains("served:     2"), "{text}");
+    // The status probe's own connection is not counted (once the earlier ones have closed).
+    wait_in_flight(&place, 0);
     let json = place.run("status", &["--json"]);
     let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(value["running"], true);
@@ -220,8 +240,13 @@ fn serve_refuses_to_start_twice() {
     let server = place.serve(&[]);
     let second = place.run("serve", &[]);
     assert_eq!(second.status.code(), Some(5));
-    let expected = format!("already running as pid {}", server.child.id());
+    let expected = format!("khived: already running as pid {}", server.child.id());
     assert!(stderr(&second).contains(&expected), "{}", stderr(&second));
+    assert!(
+        !stderr(&second).contains("khived: khived"),
+        "{}",
+        stderr(&second)
+    );
 }
 
 #[test]
@@ -577,4 +602,366 @@ fn spawn_waits_for_a_daemon_that_is_draining() {
     assert_eq!(stdout(&call), "after the old one\n");
     assert!(old.wait().success(), "{}", old.log());
     assert_eq!(place.run("stop", &[]).status.code(), Some(0));
+}
+
+/// Waits until `khived status` reports `count` connections in flight: connections that
+/// clients have closed are let go of by the daemon soon, not at once.
+fn wait_in_flight(place: &Place, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let output = place.run("status", &["--json"]);
+        let value: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        if value["in_flight"] == count {
+            let text = stdout(&place.run("status", &[]));
+            assert!(text.contains(&format!("in flight:  {count}")), "{text}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "in flight: {value}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---- CLI conventions ----------------------------------------------------------------------
+
+#[test]
+fn help_of_a_command_and_usage_errors_point_to_it() {
+    let khived = |args: &[&str]| Command::new(KHIVED).args(args).output().unwrap();
+    for command in ["serve", "start", "restart", "call", "status", "stop"] {
+        let help = khived(&["help", command]);
+        assert_eq!(help.status.code(), Some(0), "{command}");
+        assert_eq!(
+            help.stdout,
+            khived(&[command, "--help"]).stdout,
+            "{command}"
+        );
+        assert!(
+            stdout(&help).contains(&format!("Usage: khived {command}")),
+            "{command}"
+        );
+    }
+    assert_eq!(khived(&["help"]).stdout, khived(&["--help"]).stdout);
+
+    let usage = khived(&["status", "--bogus"]);
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(
+        stderr(&usage).contains("Try 'khived status --help'."),
+        "{}",
+        stderr(&usage)
+    );
+    for (typo, meant) in [("stauts", "status"), ("sevre", "serve"), ("cal", "call")] {
+        let unknown = khived(&[typo]);
+        assert_eq!(unknown.status.code(), Some(2));
+        let text = stderr(&unknown);
+        assert!(text.contains(&format!("did you mean '{meant}'?")), "{text}");
+        assert!(text.contains("Try 'khived --help'."), "{text}");
+    }
+    let far = khived(&["frobnicate"]);
+    assert_eq!(far.status.code(), Some(2));
+    assert!(!stderr(&far).contains("did you mean"), "{}", stderr(&far));
+    let help_typo = khived(&["help", "stpo"]);
+    assert_eq!(help_typo.status.code(), Some(2));
+    assert!(stderr(&help_typo).contains("did you mean 'stop'?"));
+}
+
+#[test]
+fn numeric_options_out_of_range_are_usage_errors() {
+    let place = Place::new();
+    let _server = place.serve(&[]);
+    let cases: &[(&str, &[&str])] = &[
+        ("stop", &["--timeout", "1e19"]),
+        ("stop", &["--timeout", "inf"]),
+        ("stop", &["--timeout", "NaN"]),
+        ("stop", &["--timeout", "-1"]),
+        ("status", &["--timeout", "1e300"]),
+        ("call", &["--timeout", "1e19", "x"]),
+        ("serve", &["--queue", "100000000000"]),
+        ("serve", &["--queue", "18446744073709551615"]),
+        ("serve", &["--queue", "0"]),
+        ("serve", &["--workers", "100000000000"]),
+        ("serve", &["--max-connections", "99999999999999999999999"]),
+        ("serve", &["--drain-timeout", "1e19"]),
+        ("serve", &["--idle-timeout", "1e19"]),
+        ("serve", &["--request-timeout", "1e19"]),
+        ("start", &["--timeout", "1e19"]),
+        ("call", &["--spawn", "--workers", "100000000000", "x"]),
+    ];
+    for (command, args) in cases {
+        let output = place.run(command, args);
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{command} {args:?}: {text}");
+        assert!(
+            text.contains("out of range") || text.contains("is not a"),
+            "{command} {args:?}: {text}"
+        );
+        assert!(!text.contains("panicked"), "{command} {args:?}: {text}");
+        assert!(
+            text.contains(&format!("Try 'khived {command} --help'.")),
+            "{text}"
+        );
+    }
+    // Nothing was signalled or started: the daemon still answers.
+    assert_eq!(place.call("still here").status.code(), Some(0));
+}
+
+/// A daemon started in the background by `khived start`, stopped when the test ends.
+struct Detached<'a>(&'a Place);
+
+impl Drop for Detached<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.run("stop", &["--force", "--timeout", "10"]);
+    }
+}
+
+#[test]
+fn start_restart_and_stop_json() {
+    let place = Place::new();
+    let _cleanup = Detached(&place);
+    let start = place.run("start", &[]);
+    assert_eq!(start.status.code(), Some(0), "{}", stderr(&start));
+    let pid: u32 = stdout(&start).trim().parse().unwrap();
+    assert_eq!(common::wait_until_serving(&place.socket).pid, pid);
+    // The daemon's output goes beside the socket, as `<socket stem>.log`.
+    let log = place.dir.path().join("k.log");
+    common::wait_for_text("serving namespace", || common::read_log(&log));
+
+    let again = place.run("start", &[]);
+    assert_eq!(again.status.code(), Some(5));
+    assert!(
+        stderr(&again).contains(&format!("khived: already running as pid {pid}")),
+        "{}",
+        stderr(&again)
+    );
+
+    let restart = place.run("restart", &["--namespace", "renamed"]);
+    assert_eq!(restart.status.code(), Some(0), "{}", stderr(&restart));
+    let new_pid: u32 = stdout(&restart).trim().parse().unwrap();
+    assert_ne!(new_pid, pid);
+    let info = common::wait_until_serving(&place.socket);
+    assert_eq!((info.pid, info.namespace.as_str()), (new_pid, "renamed"));
+
+    let stop = place.run("stop", &["--json"]);
+    assert_eq!(stop.status.code(), Some(0), "{}", stderr(&stop));
+    let value: serde_json::Value = serde_json::from_slice(&stop.stdout).unwrap();
+    assert_eq!(value["stopped"], true);
+    assert_eq!(value["was_running"], true);
+    assert_eq!(value["pid"], new_pid);
+    assert!(!place.pid_file.exists());
+
+    let none = place.run("stop", &["--json"]);
+    let value: serde_json::Value = serde_json::from_slice(&none.stdout).unwrap();
+    assert_eq!(
+        (value["stopped"].clone(), value["pid"].clone()),
+        (true.into(), serde_json::Value::Null)
+    );
+    assert_eq!(value["was_running"], false);
+
+    // With nothing running, restart just starts.
+    let restart = place.run("restart", &[]);
+    assert_eq!(restart.status.code(), Some(0), "{}", stderr(&restart));
+    let pid: u32 = stdout(&restart).trim().parse().unwrap();
+    assert_eq!(common::wait_until_serving(&place.socket).pid, pid);
+}
+
+#[test]
+fn call_reads_ops_from_standard_input_and_prints_json() {
+    use std::io::Write;
+    let place = Place::new();
+    let _server = place.serve(&["--namespace", "ns"]);
+    let mut call = place
+        .khived("call")
+        .args(["--namespace", "ns", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    call.stdin
+        .take()
+        .unwrap()
+        .write_all(b"line one\nline two\n")
+        .unwrap();
+    let output = call.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(stdout(&output), "line one\nline two\n");
+
+    let json = place.run("call", &["--json", "--namespace", "ns", "hi"]);
+    assert_eq!(json.status.code(), Some(0));
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(value["ok"], true);
+    assert_eq!(value["result"], "hi");
+    assert_eq!(value["served_config_id"], "");
+
+    let mismatch = place.run("call", &["--json", "--namespace", "other", "hi"]);
+    assert_eq!(mismatch.status.code(), Some(4));
+    let value: serde_json::Value = serde_json::from_slice(&mismatch.stdout).unwrap();
+    assert_eq!(value["namespace_mismatch"], true);
+}
+
+#[test]
+fn the_worker_command_comes_after_dashes() {
+    let place = Place::new();
+    let _cleanup = Detached(&place);
+    let marker = place.dir.path().to_str().unwrap();
+    // `--worker` takes the rest of the line: OPS after it is a usage error showing the form.
+    let wrong = place.run(
+        "call",
+        &["--spawn", "--worker", "python3", WORKER, "upper hi"],
+    );
+    assert_eq!(wrong.status.code(), Some(2));
+    assert!(
+        stderr(&wrong).contains("khived call --spawn 'upper hi' -- python3 examples/worker.py"),
+        "{}",
+        stderr(&wrong)
+    );
+    assert!(!place.socket.exists(), "nothing was started");
+
+    let call = place.run(
+        "call",
+        &["--spawn", "upper hi", "--", "python3", WORKER, marker],
+    );
+    assert_eq!(call.status.code(), Some(0), "{}", stderr(&call));
+    assert_eq!(stdout(&call), "HI\n");
+    let stop = place.run("stop", &[]);
+    assert_eq!(stop.status.code(), Some(0), "{}", stderr(&stop));
+
+    // `serve` takes the same form, and `--worker --` too.
+    for form in [&["--"][..], &["--worker", "--"][..]] {
+        let mut args = vec!["--workers", "2"];
+        args.extend_from_slice(form);
+        args.extend_from_slice(&["python3", WORKER, marker]);
+        let mut server = place.serve(&args);
+        let call = place.call("upper hello");
+        assert_eq!(stdout(&call), "HELLO\n", "{form:?}: {}", server.log());
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+    }
+}
+
+#[test]
+fn status_tells_busy_and_not_answering_from_not_running() {
+    use std::io::Write;
+    let place = Place::new();
+    let status = |args: &[&str]| {
+        let output = place.run("status", args);
+        let json = place.run("status", &[args, &["--json"]].concat());
+        let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+        assert_eq!(json.status.code(), output.status.code());
+        (output.status.code().unwrap(), stdout(&output), value)
+    };
+
+    let (code, text, value) = status(&[]);
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("khived is not running"), "{text}");
+    assert_eq!(value["state"], "not_running");
+
+    let mut server = place.serve(&["--max-connections", "2"]);
+    let pid = server.child.id();
+    // A connection the daemon has accepted (it answered on it), held open. Connections that
+    // earlier status calls closed may still hold a slot for a moment: try again until then.
+    let hold = || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut stream = std::os::unix::net::UnixStream::connect(&place.socket).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let probe = serde_json::to_vec(&khived::Request::probe()).unwrap();
+            // A refused connection may be closed before our write: its reply is read anyway.
+            let _ = stream.write_all(&common::frame(&probe));
+            let response = common::read_response(&mut stream).unwrap();
+            if response.ok {
+                return stream;
+            }
+            assert!(Instant::now() < deadline, "never admitted: {response:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let first = hold();
+    // The held connection counts; the status probe's own does not (with it, the count would
+    // be 2, the cap, and the probe refused).
+    wait_in_flight(&place, 1);
+    let (code, text, value) = status(&[]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(value["state"], "answering");
+
+    let second = hold();
+    let (code, text, value) = status(&[]);
+    assert_eq!(code, 6, "{text}");
+    assert!(text.contains("khived is running but busy"), "{text}");
+    assert!(text.contains("daemon_busy"), "{text}");
+    assert!(text.contains(&format!("pid:        {pid}")), "{text}");
+    assert_eq!(value["state"], "busy");
+    assert_eq!(value["running"], true);
+    assert_eq!(value["pid"], pid);
+    drop((first, second));
+
+    // Stopped with SIGSTOP: the socket accepts, the PID file is held, nothing answers.
+    let signal = |signal| {
+        let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    };
+    signal(rustix::process::Signal::STOP);
+    let (code, text, value) = status(&["--timeout", "1"]);
+    signal(rustix::process::Signal::CONT);
+    assert_eq!(code, 7, "{text}");
+    assert!(text.contains("khived is not answering"), "{text}");
+    assert!(text.contains(&format!("pid:        {pid}")), "{text}");
+    assert!(!text.contains("not running"), "{text}");
+    assert_eq!(value["state"], "not_answering");
+    assert_eq!(value["running"], true);
+    assert_eq!(value["pid"], pid);
+
+    // Running again once continued (its held connections may take a moment to close).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let output = place.run("status", &[]);
+        if output.status.code() == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", stdout(&output));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stop = place.run("stop", &[]);
+    assert_eq!(stop.status.code(), Some(0), "{}", stderr(&stop));
+    assert!(server.wait().success());
+    let (code, _, value) = status(&[]);
+    assert_eq!((code, value["state"].as_str()), (3, Some("not_running")));
+}
+
+#[test]
+fn log_level_from_the_environment_and_the_command_line() {
+    let cases: &[(&str, &[&str], bool)] = &[
+        // (KHIVED_LOG, serve options, whether info lines appear)
+        ("", &[], true),
+        ("WARN", &[], false),
+        ("Warn", &["-v"], true),
+        ("", &["-q"], false),
+        ("error", &["--verbose", "--verbose"], true),
+        ("loud", &[], true),
+    ];
+    for (env, args, info) in cases {
+        let place = Place::new();
+        let log = place.dir.path().join("serve.log");
+        let mut child = place
+            .khived("serve")
+            .args(*args)
+            .env("KHIVED_LOG", env)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        common::wait_until_serving(&place.socket);
+        let text = common::read_log(&log);
+        assert_eq!(
+            text.contains("INFO serving namespace"),
+            *info,
+            "KHIVED_LOG={env:?} {args:?}:\n{text}"
+        );
+        if *env == "loud" {
+            assert!(
+                text.contains(r#"WARN KHIVED_LOG="loud" is not a log level"#),
+                "{text}"
+            );
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }

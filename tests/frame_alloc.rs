@@ -1,43 +1,16 @@
-//! The frame reader allocates only as bytes arrive: a header announcing 8 MiB followed by
-//! nothing must not cost 8 MiB. Checked with a global allocator that records the largest
-//! single allocation made by this test binary's reading thread.
+//! The frame readers (`read_frame`, and `FrameDecoder` reading ahead as the daemon does)
+//! allocate only as bytes arrive: a header announcing 8 MiB followed by nothing must not cost
+//! 8 MiB. Checked with the fuzz targets' counting allocator, which
+//! records the largest single allocation made by the reading thread.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_lite::io::AsyncRead;
-
-struct Recording;
-
-thread_local! {
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note(size: usize) {
-    let _ = LARGEST.try_with(|largest| largest.set(largest.get().max(size)));
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the thread-local
-// bookkeeping allocates nothing.
-#[allow(unsafe_code)] // a global allocator cannot be written without it
-unsafe impl GlobalAlloc for Recording {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        System.realloc(ptr, layout, new_size)
-    }
-}
+use khived_oracles::{largest_allocation_while, CountingAllocator};
 
 #[global_allocator]
-static ALLOCATOR: Recording = Recording;
+static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 /// A peer that sends `data` in pieces of `piece` bytes, then ends the stream.
 struct Trickle<'a> {
@@ -56,12 +29,6 @@ impl AsyncRead for Trickle<'_> {
         self.data = &self.data[n..];
         Poll::Ready(Ok(n))
     }
-}
-
-fn largest_allocation_while(f: impl FnOnce()) -> usize {
-    LARGEST.with(|largest| largest.set(0));
-    f();
-    LARGEST.with(|largest| largest.get())
 }
 
 #[test]
@@ -140,4 +107,94 @@ fn writing_above_the_cap_writes_nothing() {
     let err = futures_lite::future::block_on(khived::write_frame(&mut wire, &body)).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     assert!(wire.is_empty());
+}
+
+/// Feeds `data` to a decoder reading ahead, `piece` bytes at most per read, and returns the
+/// bodies it decodes and how the stream ended.
+fn decode_all(data: &[u8], piece: usize) -> (Vec<Vec<u8>>, std::io::Result<()>) {
+    let mut decoder = khived::FrameDecoder::new();
+    let mut rest = data;
+    let mut bodies = Vec::new();
+    loop {
+        match decoder.decode() {
+            Ok(Some(body)) => {
+                bodies.push(body.to_vec());
+                decoder.consume();
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => return (bodies, Err(e)),
+        }
+        let room = decoder.read_buf();
+        let n = piece.min(room.len()).min(rest.len());
+        if n == 0 {
+            return (bodies, decoder.finish());
+        }
+        room[..n].copy_from_slice(&rest[..n]);
+        rest = &rest[n..];
+        decoder.filled(n);
+    }
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    frame
+}
+
+#[test]
+fn the_daemons_decoder_allocates_only_as_bytes_arrive() {
+    let header = (khived::MAX_FRAME_BYTES as u32).to_be_bytes();
+    let mut outcome = None;
+    let largest = largest_allocation_while(|| outcome = Some(decode_all(&header, 4)));
+    let (bodies, end) = outcome.unwrap();
+    assert!(bodies.is_empty());
+    assert_eq!(
+        end.unwrap_err().to_string(),
+        "connection closed inside a frame body (0 of 8388608 bytes)"
+    );
+    assert!(
+        largest <= 64 * 1024 + 1024,
+        "allocated {largest} bytes for nothing"
+    );
+}
+
+#[test]
+fn pipelined_frames_are_decoded_one_by_one() {
+    let big = vec![b'x'; 200_000];
+    let mut data = Vec::new();
+    for body in [&b"{}"[..], b"", &big, b"[1]"] {
+        data.extend(frame(body));
+    }
+    // In one piece (all frames arrive in few reads) and in odd pieces.
+    for piece in [usize::MAX, 7919, 3] {
+        let (bodies, end) = decode_all(&data, piece);
+        end.unwrap();
+        assert_eq!(bodies, [&b"{}"[..], b"", &big, b"[1]"], "piece {piece}");
+    }
+}
+
+#[test]
+fn the_daemons_decoder_refuses_a_header_above_the_cap() {
+    let mut data = frame(b"{}");
+    data.extend(((khived::MAX_FRAME_BYTES + 1) as u32).to_be_bytes());
+    data.extend(b"body");
+    let (bodies, end) = decode_all(&data, usize::MAX);
+    assert_eq!(bodies, [b"{}"]);
+    assert_eq!(
+        end.unwrap_err().to_string(),
+        "frame too large: 8388609 bytes (limit 8388608)"
+    );
+}
+
+#[test]
+fn a_stream_cut_inside_a_header_is_named() {
+    let (bodies, end) = decode_all(&[0, 0], usize::MAX);
+    assert!(bodies.is_empty());
+    let err = end.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    assert_eq!(
+        err.to_string(),
+        "connection closed inside a frame header (2 of 4 bytes)"
+    );
 }

@@ -21,6 +21,8 @@ fn start_error(config: Config) -> String {
     daemon.run_blocking().unwrap_err().to_string()
 }
 
+// Linux only: other systems have no per-thread setuid to connect as a stranger with.
+#[cfg(target_os = "linux")]
 #[test]
 fn peer_of_another_uid_is_refused() {
     if !rustix::process::geteuid().is_root() {
@@ -148,7 +150,7 @@ fn thousand_connections_against_a_cap_of_64() {
     while khived::probe(&daemon.socket, Duration::from_secs(5))
         .unwrap()
         .in_flight
-        > 1
+        > 0
     {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -208,7 +210,7 @@ fn rss_stays_bounded_while_200_peers_announce_8_mib() {
     while khived::probe(&daemon.socket, Duration::from_secs(5))
         .unwrap()
         .in_flight
-        < 201
+        < 200
     {
         assert!(Instant::now() < deadline, "the peers were not all accepted");
         std::thread::sleep(Duration::from_millis(10));
@@ -237,8 +239,8 @@ fn client_that_leaves_mid_response_harms_no_one() {
     assert!(client.request(&request("still here")).unwrap().ok);
     assert_eq!(
         client.probe().unwrap().in_flight,
-        1,
-        "the abandoned connections are gone"
+        0,
+        "the abandoned connections are gone (the probe's own is not counted)"
     );
 }
 
@@ -291,8 +293,19 @@ fn connection_cap_follows_the_open_file_limit() {
 #[test]
 fn a_client_over_the_cap_reads_the_busy_reply() {
     let daemon = InProcess::start(|config, _| config.max_connections = 1);
-    let _holder = daemon.connect_raw();
+    // The slot is taken once the daemon has answered on the holder: the readiness probe's
+    // connection may keep it for a moment after it closed, and turn the holder away.
     let deadline = Instant::now() + Duration::from_secs(10);
+    let _holder = loop {
+        let mut stream = daemon.connect_raw();
+        let probe = serde_json::to_vec(&khived::Request::probe()).unwrap();
+        let _ = stream.write_all(&common::frame(&probe));
+        if common::read_response(&mut stream).unwrap().ok {
+            break stream;
+        }
+        assert!(Instant::now() < deadline, "the holder was never admitted");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     loop {
         // The client writes first; the daemon answers and closes without reading, so the
         // write may fail: the answer must still come through.

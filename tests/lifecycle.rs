@@ -174,7 +174,10 @@ fn eight_daemons_race_and_exactly_one_serves() {
         }
         let status = daemon.wait(EXIT_WAIT);
         assert_eq!(status.code(), Some(3), "{}", daemon.log());
-        let expected = format!("khived is already running as pid {}", info.pid);
+        // The message names the embedding program (this test binary), not the crate.
+        let exe = std::env::current_exe().unwrap();
+        let program = exe.file_name().unwrap().to_string_lossy();
+        let expected = format!("{program} is already running as pid {}", info.pid);
         assert!(daemon.log().contains(&expected), "{}", daemon.log());
         losers += 1;
     }

@@ -3,13 +3,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::Mutex;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use async_io::Timer;
 use common::{temp_dir, wait_until_serving};
+use futures_lite::future;
 use khived::pool::{Pool, PoolOptions};
-use khived::{Client, Config, Daemon, Request, Response, ShutdownHandle};
+use khived::{Client, Config, Daemon, Dispatch, Request, Response, ShutdownHandle};
 
 const WORKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/worker.py");
 
@@ -149,12 +153,13 @@ fn workers_get_the_environment_and_warm_request_and_are_reaped_at_shutdown() {
     // The warm request reaches the worker before any request does.
     assert_eq!(daemon.ok("first"), "warm up");
     let pid = daemon.ok("pid");
-    let proc = Path::new("/proc").join(&pid);
-    assert!(proc.exists(), "worker {pid} is not running");
+    let running = || khived::is_process_running(pid.parse().unwrap());
+    assert!(running(), "worker {pid} is not running");
 
     daemon.shutdown().unwrap();
-    // The daemon returns only once its workers are reaped: not even a zombie is left.
-    assert!(!proc.exists(), "worker {pid} outlived the daemon");
+    // The daemon returns only once its workers are reaped: not even a zombie is left (a
+    // zombie still counts as running: signal 0 reaches it).
+    assert!(!running(), "worker {pid} outlived the daemon");
 }
 
 #[test]
@@ -187,4 +192,271 @@ fn a_command_that_cannot_start_fails_requests_with_the_reason() {
         error.contains("no worker is running: worker 1 cannot start"),
         "{error}"
     );
+}
+
+/// The log records of this test process (the daemons under test run in it), kept for the
+/// tests that read what a daemon logged. Bounded, so that a flood cannot fill memory.
+struct Capture(Mutex<Vec<String>>);
+
+static CAPTURE: Capture = Capture(Mutex::new(Vec::new()));
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let mut records = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if records.len() < 100_000 {
+            records.push(record.args().to_string());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn capture_logs() {
+    let _ = log::set_logger(&CAPTURE);
+    log::set_max_level(log::LevelFilter::Info);
+}
+
+/// The captured records that contain `needle`.
+fn logged(needle: &str) -> Vec<String> {
+    let records = CAPTURE.0.lock().unwrap_or_else(|e| e.into_inner());
+    records
+        .iter()
+        .filter(|record| record.contains(needle))
+        .cloned()
+        .collect()
+}
+
+/// Waits (generously) until `ready` holds.
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        assert!(Instant::now() < deadline, "still waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether process `pid` is gone: no longer there, or a zombie waiting for whoever adopted it.
+fn is_gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+    }
+}
+
+/// Answers with its process id; on `flood`, starts a child that writes to the worker's
+/// standard error as fast as it can, until it is killed.
+const FLOOD_WORKER: &str = r#"
+import json, os, subprocess, sys
+for line in sys.stdin:
+    request = json.loads(line)
+    if request["ops"] == "flood":
+        subprocess.Popen(["yes", "flooding the log"], stdout=sys.stderr)
+    print(json.dumps({"id": request.get("id"), "ok": True, "result": str(os.getpid())}), flush=True)
+"#;
+
+#[test]
+fn a_worker_flooding_stderr_neither_stalls_the_daemon_nor_fills_its_log() {
+    capture_logs();
+    let daemon = PoolDaemon::start(
+        options(&["python3", "-c", FLOOD_WORKER])
+            .workers(2)
+            .stderr_lines_per_second(20),
+    );
+    daemon.ok("flood");
+    // While the flood goes on, the daemon's thread still answers probes and requests.
+    for _ in 0..20 {
+        daemon.ok("pid");
+        khived::probe(&daemon.socket, Duration::from_secs(10)).unwrap();
+    }
+    // The excess is dropped, and the log says how much.
+    let dropped = |reports: Vec<String>| -> u64 {
+        reports
+            .iter()
+            .map(|report| {
+                let count = report.split(' ').nth(2).unwrap();
+                count.parse::<u64>().unwrap()
+            })
+            .sum()
+    };
+    wait_for("a report of dropped lines", || {
+        dropped(logged("stderr lines dropped (more than 20 lines/s)")) > 0
+    });
+    let forwarded = logged("flooding the log").len() as u64;
+    let dropped = dropped(logged("stderr lines dropped"));
+    assert!(
+        forwarded < dropped,
+        "{forwarded} flood lines logged, {dropped} dropped"
+    );
+    daemon.shutdown().unwrap();
+}
+
+/// A worker in sh. `bg` starts a child that holds the worker's stdout and answers; `leave`
+/// starts one and exits with status 3. Each child's pid goes to a file in `$PIDS`.
+const ORPHANING_WORKER: &str = r#"
+while read -r line; do
+    case "$line" in
+    *'"ops":"bg"'*)
+        sleep 1000 &
+        echo "$!" > "$PIDS/bg"
+        echo '{"ok":true,"result":"started"}' ;;
+    *'"ops":"leave"'*)
+        sleep 1000 &
+        echo "$!" > "$PIDS/leave"
+        exit 3 ;;
+    esac
+done
+"#;
+
+#[test]
+fn a_worker_exit_is_seen_at_once_and_its_children_do_not_outlive_it() {
+    let pids = temp_dir();
+    // No request timeout: only the exit itself can end the request.
+    let daemon =
+        PoolDaemon::start(options(&["sh", "-c", ORPHANING_WORKER]).env("PIDS", pids.path()));
+    let pid = |name: &str| std::fs::read_to_string(pids.path().join(name)).unwrap();
+
+    // The worker exits while its child still holds its stdout: the request fails with the
+    // exit status all the same, and the restart kills the child.
+    let error = daemon.error("leave");
+    assert!(
+        error.contains("exited while handling the request (exit status: 3)"),
+        "{error}"
+    );
+    let left = pid("leave");
+    wait_for("the worker's child to be killed", || is_gone(left.trim()));
+
+    // The restarted worker serves; the child it starts dies with the pool at shutdown.
+    assert_eq!(daemon.ok("bg"), "started");
+    let bg = pid("bg");
+    assert!(!is_gone(bg.trim()), "the child {bg} is not running");
+    daemon.shutdown().unwrap();
+    wait_for("the worker's child to be killed at shutdown", || {
+        is_gone(bg.trim())
+    });
+}
+
+/// Echoes `ops` and the request's id, except: `pid` answers its process id, `twice` prints
+/// two replies at once, `stale` first answers the previous request again (echoing its id).
+const TWO_REPLY_WORKER: &str = r#"
+import json, os, sys
+last = None
+for line in sys.stdin:
+    request = json.loads(line)
+    ops = request["ops"]
+    if ops == "pid":
+        ops = str(os.getpid())
+    if ops == "twice":
+        # In one write, so that both lines are there by the time the first is read: without
+        # an echoed id, a reply printed later can only be told apart by its timing.
+        first = json.dumps({"ok": True, "result": "first"})
+        second = json.dumps({"ok": True, "result": "secret of the first client"})
+        os.write(1, (first + "\n" + second + "\n").encode())
+    elif ops == "stale":
+        sys.stdout.write(json.dumps({"id": last, "ok": True, "result": "secret again"}) + "\n")
+        sys.stdout.write(json.dumps({"id": request.get("id"), "ok": True, "result": ops}) + "\n")
+    else:
+        sys.stdout.write(json.dumps({"id": request.get("id"), "ok": True, "result": ops}) + "\n")
+    sys.stdout.flush()
+    last = request.get("id")
+"#;
+
+#[test]
+fn a_reply_never_reaches_a_client_it_was_not_meant_for() {
+    let daemon = PoolDaemon::start(options(&["python3", "-c", TWO_REPLY_WORKER]));
+    assert_eq!(daemon.ok("hello"), "hello");
+    let before = daemon.ok("pid");
+
+    // Its second reply is not handed to the next client: the worker is out of sync and is
+    // restarted. Whether it is seen while the worker idles or once the next request has come
+    // in, that request never gets it: either it waits for the restarted worker, or it fails.
+    assert_eq!(daemon.ok("twice"), "first");
+    let next = daemon.call("next");
+    match next.ok {
+        true => assert_eq!(next.result.as_deref(), Some("next")),
+        false => {
+            let error = next.error.unwrap();
+            assert!(error.contains("is out of sync"), "{error}");
+            assert!(!error.contains("secret"), "{error}");
+        }
+    }
+    let after = daemon.ok("pid");
+    assert_ne!(before, after, "the worker was not restarted");
+
+    // A reply echoing another request's id is never taken as this request's answer.
+    let error = daemon.error("stale");
+    assert!(
+        error.contains("is out of sync: it answered request"),
+        "{error}"
+    );
+    assert!(!error.contains("secret"), "{error}");
+    assert_eq!(daemon.ok("again"), "again");
+}
+
+/// Appends the ops of each request it gets to `$REQUESTS`; `block` answers only once the
+/// file `$RELEASE` exists.
+const COUNTING_WORKER: &str = r#"
+import json, os, sys, time
+requests = open(os.environ["REQUESTS"], "a")
+for line in sys.stdin:
+    request = json.loads(line)
+    requests.write(request["ops"] + "\n")
+    requests.flush()
+    if request["ops"] == "block":
+        while not os.path.exists(os.environ["RELEASE"]):
+            time.sleep(0.01)
+    print(json.dumps({"id": request.get("id"), "ok": True, "result": request["ops"]}), flush=True)
+"#;
+
+// The daemon does not yet notice a client that hangs up while its request waits, so the
+// dispatch futures are dropped here by hand, as the daemon drops a connection's.
+#[test]
+fn queued_requests_whose_client_is_gone_are_skipped() {
+    let dir = temp_dir();
+    let requests = dir.path().join("requests");
+    let release = dir.path().join("release");
+    let pool = Pool::new(
+        options(&["python3", "-c", COUNTING_WORKER])
+            .env("REQUESTS", &requests)
+            .env("RELEASE", &release)
+            .queue(32),
+    )
+    .unwrap();
+    let seen = || std::fs::read_to_string(&requests).unwrap_or_default();
+    let executor = async_executor::Executor::new();
+    future::block_on(executor.run(async {
+        let _workers = executor.spawn(pool.warm_all());
+        let busy = executor.spawn(pool.dispatch("block", None, None));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen() != "block\n" {
+            assert!(
+                Instant::now() < deadline,
+                "the worker never got the request"
+            );
+            Timer::after(Duration::from_millis(20)).await;
+        }
+        // 20 requests are queued behind it, and their clients hang up.
+        for i in 0..20 {
+            let ops = format!("abandoned {i}");
+            let mut request = pin!(pool.dispatch(&ops, None, None));
+            assert!(future::poll_once(request.as_mut()).await.is_none());
+        }
+        std::fs::write(&release, "").unwrap();
+        assert_eq!(busy.await, Ok("block".to_owned()));
+        assert_eq!(
+            pool.dispatch("next", None, None).await,
+            Ok("next".to_owned())
+        );
+    }));
+    // The worker got the first request and the next one, none of the abandoned ones.
+    assert_eq!(seen(), "block\nnext\n");
+    future::block_on(pool.shut_down());
 }

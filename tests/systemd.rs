@@ -1,5 +1,7 @@
 //! Under a service manager: the real binary with a listening socket passed as descriptor 3
-//! (`LISTEN_PID`, `LISTEN_FDS`) and readiness notifications to `NOTIFY_SOCKET`.
+//! (`LISTEN_PID`, `LISTEN_FDS`) and readiness notifications to `NOTIFY_SOCKET`. Linux only,
+//! as the support for them is.
+#![cfg(target_os = "linux")]
 
 mod common;
 

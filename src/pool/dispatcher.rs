@@ -30,11 +30,11 @@ use crate::Dispatch;
 /// use khived::pool::{Pool, PoolOptions};
 /// use khived::{Config, Daemon};
 ///
-/// fn main() -> Result<(), khived::Error> {
+/// fn main() -> Result<std::process::ExitCode, khived::Error> {
 ///     khived::init_stderr_logger(log::LevelFilter::Info);
 ///     let pool = Pool::new(PoolOptions::new(["python3", "worker.py"]).workers(2))?;
-///     Daemon::new(Config::from_env(), pool).run_blocking()?;
-///     Ok(())
+///     let stopped = Daemon::new(Config::from_env(), pool).run_blocking()?;
+///     Ok(stopped.exit_code().into())
 /// }
 /// ```
 pub struct Pool {
@@ -56,10 +56,32 @@ pub(super) struct Inner {
     pub(super) start_failure: Mutex<Option<String>>,
 }
 
-/// One request waiting for a worker: the line to send and where the answer goes.
+/// One request waiting for a worker: what to ask and where the answer goes. The worker
+/// encodes the line, with its own request id.
 pub(super) struct Job {
-    pub(super) line: Vec<u8>,
+    pub(super) ops: String,
+    pub(super) presentation: Option<String>,
+    pub(super) presentation_per_op: Option<Vec<Option<String>>>,
+    /// Closed once the request's dispatch future is dropped (its client is gone): the job is
+    /// then skipped instead of run.
     pub(super) reply: Sender<Result<String, String>>,
+}
+
+impl Job {
+    /// The line asking a worker for this job as request `id`.
+    pub(super) fn line(&self, id: u64) -> Vec<u8> {
+        line::encode_request_with_id(
+            id,
+            &self.ops,
+            self.presentation.as_deref(),
+            self.presentation_per_op.as_deref(),
+        )
+    }
+
+    /// Whether nobody waits for the answer any more.
+    pub(super) fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
 }
 
 impl Pool {
@@ -112,9 +134,16 @@ impl Dispatch for Pool {
         if let Some(why) = self.inner.start_failure() {
             return Err(format!("no worker is running: {why}"));
         }
-        let line = line::encode_request(ops, presentation, presentation_per_op);
         let (reply, answer) = async_channel::bounded(1);
-        match self.inner.jobs.try_send(Job { line, reply }) {
+        let job = Job {
+            ops: ops.to_owned(),
+            presentation: presentation.map(str::to_owned),
+            presentation_per_op: presentation_per_op.map(<[_]>::to_vec),
+            reply,
+        };
+        // Should this future be dropped (its client gone), `answer` goes with it and the
+        // job, still queued, is skipped by the worker that takes it.
+        match self.inner.jobs.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 return Err(format!(
@@ -144,7 +173,8 @@ impl Dispatch for Pool {
 
     /// Ends every worker once the daemon has drained: their stdin is already closed (the
     /// tasks holding it ended with `warm_all`), so they get the shutdown grace to exit, then
-    /// SIGKILL. Every child is reaped before the daemon lets go of its PID file.
+    /// SIGKILL. Whatever is left of each worker's process group (children it started) is
+    /// killed too, and every worker is reaped before the daemon lets go of its PID file.
     async fn shut_down(&self) {
         self.inner.jobs.close();
         let grace = self.inner.options.shutdown_grace;
@@ -153,17 +183,20 @@ impl Dispatch for Pool {
             let Some(mut child) = lock(slot).take() else {
                 continue;
             };
+            let group = child.id();
             let exited = async { child.status().await.ok() }
                 .or(async {
                     Timer::at(deadline).await;
                     None
                 })
                 .await;
+            // Its children may still run, holding its pipes or not: none outlives the pool.
+            worker::kill_group(group);
             match exited {
                 Some(status) => log::info!("worker {}: exited ({status})", id + 1),
                 None => {
                     log::warn!(
-                        "worker {}: still running after {grace:?}; killing it",
+                        "worker {}: still running after {grace:?}; killed it",
                         id + 1
                     );
                     let _ = child.kill();
@@ -197,6 +230,9 @@ impl Inner {
             let Ok(job) = self.queued.try_recv() else {
                 return;
             };
+            if job.abandoned() {
+                continue;
+            }
             let _ = job
                 .reply
                 .send(Err(format!("no worker is running: {why}")))

@@ -3,8 +3,16 @@
 //! [`Pool`] is a [`Dispatch`](crate::Dispatch) that runs N copies of a program (in any
 //! language) and talks to each over its stdin and stdout, one JSON object per line:
 //!
-//! - to the worker: `{"ops": …, "presentation": …, "presentation_per_op": …}`
-//! - from the worker: `{"ok": true, "result": "…"}` or `{"ok": false, "error": "…"}`
+//! - to the worker: `{"id": 7, "ops": …, "presentation": …, "presentation_per_op": …}`
+//! - from the worker: `{"ok": true, "result": "…"}` or `{"ok": false, "error": "…"}`, best
+//!   with the request's id echoed: `{"id": 7, "ok": true, "result": "…"}`
+//!
+//! The `id` grows with each request to a worker. Echoing it is optional and checked when
+//! present. A worker is **out of sync** when a reply echoes another request's id, or when it
+//! prints anything while no request is outstanding (a second reply, stray output): it is
+//! restarted and the request at hand answered with an error, so that a reply never reaches a
+//! client it was not meant for. Only the echoed id also catches a reply that comes late,
+//! after the next request was sent.
 //!
 //! [`PoolOptions`] says what to run and the limits; `khived serve --worker` is this pool
 //! behind a command line. [`line`](mod@line) encodes and parses the lines, for programs that run their
@@ -14,19 +22,33 @@
 //! # What the pool takes care of
 //!
 //! - **One request per worker at a time**; requests wait in a bounded queue
-//!   ([`PoolOptions::queue`]), and a full queue answers `daemon_busy: …` at once.
+//!   ([`PoolOptions::queue`]), and a full queue answers `daemon_busy: …` at once. A queued
+//!   request whose dispatch future was dropped (its client gone) is skipped, not run.
 //! - **Failures are contained**: a worker that exits is restarted with backoff (100 ms
 //!   doubling up to 10 s, back to 100 ms after 30 s of health) and the request it held gets
-//!   an error naming its exit status; one that hangs past [`PoolOptions::request_timeout`]
+//!   an error naming its exit status at once: the exit is seen from the process itself, not
+//!   from the end of its stdout, which a process it started may hold. One that exits while
+//!   idle is restarted at once. One that hangs past [`PoolOptions::request_timeout`]
 //!   is killed and restarted; one that prints something that is not a reply (or a line
 //!   longer than [`MAX_FRAME_BYTES`](crate::MAX_FRAME_BYTES)) is a worker error, not a
 //!   daemon crash. While no worker can start, requests fail at once with the reason.
 //! - **Logs**: each worker's standard error goes to the daemon's log (the `log` crate), line
-//!   by line, prefixed with its id, which the worker also finds in `KHIVED_WORKER_ID`.
-//! - **No orphans**: workers get `PDEATHSIG=SIGKILL`, so they die with a daemon killed by
-//!   SIGKILL. At a normal shutdown the daemon drains the requests in flight, then the
-//!   workers' stdin is closed, they get [`PoolOptions::shutdown_grace`] to exit, then
-//!   SIGKILL; every child is reaped before the daemon lets go of its PID file.
+//!   by line, prefixed with its id, which the worker also finds in `KHIVED_WORKER_ID`; at
+//!   most [`PoolOptions::stderr_lines_per_second`] lines a second (lines beyond 8 KiB cut).
+//!   The excess is read and dropped, and counted in the log once a second. Forwarding takes
+//!   one pipe's worth per turn and then lets the daemon's other tasks run, and waits while
+//!   over its rate, so a flood costs the daemon little and never delays its answers.
+//! - **No orphans**: each worker leads a process group of its own, and the whole group is
+//!   killed at each restart and at shutdown, so what a worker started does not outlive it
+//!   (unless it left the group on purpose, with `setsid` or `setpgid`). Workers get
+//!   `PDEATHSIG=SIGKILL`, so they die with a daemon killed by SIGKILL. That is Linux only:
+//!   elsewhere such a worker lives on until it reads the end of its stdin (and exits, as at a
+//!   normal shutdown) or fails to write a reply (broken pipe), so one stuck in a request
+//!   outlives the daemon. At a normal shutdown
+//!   the daemon drains the requests in flight, then the workers' stdin is closed, they get
+//!   [`PoolOptions::shutdown_grace`] to exit, then SIGKILL; every child is reaped before the
+//!   daemon lets go of its PID file. Being in their own group, workers do not get the
+//!   terminal's Ctrl-C directly: the daemon stops them in order.
 //!
 //! # Implementation
 //!
@@ -43,14 +65,14 @@
 //! use khived::pool::{Pool, PoolOptions};
 //! use khived::{Config, Daemon};
 //!
-//! fn main() -> Result<(), khived::Error> {
+//! fn main() -> Result<std::process::ExitCode, khived::Error> {
 //!     khived::init_stderr_logger(log::LevelFilter::Info);
 //!     let options = PoolOptions::new(["python3", "examples/worker.py"])
 //!         .workers(2)
 //!         .request_timeout(Duration::from_secs(30))
 //!         .namespace("words");
-//!     Daemon::new(Config::from_env(), Pool::new(options)?).run_blocking()?;
-//!     Ok(())
+//!     let stopped = Daemon::new(Config::from_env(), Pool::new(options)?).run_blocking()?;
+//!     Ok(stopped.exit_code().into())
 //! }
 //! ```
 

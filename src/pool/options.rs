@@ -49,6 +49,11 @@ pub struct PoolOptions {
     /// How long workers get to exit on their own at shutdown, once their stdin is closed,
     /// before they are killed (default 3 s).
     pub shutdown_grace: Duration,
+    /// How many lines of each worker's standard error may reach the daemon's log per second,
+    /// in bursts of as many (default 200). Lines beyond it are read and dropped, and the log
+    /// says how many (`worker N: M stderr lines dropped`) once a second, so a worker that
+    /// floods its standard error costs the daemon little and cannot fill its log.
+    pub stderr_lines_per_second: u32,
     /// The namespace requests must name (default `"khive"`, as `khived serve` uses).
     pub namespace: String,
     /// The configuration id requests must carry (default `""`).
@@ -66,6 +71,7 @@ impl Default for PoolOptions {
             request_timeout: None,
             warm: None,
             shutdown_grace: Duration::from_secs(3),
+            stderr_lines_per_second: 200,
             namespace: "khive".to_owned(),
             config_id: String::new(),
         }
@@ -132,6 +138,13 @@ impl PoolOptions {
         self
     }
 
+    /// Sets [`stderr_lines_per_second`](PoolOptions::stderr_lines_per_second).
+    #[must_use]
+    pub fn stderr_lines_per_second(mut self, lines: u32) -> Self {
+        self.stderr_lines_per_second = lines;
+        self
+    }
+
     /// Sets [`namespace`](PoolOptions::namespace).
     #[must_use]
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
@@ -155,6 +168,9 @@ impl PoolOptions {
         } else if self.queue == 0 {
             "the worker pool's queue must hold at least 1 request: set PoolOptions::queue to 1 \
              or more"
+        } else if self.stderr_lines_per_second == 0 {
+            "the worker pool must let at least 1 stderr line per second through: set \
+             PoolOptions::stderr_lines_per_second to 1 or more"
         } else {
             return Ok(());
         };

@@ -1,7 +1,11 @@
-//! One worker's life: start it, warm it, serve it jobs one line at a time, forward its
-//! standard error, and restart it with backoff when it fails.
+//! One worker's life: start it in a process group of its own, warm it, serve it jobs one
+//! line at a time while watching that it stays in step, forward its standard error within a
+//! rate, and restart it with backoff when it fails.
 
+use std::future::Future;
 use std::io;
+use std::pin::{pin, Pin};
+use std::process::ExitStatus;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +25,11 @@ const LAST_RESTART_DELAY: Duration = Duration::from_secs(10);
 /// A worker that ran this long before failing starts over with the shortest delay.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 
+const EXITED: &str = "exited while handling the request";
+const CLOSED_STDOUT: &str = "closed its standard output while handling the request";
+const EXITED_IDLE: &str = "exited while idle";
+const CLOSED_IDLE: &str = "closed its standard output while idle";
+
 /// Why a worker process was given up on.
 enum Ended {
     /// The queue closed: the daemon is stopping.
@@ -34,17 +43,21 @@ enum Ended {
 /// Returns once the queue closes (the daemon is stopping).
 pub(super) async fn run(inner: Arc<Inner>, id: usize) {
     let mut delay = FIRST_RESTART_DELAY;
+    // The last request id sent. Ids keep growing across restarts: a reply is never taken
+    // for the answer to a request sent to an earlier process.
+    let mut last_request = 0;
     loop {
         let started = Instant::now();
         let ended = match start(&inner, id) {
-            Ok((stdin, stdout, stderr)) => {
+            Ok(((stdin, stdout, stderr), exited)) => {
                 inner.running.fetch_add(1, Ordering::SeqCst);
                 *lock(&inner.start_failure) = None;
                 let forward = async {
-                    forward_stderr(id, stderr).await;
+                    forward_stderr(id, stderr, inner.options.stderr_lines_per_second).await;
                     future::pending().await
                 };
-                let ended = serve(&inner, id, stdin, stdout).or(forward).await;
+                let serve = serve(&inner, id, stdin, stdout, exited, &mut last_request);
+                let ended = serve.or(forward).await;
                 inner.running.fetch_sub(1, Ordering::SeqCst);
                 ended
             }
@@ -55,10 +68,18 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                 Ended::Failed { why, job: None }
             }
         };
-        let status = reap(&inner, id).await;
+        let (status, exited) = reap(&inner, id).await;
         match ended {
             Ended::Stopping => return,
-            Ended::Failed { why, job } => {
+            Ended::Failed { mut why, job } => {
+                // Its stdout ended before its exit was seen: if it was not killed by `reap`,
+                // it had exited on its own, which is the clearer message.
+                if exited && (why == CLOSED_STDOUT || why == CLOSED_IDLE) {
+                    why = match why == CLOSED_STDOUT {
+                        true => EXITED.to_owned(),
+                        false => EXITED_IDLE.to_owned(),
+                    };
+                }
                 log::warn!("worker {id}: {why} ({status})");
                 if let Some(job) = job {
                     let _ = job
@@ -79,8 +100,13 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
 
 type Pipes = (ChildStdin, BufReader<ChildStdout>, ChildStderr);
 
-/// Starts worker `id` and keeps its process in its slot for [`reap`] and shutdown.
-fn start(inner: &Inner, id: usize) -> io::Result<Pipes> {
+/// Starts worker `id` and keeps its process in its slot for [`reap`] and shutdown. Besides
+/// its pipes, returns a future that resolves when the process exits: a worker's end is
+/// seen from the process itself, not from its stdout, which a child it started may hold.
+fn start(
+    inner: &Inner,
+    id: usize,
+) -> io::Result<(Pipes, impl Future<Output = io::Result<ExitStatus>>)> {
     let options = &inner.options;
     // `Pool::new` refuses an empty command.
     let (program, args) = options
@@ -88,10 +114,19 @@ fn start(inner: &Inner, id: usize) -> io::Result<Pipes> {
         .split_first()
         .ok_or_else(|| io::Error::other("empty worker command"))?;
     let mut command = std::process::Command::new(program);
+    // A process group of its own, led by the worker: what it starts joins it, so killing
+    // the group at a restart and at shutdown leaves no grandchild behind. (A program that
+    // moves itself to another group or session on purpose escapes this.) It also keeps the
+    // terminal's Ctrl-C from reaching workers directly: the daemon stops them in order.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    // PDEATHSIG is Linux only. Elsewhere a worker outlives a daemon killed by SIGKILL until it
+    // next reads its stdin and finds it closed (see the module docs).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     let daemon = rustix::process::getpid();
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed. It makes two system calls (prctl, getppid),
     // allocates nothing (its errors are plain errno values) and touches no memory of ours.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     #[allow(unsafe_code)]
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
@@ -120,22 +155,47 @@ fn start(inner: &Inner, id: usize) -> io::Result<Pipes> {
         _ => return Err(io::Error::other("worker pipes missing")),
     };
     log::info!("worker {id}: started (pid {})", child.id());
+    // The future holds its own handle on the process: the child stays in its slot.
+    let exited = child.status();
     *lock(&inner.children[id - 1]) = Some(child);
-    Ok(pipes)
+    Ok((pipes, exited))
 }
 
-/// Kills worker `id` if it still runs and waits for it; returns how it ended.
-async fn reap(inner: &Inner, id: usize) -> String {
+/// The signal `reap` kills with (its number on every Linux architecture).
+const SIGKILL: i32 = 9;
+
+/// Kills worker `id` if it still runs, with every process left in its group, and waits
+/// for it; returns how it ended, and whether it had exited on its own (not by SIGKILL).
+async fn reap(inner: &Inner, id: usize) -> (String, bool) {
+    use std::os::unix::process::ExitStatusExt;
     let child = lock(&inner.children[id - 1]).take();
     let Some(mut child) = child else {
-        return "not started".to_owned();
+        return ("not started".to_owned(), false);
     };
     // A worker that printed garbage or hung may still run; one that died is only reaped.
+    // (One that is exiting keeps the exit status it chose: a later signal does not change it.)
+    kill_group(child.id());
     let _ = child.kill();
     match child.status().await {
-        Ok(status) => status.to_string(),
-        Err(e) => format!("not reaped: {e}"),
+        Ok(status) => (status.to_string(), status.signal() != Some(SIGKILL)),
+        Err(e) => (format!("not reaped: {e}"), false),
     }
+}
+
+/// Sends SIGKILL to the process group that worker process `leader` leads: the worker, if it
+/// still runs, and every process it started that stayed in its group.
+///
+/// The group's id stays reserved while any member lives, even once the worker itself is
+/// reaped, so the signal reaches only the worker's own processes; when none is left it
+/// fails with ESRCH, which is ignored.
+pub(super) fn kill_group(leader: u32) {
+    let Some(group) = i32::try_from(leader)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
 }
 
 /// Serves jobs one at a time until the worker fails or the daemon stops.
@@ -144,21 +204,56 @@ async fn serve(
     id: usize,
     mut stdin: ChildStdin,
     mut stdout: BufReader<ChildStdout>,
+    exited: impl Future<Output = io::Result<ExitStatus>>,
+    last_request: &mut u64,
 ) -> Ended {
+    let mut exited = pin!(exited);
     let timeout = inner.options.request_timeout;
     if let Some(ops) = &inner.options.warm {
-        let line = line::encode_request(ops, None, None);
-        match exchange(&mut stdin, &mut stdout, &line, timeout).await {
+        *last_request += 1;
+        let line = line::encode_request_with_id(*last_request, ops, None, None);
+        let warmed = exchange(
+            &mut stdin,
+            &mut stdout,
+            exited.as_mut(),
+            &line,
+            *last_request,
+            timeout,
+        );
+        match warmed.await {
             Ok(Ok(_)) => log::info!("worker {id}: warmed"),
             Ok(Err(error)) => log::warn!("worker {id}: warm request failed: {error}"),
             Err(why) => return Ended::Failed { why, job: None },
         }
     }
     loop {
-        let Ok(job) = inner.queued.recv().await else {
-            return Ended::Stopping;
+        let job = match idle(inner, &mut stdout, exited.as_mut()).await {
+            Ok(Some(job)) => job,
+            Ok(None) => return Ended::Stopping,
+            Err(why) => return Ended::Failed { why, job: None },
         };
-        match exchange(&mut stdin, &mut stdout, &job.line, timeout).await {
+        if job.abandoned() {
+            log::debug!("worker {id}: skipped a request whose client is gone");
+            continue;
+        }
+        // Output that came in with the job, after `idle` last looked, is just as stray.
+        if let Some(why) = stray_output(&mut stdout).await {
+            return Ended::Failed {
+                why,
+                job: Some(job),
+            };
+        }
+        *last_request += 1;
+        let line = job.line(*last_request);
+        let answer = exchange(
+            &mut stdin,
+            &mut stdout,
+            exited.as_mut(),
+            &line,
+            *last_request,
+            timeout,
+        );
+        match answer.await {
             Ok(answer) => {
                 let _ = job.reply.send(answer).await;
             }
@@ -172,12 +267,57 @@ async fn serve(
     }
 }
 
-/// Sends one request line and reads one reply line. `Err` means the worker cannot be
-/// trusted any more (it died, hung, or broke the protocol) and must be restarted.
+/// Waits for the next job (`None` once the daemon stops) while watching the idle worker: it
+/// may not exit, and anything it prints now answers no request, so it is out of sync.
+async fn idle(
+    inner: &Inner,
+    stdout: &mut BufReader<ChildStdout>,
+    exited: Pin<&mut impl Future<Output = io::Result<ExitStatus>>>,
+) -> Result<Option<Job>, String> {
+    let job = async { Ok(inner.queued.recv().await.ok()) };
+    let gone = async {
+        let _ = exited.await;
+        Err(EXITED_IDLE.to_owned())
+    };
+    let output = async {
+        Err(match stdout.fill_buf().await {
+            Ok(buf) => stray(buf),
+            Err(e) => format!("could not be read from: {e}"),
+        })
+    };
+    job.or(gone).or(output).await
+}
+
+/// Looks, without waiting, for output from a worker that owes no reply: `Some(why)` if
+/// there is any, which means it is out of sync.
+async fn stray_output(stdout: &mut BufReader<ChildStdout>) -> Option<String> {
+    match future::poll_once(stdout.fill_buf()).await? {
+        Ok(buf) => Some(stray(buf)),
+        Err(e) => Some(format!("could not be read from: {e}")),
+    }
+}
+
+/// Why output `buf`, read when no request was outstanding, ends a worker. The output itself
+/// is not quoted: it may be an answer meant for another client.
+fn stray(buf: &[u8]) -> String {
+    match buf.len() {
+        0 => CLOSED_IDLE.to_owned(),
+        len => format!(
+            "is out of sync: it printed {len} byte(s) when no request was outstanding; \
+             restarting it"
+        ),
+    }
+}
+
+/// Sends request `id` and reads one reply line, racing the worker's exit. `Err` means the
+/// worker cannot be trusted any more (it died, hung, answered another request or broke the
+/// protocol) and must be restarted.
 async fn exchange(
     stdin: &mut ChildStdin,
     stdout: &mut BufReader<ChildStdout>,
+    exited: Pin<&mut impl Future<Output = io::Result<ExitStatus>>>,
     line: &[u8],
+    id: u64,
     timeout: Option<Duration>,
 ) -> Result<Result<String, String>, String> {
     let talk = async {
@@ -189,21 +329,27 @@ async fn exchange(
             .flush()
             .await
             .map_err(|e| format!("could not take the request: {e}"))?;
-        let mut reply = Vec::new();
-        // Bounded like a frame, so a worker that never prints a newline cannot fill memory.
-        let mut limited = (&mut *stdout).take(MAX_FRAME_BYTES as u64 + 1);
-        match limited.read_until(b'\n', &mut reply).await {
-            Ok(0) => return Err("exited while handling the request".to_owned()),
-            Ok(_) if reply.last() != Some(&b'\n') => {
-                return Err(match reply.len() > MAX_FRAME_BYTES {
-                    true => format!("printed a reply longer than {MAX_FRAME_BYTES} bytes"),
-                    false => "exited in the middle of its reply".to_owned(),
-                })
-            }
-            Ok(_) => {}
-            Err(e) => return Err(format!("could not be read from: {e}")),
+        // A reply printed just before exiting is read first: `or` polls the read first, and
+        // the reply is in the pipe before the exit can be seen.
+        let read = async { Ok(read_line(stdout).await) };
+        let gone = async {
+            let _ = exited.await;
+            Err(EXITED.to_owned())
+        };
+        let reply = match read.or(gone).await? {
+            Ok(Some(reply)) => reply,
+            // The end of its stdout: most likely it exited, which `run` tells from its status.
+            Ok(None) => return Err(CLOSED_STDOUT.to_owned()),
+            Err(why) => return Err(why),
+        };
+        let reply = line::parse_reply_with_id(&reply)?;
+        match reply.id {
+            Some(echoed) if echoed != id => Err(format!(
+                "is out of sync: it answered request {echoed} while request {id} was \
+                 outstanding; restarting it"
+            )),
+            _ => Ok(reply.answer),
         }
-        line::parse_reply(&reply)
     };
     match timeout {
         None => talk.await,
@@ -217,25 +363,183 @@ async fn exchange(
     }
 }
 
+/// One line from the worker's stdout, newline included; `None` at its end.
+async fn read_line(stdout: &mut BufReader<ChildStdout>) -> Result<Option<Vec<u8>>, String> {
+    let mut reply = Vec::new();
+    // Bounded like a frame, so a worker that never prints a newline cannot fill memory.
+    let mut limited = stdout.take(MAX_FRAME_BYTES as u64 + 1);
+    match limited.read_until(b'\n', &mut reply).await {
+        Ok(0) => Ok(None),
+        Ok(_) if reply.last() != Some(&b'\n') => Err(match reply.len() > MAX_FRAME_BYTES {
+            true => format!("printed a reply longer than {MAX_FRAME_BYTES} bytes"),
+            false => "closed its standard output in the middle of its reply".to_owned(),
+        }),
+        Ok(_) => Ok(Some(reply)),
+        Err(e) => Err(format!("could not be read from: {e}")),
+    }
+}
+
+/// How much of a worker's standard error is read at once: one pipe's worth.
+const STDERR_CHUNK: usize = 64 * 1024;
+/// The longest stderr line logged; the rest of a longer line is cut (and counted).
+const LONGEST_LINE: usize = 8 * 1024;
+/// How often the count of dropped lines is logged, while lines are being dropped.
+const DROP_REPORT: Duration = Duration::from_secs(1);
+
 /// Copies a worker's standard error into the daemon's log, a line at a time, until the
-/// worker closes it. Bytes that are not UTF-8 are logged lossily and overlong lines in pieces:
-/// stopping early would close the pipe and kill the worker at its next write.
-async fn forward_stderr(id: usize, stderr: ChildStderr) {
-    const LONGEST_LINE: u64 = 64 * 1024;
-    let mut stderr = BufReader::new(stderr);
+/// worker closes it: at most `per_second` lines a second (in bursts of as many); the rest are
+/// read and dropped, and their count logged once a second. Bytes that are not UTF-8 are
+/// logged lossily and overlong lines cut: stopping early would close the pipe and kill the
+/// worker at its next write.
+///
+/// The forwarding must not starve the daemon's other tasks, which run on the same thread:
+/// it handles one chunk per turn and then lets them run, and while over its rate it waits
+/// for the next line's turn before reading on, so a flood costs a read per turn, not a CPU
+/// (the worker blocks on its full pipe meanwhile).
+async fn forward_stderr(id: usize, stderr: ChildStderr, per_second: u32) {
+    let mut stderr = BufReader::with_capacity(STDERR_CHUNK, stderr);
+    let mut bucket = Bucket::new(per_second);
     let mut line = Vec::new();
+    let mut cut = 0;
+    // Also reports what is left when the forwarding ends with the worker.
+    let mut dropped = Dropped {
+        id,
+        per_second,
+        count: 0,
+        reported: Instant::now(),
+    };
     loop {
-        line.clear();
-        match (&mut stderr)
-            .take(LONGEST_LINE)
-            .read_until(b'\n', &mut line)
-            .await
-        {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let text = String::from_utf8_lossy(&line);
-                log::info!("worker {id}: {}", text.trim_end_matches(['\n', '\r']));
+        let report_at = dropped.reported + DROP_REPORT;
+        let waiting_drops = dropped.count > 0;
+        let filled = async { Some(stderr.fill_buf().await.map(|buf| buf.len())) }
+            .or(async {
+                match waiting_drops {
+                    true => Timer::at(report_at).await,
+                    false => future::pending().await,
+                };
+                None
+            })
+            .await;
+        match filled {
+            None => {
+                dropped.report();
+                continue;
+            }
+            Some(Ok(0) | Err(_)) => {
+                if !line.is_empty() {
+                    match bucket.take() {
+                        true => log_line(id, &line, cut),
+                        false => dropped.count += 1,
+                    }
+                }
+                return;
+            }
+            Some(Ok(_)) => {}
+        }
+        let chunk = stderr.buffer();
+        let len = chunk.len();
+        let mut over = false;
+        for piece in chunk.split_inclusive(|&b| b == b'\n') {
+            let complete = piece.last() == Some(&b'\n');
+            let body = &piece[..piece.len() - usize::from(complete)];
+            let room = LONGEST_LINE.saturating_sub(line.len());
+            line.extend_from_slice(&body[..body.len().min(room)]);
+            cut += body.len().saturating_sub(room);
+            if complete {
+                match bucket.take() {
+                    true => log_line(id, &line, cut),
+                    false => {
+                        dropped.count += 1;
+                        over = true;
+                    }
+                }
+                line.clear();
+                cut = 0;
             }
         }
+        stderr.consume(len);
+        if dropped.reported.elapsed() >= DROP_REPORT {
+            dropped.report();
+        }
+        if over {
+            Timer::at(bucket.next_token()).await;
+        } else {
+            future::yield_now().await;
+        }
+    }
+}
+
+/// The count of a worker's stderr lines dropped since it was last logged.
+struct Dropped {
+    id: usize,
+    per_second: u32,
+    count: u64,
+    reported: Instant,
+}
+
+impl Dropped {
+    fn report(&mut self) {
+        if self.count > 0 {
+            log::warn!(
+                "worker {}: {} stderr lines dropped (more than {} lines/s)",
+                self.id,
+                self.count,
+                self.per_second
+            );
+        }
+        self.count = 0;
+        self.reported = Instant::now();
+    }
+}
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.report();
+    }
+}
+
+fn log_line(id: usize, line: &[u8], cut: usize) {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end_matches('\r');
+    match cut {
+        0 => log::info!("worker {id}: {text}"),
+        cut => log::info!("worker {id}: {text} [{cut} bytes cut]"),
+    }
+}
+
+/// A token bucket: `per_second` tokens a second, holding at most one second's worth.
+struct Bucket {
+    per_second: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(per_second: u32) -> Bucket {
+        let per_second = f64::from(per_second.max(1));
+        Bucket {
+            per_second,
+            tokens: per_second,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + earned).min(self.per_second);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return true;
+        }
+        false
+    }
+
+    /// When the next token will be there.
+    fn next_token(&self) -> Instant {
+        let missing = (1.0 - self.tokens).max(0.0);
+        self.at + Duration::from_secs_f64(missing / self.per_second)
     }
 }

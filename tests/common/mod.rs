@@ -190,7 +190,7 @@ pub fn child_main() {
         return;
     }
     if let Ok(mask) = std::env::var("KHIVED_TEST_UMASK") {
-        let mask = u32::from_str_radix(&mask, 8).unwrap();
+        let mask = rustix::fs::RawMode::from_str_radix(&mask, 8).unwrap();
         rustix::process::umask(rustix::fs::Mode::from_raw_mode(mask));
     }
     khived::init_stderr_logger(log::LevelFilter::Debug);
@@ -237,6 +237,7 @@ fn set_nofile(limit: u64) {
 }
 
 /// The resident memory of process `pid`, in KiB.
+#[cfg(target_os = "linux")]
 pub fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status
@@ -244,6 +245,17 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find(|line| line.starts_with("VmRSS:"))
         .unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The resident memory of process `pid`, in KiB, as `ps` tells it where there is no `/proc`.
+#[cfg(not(target_os = "linux"))]
+pub fn rss_kib(pid: u32) -> u64 {
+    let ps = Command::new("ps")
+        .args(["-o", "rss=", "-p", &pid.to_string()])
+        .output()
+        .unwrap();
+    assert!(ps.status.success(), "ps -p {pid} failed");
+    String::from_utf8_lossy(&ps.stdout).trim().parse().unwrap()
 }
 
 /// A daemon in a child process (this test binary, re-run as [`child_main`]).

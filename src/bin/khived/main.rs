@@ -1,7 +1,8 @@
 //! `khived`: run a warm daemon and talk to it from scripts.
 //!
-//! `serve` runs the daemon (an echo dispatcher, or a pool of worker processes); `call` sends
-//! one request, starting the daemon first with `--spawn`; `status` and `stop` manage it.
+//! `serve` runs the daemon (an echo dispatcher, or a pool of worker processes); `start` and
+//! `restart` run it in the background; `call` sends one request, starting the daemon first
+//! with `--spawn`; `status` and `stop` manage it.
 
 mod args;
 
@@ -9,9 +10,9 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use args::{Call, Command, Common, Serve, Status, Stop};
+use args::{Call, Command, Common, Serve, Start, Status, Stop};
 use khived::pool::{Pool, PoolOptions};
-use khived::{Client, Config, Daemon, Dispatch, Request, Response};
+use khived::{Client, Config, Daemon, Dispatch, ProbeInfo, Request, Response};
 
 /// Exit statuses a script can branch on.
 mod status {
@@ -23,15 +24,19 @@ mod status {
     pub(crate) const UNREACHABLE: u8 = 3;
     /// The daemon serves another namespace or configuration.
     pub(crate) const MISMATCH: u8 = 4;
-    /// `serve`: another daemon already runs on the socket.
+    /// `serve`, `start`: another daemon already runs on the socket.
     pub(crate) const ALREADY_RUNNING: u8 = 5;
+    /// `status`: the daemon answered `daemon_busy` (it is at its connection cap).
+    pub(crate) const BUSY: u8 = 6;
+    /// `status`: something holds the socket or the PID file but no answer came in time.
+    pub(crate) const NOT_ANSWERING: u8 = 7;
 }
 
 fn main() -> ExitCode {
     let command = match args::parse(std::env::args_os().skip(1)) {
         Ok(command) => command,
-        Err(e) => {
-            eprintln!("khived: {e}\nTry 'khived --help'.");
+        Err(usage) => {
+            eprintln!("khived: {usage}");
             return ExitCode::from(status::USAGE);
         }
     };
@@ -45,6 +50,8 @@ fn main() -> ExitCode {
             status::OK
         }
         Command::Serve(serve) => run_serve(serve),
+        Command::Start(start) => run_start(start),
+        Command::Restart(start) => run_restart(start),
         Command::Call(call) => run_call(call),
         Command::Status(options) => run_status(options),
         Command::Stop(options) => run_stop(options),
@@ -89,14 +96,14 @@ fn run_serve(serve: Serve) -> u8 {
             return fail(status::FAILED, e);
         }
     }
-    let level = match std::env::var("KHIVED_LOG").as_deref() {
-        Ok("error") => log::LevelFilter::Error,
-        Ok("warn") => log::LevelFilter::Warn,
-        Ok("debug") => log::LevelFilter::Debug,
-        Ok("trace") => log::LevelFilter::Trace,
-        _ => log::LevelFilter::Info,
-    };
+    let (level, unknown) = log_level(std::env::var("KHIVED_LOG").ok().as_deref(), serve.verbosity);
     khived::init_stderr_logger(level);
+    if let Some(value) = unknown {
+        log::warn!(
+            "KHIVED_LOG={value:?} is not a log level (error, warn, info, debug, trace or off); \
+             using info"
+        );
+    }
     let config = daemon_config(&serve);
     let result = match pool_options(&serve) {
         None => Daemon::new(
@@ -115,9 +122,53 @@ fn run_serve(serve: Serve) -> u8 {
     match result {
         // 0 after a drain, 128 + n when a second signal forced the stop.
         Ok(stopped) => stopped.exit_code(),
-        Err(e @ khived::Error::AlreadyRunning { .. }) => fail(status::ALREADY_RUNNING, e),
+        Err(khived::Error::AlreadyRunning { pid }) => already_running(pid),
         Err(e) => fail(status::FAILED, e),
     }
+}
+
+/// The error for a daemon already running, in the binary's own words (the library's message
+/// starts with the program's name, which `fail` prints already).
+fn already_running(pid: Option<u32>) -> u8 {
+    match pid {
+        Some(pid) => fail(
+            status::ALREADY_RUNNING,
+            format!("already running as pid {pid}"),
+        ),
+        None => fail(
+            status::ALREADY_RUNNING,
+            "already running (its pid could not be read)",
+        ),
+    }
+}
+
+/// The log level from `KHIVED_LOG` (any case; default info), moved by `-v`/`-q`, and the
+/// variable's value if it is not a level.
+fn log_level(env: Option<&str>, verbosity: i8) -> (log::LevelFilter, Option<String>) {
+    use log::LevelFilter;
+    let levels = [
+        LevelFilter::Off,
+        LevelFilter::Error,
+        LevelFilter::Warn,
+        LevelFilter::Info,
+        LevelFilter::Debug,
+        LevelFilter::Trace,
+    ];
+    let value = env.map(str::trim).unwrap_or_default();
+    let (base, unknown) = if value.is_empty() {
+        (LevelFilter::Info, None)
+    } else {
+        match levels
+            .iter()
+            .find(|level| level.as_str().eq_ignore_ascii_case(value))
+        {
+            Some(&level) => (level, None),
+            None => (LevelFilter::Info, Some(value.to_owned())),
+        }
+    };
+    let index = levels.iter().position(|&level| level == base).unwrap_or(3) as i32;
+    let moved = (index + i32::from(verbosity)).clamp(0, levels.len() as i32 - 1);
+    (levels[moved as usize], unknown)
 }
 
 /// Sends our standard error, and with it every log line and panic message, to `path`.
@@ -137,16 +188,20 @@ fn redirect_stderr(path: &std::path::Path) -> std::io::Result<()> {
 
 // ---- call ---------------------------------------------------------------------------------
 
-fn run_call(call: Call) -> u8 {
-    let connected = if call.spawn {
-        let mut command = std::process::Command::new(current_exe());
-        command.arg("serve").args(serve_args(&call.serve));
-        let mut spawn = khived::Spawn::new(&call.serve.common.socket, command)
-            .pid_file(&call.serve.common.pid_file);
-        if let Some(log) = &call.serve.log_file {
-            spawn = spawn.log_file(log);
+fn run_call(mut call: Call) -> u8 {
+    if call.ops == "-" {
+        match read_stdin() {
+            Ok(ops) => call.ops = ops,
+            Err(e) => {
+                return fail(
+                    status::FAILED,
+                    format!("cannot read OPS from standard input: {e}"),
+                )
+            }
         }
-        spawn.connect(call.timeout)
+    }
+    let connected = if call.spawn {
+        spawner(&call.serve).connect(call.timeout)
     } else {
         Client::connect(&call.serve.common.socket, call.timeout)
     };
@@ -167,7 +222,31 @@ fn run_call(call: Call) -> u8 {
     report(&call, &mut client, response)
 }
 
+/// All of standard input, less one trailing newline (as `echo` and here-documents add one).
+fn read_stdin() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::io::stdin().read_to_string(&mut text)?;
+    let trimmed = text.strip_suffix('\n').unwrap_or(&text);
+    let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
+    Ok(trimmed.to_owned())
+}
+
 fn report(call: &Call, client: &mut Client, response: Response) -> u8 {
+    if call.json {
+        // The whole response, for machines; the exit status still says what happened.
+        println!("{}", serde_json::to_string(&response).unwrap_or_default());
+        return if response.namespace_mismatch
+            || response.config_mismatch
+            || response.served_config_id.is_none()
+        {
+            status::MISMATCH
+        } else if response.ok {
+            status::OK
+        } else {
+            status::FAILED
+        };
+    }
     let ours = &call.serve;
     if response.namespace_mismatch {
         let theirs = match client.probe() {
@@ -209,57 +288,213 @@ fn current_exe() -> std::path::PathBuf {
     std::env::current_exe().unwrap_or_else(|_| "khived".into())
 }
 
-// ---- status and stop ----------------------------------------------------------------------
+// ---- start and restart -------------------------------------------------------------------
 
-fn run_status(options: Status) -> u8 {
-    let common = &options.common;
-    match khived::probe(&common.socket, options.timeout) {
+fn run_start(start: Start) -> u8 {
+    let common = &start.serve.common;
+    if let Ok(info) = khived::probe(&common.socket, Duration::from_secs(2)) {
+        return already_running(Some(info.pid));
+    }
+    // A daemon that holds the PID file but does not answer (starting, draining, stopped)
+    // would make the new one fail: say so instead of waiting for it.
+    match khived::running_pid(&common.pid_file) {
+        Ok(Some(pid)) => {
+            return fail(
+                status::ALREADY_RUNNING,
+                format!(
+                    "pid {pid} holds {} but does not answer; see 'khived status'",
+                    common.pid_file.display()
+                ),
+            )
+        }
+        Ok(None) => {}
+        Err(e) => return fail(status::FAILED, e),
+    }
+    let spawned = spawner(&start.serve)
+        .ready_timeout(start.timeout)
+        .connect(start.timeout)
+        .and_then(|mut client| client.probe());
+    match spawned {
         Ok(info) => {
-            if options.json {
-                let mut value = serde_json::to_value(&info).unwrap_or_default();
-                value["running"] = true.into();
-                value["socket"] = common.socket.display().to_string().into();
-                println!("{value}");
-            } else {
-                println!("khived is running");
-                println!("  pid:        {}", info.pid);
-                println!("  socket:     {}", common.socket.display());
-                println!("  namespace:  {:?}", info.namespace);
-                println!("  config id:  {:?}", info.config_id);
-                println!("  version:    {}", info.version);
-                println!("  uptime:     {:.1} s", info.uptime_ms as f64 / 1000.0);
-                println!("  in flight:  {}", info.in_flight);
-                println!("  served:     {}", info.served);
-            }
+            println!("{}", info.pid);
             status::OK
         }
-        Err(e) => {
-            let stale = stale_files(common);
-            if options.json {
-                let value = serde_json::json!({
-                    "running": false,
-                    "socket": common.socket.display().to_string(),
-                    "error": e.to_string(),
-                    "stale": stale,
-                });
-                println!("{value}");
-            } else {
-                println!("khived is not running ({e})");
-                for note in &stale {
-                    println!("  {note}");
-                }
+        Err(e) => fail(status::FAILED, format!("cannot start the daemon: {e}")),
+    }
+}
+
+fn run_restart(start: Start) -> u8 {
+    let common = &start.serve.common;
+    match khived::running_pid(&common.pid_file) {
+        Ok(Some(pid)) => {
+            if let Err(e) = terminate(pid, &common.pid_file, start.timeout) {
+                return fail(status::FAILED, e);
             }
-            status::UNREACHABLE
+        }
+        Ok(None) => {}
+        Err(e) => return fail(status::FAILED, e),
+    }
+    run_start(start)
+}
+
+/// SIGTERM to the daemon holding the PID file, then wait until it has let go of the file.
+fn terminate(pid: u32, pid_file: &std::path::Path, timeout: Duration) -> Result<(), String> {
+    // The lock proves the PID belongs to a live daemon: a PID from a stale file is never
+    // signalled, since the process now holding that number could be anything.
+    signal(pid, rustix::process::Signal::TERM)
+        .map_err(|e| format!("cannot signal pid {pid}: {e}"))?;
+    if wait_gone(pid_file, timeout) {
+        Ok(())
+    } else {
+        Err(format!("pid {pid} still running after {timeout:?}"))
+    }
+}
+
+// ---- status and stop ----------------------------------------------------------------------
+
+/// What `status` found: each has its own exit status.
+enum State {
+    Answering(ProbeInfo),
+    /// The daemon's `daemon_busy` reply.
+    Busy(String),
+    /// Why no answer came, though something holds the socket or the PID file.
+    NotAnswering(String),
+    /// Why nothing answered; nothing holds the PID file.
+    NotRunning(String),
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Answering(_) => "answering",
+            State::Busy(_) => "busy",
+            State::NotAnswering(_) => "not_answering",
+            State::NotRunning(_) => "not_running",
+        }
+    }
+
+    fn exit_status(&self) -> u8 {
+        match self {
+            State::Answering(_) => status::OK,
+            State::Busy(_) => status::BUSY,
+            State::NotAnswering(_) => status::NOT_ANSWERING,
+            State::NotRunning(_) => status::UNREACHABLE,
         }
     }
 }
 
-/// What a daemon that is not answering left behind.
+/// Probes the socket, then asks the PID file's lock about a daemon that did not answer.
+fn inspect(common: &Common, timeout: Duration, holder: &std::io::Result<Option<u32>>) -> State {
+    let probed = Client::connect(&common.socket, timeout)
+        .map(|mut client| client.request(&Request::probe()));
+    let e = match probed {
+        Ok(Ok(response)) if response.ok => {
+            let info = response.result.as_deref().unwrap_or_default();
+            return match serde_json::from_str::<ProbeInfo>(info) {
+                Ok(info) => State::Answering(info),
+                Err(e) => State::NotAnswering(format!("bad probe answer {info:?}: {e}")),
+            };
+        }
+        Ok(Ok(response)) => {
+            let error = response.error.unwrap_or_default();
+            return if error.starts_with("daemon_busy") {
+                State::Busy(error)
+            } else {
+                State::NotAnswering(format!("the probe failed: {error}"))
+            };
+        }
+        // Accepted (or queued by the kernel) but not answered in time.
+        Ok(Err(e)) => return State::NotAnswering(e.to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            return State::NotAnswering(e.to_string())
+        }
+        Err(e) => e,
+    };
+    match holder {
+        Ok(None) => State::NotRunning(e.to_string()),
+        Ok(Some(pid)) => State::NotAnswering(format!("pid {pid} holds the PID file, but {e}")),
+        Err(lock) => State::NotAnswering(format!("{lock}; {e}")),
+    }
+}
+
+fn run_status(options: Status) -> u8 {
+    let common = &options.common;
+    let holder = khived::running_pid(&common.pid_file);
+    let state = inspect(common, options.timeout, &holder);
+    let pid = match (&state, &holder) {
+        (State::Answering(info), _) => Some(info.pid),
+        (_, Ok(pid)) => *pid,
+        (_, Err(_)) => None,
+    };
+    let stale = match state {
+        State::NotRunning(_) => stale_files(common),
+        _ => Vec::new(),
+    };
+    if options.json {
+        let mut value = match &state {
+            State::Answering(info) => serde_json::to_value(info).unwrap_or_default(),
+            _ => serde_json::json!({ "pid": pid }),
+        };
+        value["state"] = state.name().into();
+        value["running"] = (!matches!(state, State::NotRunning(_))).into();
+        value["socket"] = common.socket.display().to_string().into();
+        value["pid_file"] = common.pid_file.display().to_string().into();
+        match &state {
+            State::Answering(_) => {}
+            State::Busy(e) | State::NotAnswering(e) | State::NotRunning(e) => {
+                value["error"] = e.as_str().into();
+            }
+        }
+        if matches!(state, State::NotRunning(_)) {
+            value["stale"] = stale.into();
+        }
+        println!("{value}");
+        return state.exit_status();
+    }
+    match &state {
+        State::Answering(info) => {
+            println!("khived is running");
+            println!("  pid:        {}", info.pid);
+            println!("  socket:     {}", common.socket.display());
+            println!("  namespace:  {:?}", info.namespace);
+            println!("  config id:  {:?}", info.config_id);
+            println!("  version:    {}", info.version);
+            println!("  uptime:     {:.1} s", info.uptime_ms as f64 / 1000.0);
+            println!("  in flight:  {}", info.in_flight);
+            println!("  served:     {}", info.served);
+        }
+        State::Busy(e) => {
+            println!("khived is running but busy: it is at its connection cap ({e})");
+            print_pid(pid, common);
+        }
+        State::NotAnswering(e) => {
+            println!("khived is not answering ({e})");
+            println!("  it may be starting, stopping, stopped (SIGSTOP) or hung");
+            print_pid(pid, common);
+        }
+        State::NotRunning(e) => {
+            println!("khived is not running ({e})");
+            for note in &stale {
+                println!("  {note}");
+            }
+        }
+    }
+    state.exit_status()
+}
+
+fn print_pid(pid: Option<u32>, common: &Common) {
+    if let Some(pid) = pid {
+        println!("  pid:        {pid} (holds {})", common.pid_file.display());
+    }
+    println!("  socket:     {}", common.socket.display());
+}
+
+/// What a daemon that is not running left behind.
 fn stale_files(common: &Common) -> Vec<String> {
     let mut notes = Vec::new();
     if std::fs::symlink_metadata(&common.socket).is_ok() {
         notes.push(format!(
-            "stale socket file {} (nothing answers there)",
+            "stale socket file {} (nothing listens there)",
             common.socket.display()
         ));
     }
@@ -278,45 +513,90 @@ fn stale_files(common: &Common) -> Vec<String> {
     notes
 }
 
+/// The outcome of `stop`, printed as text or as one JSON object.
+struct Stopped {
+    pid: Option<u32>,
+    stopped: bool,
+    forced: bool,
+    message: String,
+}
+
 fn run_stop(options: Stop) -> u8 {
-    let pid_file = &options.common.pid_file;
-    let pid = match khived::running_pid(pid_file) {
-        Ok(Some(pid)) => pid,
-        Ok(None) => {
-            println!("khived is not running");
+    let outcome = stop(&options);
+    if options.json {
+        let value = serde_json::json!({
+            "stopped": outcome.stopped,
+            "pid": outcome.pid,
+            "was_running": outcome.pid.is_some(),
+            "forced": outcome.forced,
+            "message": outcome.message,
+        });
+        println!("{value}");
+        return if outcome.stopped {
+            status::OK
+        } else {
+            status::FAILED
+        };
+    }
+    if outcome.stopped {
+        println!("{}", outcome.message);
+        if outcome.pid.is_none() {
             for note in stale_files(&options.common) {
                 println!("  {note}");
             }
-            return status::OK;
         }
-        Err(e) => return fail(status::FAILED, e),
-    };
-    // The lock proves the PID belongs to a live daemon: a PID from a stale file is never
-    // signalled, since the process now holding that number could be anything.
-    if let Err(e) = signal(pid, rustix::process::Signal::TERM) {
-        return fail(status::FAILED, format!("cannot signal pid {pid}: {e}"));
-    }
-    if wait_gone(pid_file, options.timeout) {
-        println!("stopped khived (pid {pid})");
-        return status::OK;
-    }
-    if !options.force {
-        return fail(
-            status::FAILED,
-            format!(
-                "pid {pid} still running after {:?}; use --force to kill it",
-                options.timeout
-            ),
-        );
-    }
-    if let Err(e) = signal(pid, rustix::process::Signal::KILL) {
-        return fail(status::FAILED, format!("cannot kill pid {pid}: {e}"));
-    }
-    if wait_gone(pid_file, Duration::from_secs(5)) {
-        println!("killed khived (pid {pid}) after {:?}", options.timeout);
         status::OK
     } else {
-        fail(status::FAILED, format!("pid {pid} survived SIGKILL"))
+        fail(status::FAILED, outcome.message)
+    }
+}
+
+fn stop(options: &Stop) -> Stopped {
+    let pid_file = &options.common.pid_file;
+    let failed = |pid, message: String| Stopped {
+        pid,
+        stopped: false,
+        forced: false,
+        message,
+    };
+    let pid = match khived::running_pid(pid_file) {
+        Ok(Some(pid)) => pid,
+        Ok(None) => {
+            return Stopped {
+                pid: None,
+                stopped: true,
+                forced: false,
+                message: "khived is not running".to_owned(),
+            }
+        }
+        Err(e) => return failed(None, e.to_string()),
+    };
+    let e = match terminate(pid, pid_file, options.timeout) {
+        Ok(()) => {
+            return Stopped {
+                pid: Some(pid),
+                stopped: true,
+                forced: false,
+                message: format!("stopped khived (pid {pid})"),
+            }
+        }
+        Err(e) => e,
+    };
+    if !options.force {
+        return failed(Some(pid), format!("{e}; use --force to kill it"));
+    }
+    if let Err(e) = signal(pid, rustix::process::Signal::KILL) {
+        return failed(Some(pid), format!("cannot kill pid {pid}: {e}"));
+    }
+    if wait_gone(pid_file, Duration::from_secs(5)) {
+        Stopped {
+            pid: Some(pid),
+            stopped: true,
+            forced: true,
+            message: format!("killed khived (pid {pid}) after {:?}", options.timeout),
+        }
+    } else {
+        failed(Some(pid), format!("pid {pid} survived SIGKILL"))
     }
 }
 
@@ -343,8 +623,8 @@ fn wait_gone(pid_file: &std::path::Path, timeout: Duration) -> bool {
     }
 }
 
-// The serve options' own methods are in `args`, with their parsing; these three are how the
-// rest of the binary uses them.
+// The serve options' own methods are in `args`, with their parsing; these are how the rest of
+// the binary uses them.
 
 /// The worker pool `--worker` asks for, if it does.
 fn pool_options(serve: &Serve) -> Option<PoolOptions> {
@@ -356,6 +636,17 @@ fn pool_options(serve: &Serve) -> Option<PoolOptions> {
     options.request_timeout = serve.request_timeout;
     options.warm = serve.warm.clone();
     Some(options)
+}
+
+/// How `call --spawn`, `start` and `restart` start `khived serve` with these options.
+fn spawner(serve: &Serve) -> khived::Spawn {
+    let mut command = std::process::Command::new(current_exe());
+    command.arg("serve").args(serve_args(serve));
+    let spawn = khived::Spawn::new(&serve.common.socket, command).pid_file(&serve.common.pid_file);
+    match &serve.log_file {
+        Some(log) => spawn.log_file(log),
+        None => spawn,
+    }
 }
 
 /// The daemon's configuration for these serve options.
@@ -396,6 +687,8 @@ fn serve_args(serve: &Serve) -> Vec<OsString> {
     if let Some(max) = serve.max_connections {
         args.extend(["--max-connections".into(), max.to_string().into()]);
     }
+    let flag = if serve.verbosity > 0 { "-v" } else { "-q" };
+    args.extend((0..serve.verbosity.unsigned_abs()).map(|_| flag.into()));
     if let Some(worker) = &serve.worker {
         args.extend(["--workers".into(), serve.workers.to_string().into()]);
         args.extend(["--queue".into(), serve.queue.to_string().into()]);
@@ -405,8 +698,8 @@ fn serve_args(serve: &Serve) -> Vec<OsString> {
         if let Some(warm) = &serve.warm {
             args.extend(["--warm".into(), warm.into()]);
         }
-        // `--worker` takes the rest of the line, so it comes last.
-        args.push("--worker".into());
+        // Everything after `--` is the worker command.
+        args.push("--".into());
         args.extend(worker.iter().cloned());
     }
     args
