@@ -51,7 +51,7 @@ impl Client {
     /// (checked before anything is sent): someone else may have put their socket there.
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> io::Result<Client> {
         let path = path.as_ref();
-        crate::trust::check_socket_dirs(path)?;
+        crate::trust::check_dirs_of(path)?;
         let deadline = Instant::now().checked_add(timeout);
         let fd = sys::unix_socket(false)?;
         // A blocking connect to a Unix socket whose backlog is full waits, bounded by the

@@ -52,6 +52,10 @@ pub fn is_process_running(pid: u32) -> bool {
 ///
 /// The PID file cannot be opened (other than missing: that is `Ok(None)`) or its lock cannot
 /// be inspected, or it is locked while naming no live process; each message names the file.
+/// [`io::ErrorKind::PermissionDenied`] if the file is not the user's to trust: it belongs to
+/// another user (not root), or a directory on its way does or is writable by group or others
+/// without being sticky (the message says which, and the fix). A PID file that is not a
+/// regular file is [`io::ErrorKind::InvalidInput`].
 ///
 /// # Examples
 ///
@@ -63,12 +67,36 @@ pub fn is_process_running(pid: u32) -> bool {
 /// # std::io::Result::Ok(())
 /// ```
 pub fn running_pid(pid_file: &Path) -> io::Result<Option<u32>> {
-    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    // Whoever can replace the PID file chooses which process `khived stop` signals.
+    crate::trust::check_dirs_of(pid_file)?;
+    // Without blocking: a FIFO there must not hang `status` or `stop`. Reads of a regular
+    // file never block anyway.
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK;
     let fd = match rustix::fs::open(pid_file, flags, Mode::empty()) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(None),
         Err(e) => return Err(annotate(e.into(), "cannot open PID file", pid_file)),
     };
+    let stat =
+        rustix::fs::fstat(&fd).map_err(|e| annotate(e.into(), "cannot inspect", pid_file))?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("PID file {} is not a regular file", pid_file.display()),
+        ));
+    }
+    let euid = rustix::process::geteuid().as_raw();
+    if stat.st_uid != euid && stat.st_uid != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "PID file {} belongs to uid {}, neither this user (uid {euid}) nor root; \
+                 refusing to believe it (remove it)",
+                pid_file.display(),
+                stat.st_uid
+            ),
+        ));
+    }
     // A shared lock is granted only if no daemon holds its exclusive one. It is held for
     // two system calls; a daemon starting at this very moment retries past it.
     match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockShared) {

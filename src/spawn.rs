@@ -27,6 +27,13 @@ use crate::trust::prepare_dir;
 /// answering. The wait for the lock is bounded (the ready timeout plus 5 s), so a client
 /// stuck while holding it cannot hang the others.
 ///
+/// Nothing is created where the daemon itself would refuse to run: before the spawn lock or
+/// the log is created, their directory gets the daemon's own check (created 0700 if missing;
+/// owned by the user and writable by no one else; every directory above it owned by the user
+/// or root and not writable by others unless sticky). Both files are opened without
+/// following a symbolic link and without blocking (a FIFO planted there fails at once instead
+/// of hanging every client behind the lock), and only a regular file is accepted.
+///
 /// The daemon is started in a session of its own (no controlling terminal, no signals meant
 /// for the client's terminal), with its standard input from `/dev/null` and its output
 /// appended to a log file. If it exits before it answers (another daemon won a race, or the
@@ -82,7 +89,8 @@ impl Spawn {
         }
     }
 
-    /// Where the daemon's standard output and error are appended.
+    /// Where the daemon's standard output and error are appended. Its directory must pass
+    /// the same check as the socket's (see [`Spawn`]).
     #[must_use = "a builder method returns the changed Spawn"]
     pub fn log_file(mut self, path: impl Into<PathBuf>) -> Spawn {
         self.log = path.into();
@@ -112,7 +120,11 @@ impl Spawn {
     ///
     /// # Errors
     ///
-    /// The spawn lock cannot be created or taken in time; the command cannot be started; the
+    /// [`io::ErrorKind::PermissionDenied`] for a socket or directory the user cannot trust (as
+    /// [`Client::connect`], or the daemon's own directory check, with the fix in the message);
+    /// [`io::ErrorKind::InvalidInput`] for a spawn lock or log that is a symbolic link or not
+    /// a regular file. The spawn lock cannot be created or taken in time; the command cannot
+    /// be started; the
     /// started daemon exits before it answers (the error gives its exit status and the last
     /// lines of its log) or does not answer within the ready timeout; or, once started, the
     /// daemon cannot be connected to (as [`Client::connect`]).

@@ -81,13 +81,14 @@ pub(crate) fn prepare_dir(file: &Path) -> io::Result<()> {
     check_ancestors(dir, true, file)
 }
 
-/// What a client checks before it connects to `socket`: the socket's directory and every
-/// directory above it belong to the user or root and are not writable by group or others,
-/// unless sticky (like `/tmp`, where others may add files but not move ours).
-pub(crate) fn check_socket_dirs(socket: &Path) -> io::Result<()> {
-    match socket.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => check_ancestors(dir, true, socket),
-        _ => check_ancestors(Path::new("."), true, socket),
+/// What a client checks before it connects to a socket or believes a PID file: the file's
+/// directory and every directory above it belong to the user or root and are not writable
+/// by group or others, unless sticky (like `/tmp`, where others may add files but not move
+/// ours).
+pub(crate) fn check_dirs_of(file: &Path) -> io::Result<()> {
+    match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => check_ancestors(dir, true, file),
+        _ => check_ancestors(Path::new("."), true, file),
     }
 }
 

@@ -171,6 +171,23 @@ fn spawn_does_not_hang_on_a_fifo_log() {
 }
 
 #[test]
+fn stop_does_not_hang_on_a_fifo_pid_file() {
+    let dir = temp_dir();
+    let pid_file = dir.path().join("k.pid");
+    let made = Command::new("mkfifo").arg(&pid_file).status().unwrap();
+    assert!(made.success());
+    let mut stop = khived(dir.path(), "stop");
+    stop.arg("--pid").arg(&pid_file);
+    let output = run_guarded(stop);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("is not a regular file"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn spawn_creates_nothing_in_a_directory_the_daemon_would_refuse() {
     let dir = temp_dir();
     let shared = dir.path().join("shared");
@@ -419,7 +436,20 @@ fn a_writable_ancestor_is_refused_by_daemon_and_client() {
     let root = daemon.dir.path().to_owned();
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o770)).unwrap();
     let error = khived::Client::connect(&daemon.socket, GUARD).unwrap_err();
+    // Nor the PID file, which says whom `khived stop` signals.
+    let pid_error = khived::running_pid(&daemon.pid_file).unwrap_err();
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(
+        pid_error.kind(),
+        std::io::ErrorKind::PermissionDenied,
+        "{pid_error}"
+    );
+    assert!(
+        pid_error
+            .to_string()
+            .contains(&format!("chmod go-w {}", root.display())),
+        "{pid_error}"
+    );
     assert_eq!(
         error.kind(),
         std::io::ErrorKind::PermissionDenied,
