@@ -80,18 +80,13 @@
 //! A complete daemon whose answer is the request's `ops`:
 //!
 //! ```no_run
-//! use khived::{Config, Daemon, Dispatch};
+//! use khived::{Config, Daemon, Dispatch, DispatchError, Request};
 //!
 //! struct Echo;
 //!
 //! impl Dispatch for Echo {
-//!     async fn dispatch(
-//!         &self,
-//!         ops: &str,
-//!         _presentation: Option<&str>,
-//!         _presentation_per_op: Option<&[Option<String>]>,
-//!     ) -> Result<String, String> {
-//!         Ok(ops.to_owned())
+//!     async fn dispatch(&self, request: &Request<'_>) -> Result<String, DispatchError> {
+//!         Ok(request.ops.to_string())
 //!     }
 //!
 //!     fn namespace(&self) -> &str {
@@ -132,6 +127,7 @@
 // The lifecycle around it: server (start, signals, drain), instance (files and lock), shared
 // (what the tasks share). The client side (client, spawn, pidfile) never imports those.
 mod accept;
+mod async_client;
 mod client;
 mod config;
 mod connection;
@@ -150,9 +146,10 @@ mod spawn;
 mod systemd;
 mod wire;
 
+pub use async_client::AsyncClient;
 pub use client::{probe, Client};
 pub use config::{env_truthy, pid_path, socket_path, state_dir, Config};
-pub use dispatch::Dispatch;
+pub use dispatch::{Dispatch, DispatchError};
 pub use error::Error;
 pub use logger::init_stderr_logger;
 pub use pidfile::{is_process_running, running_pid};
@@ -161,7 +158,8 @@ pub use spawn::Spawn;
 // `fuzzing` names the line protocol by this path.
 use pool::line as worker_line;
 pub use wire::{
-    encode_frame, frame_len, read_frame, write_frame, ProbeInfo, Request, Response, MAX_FRAME_BYTES,
+    code, encode_frame, frame_len, read_frame, write_frame, Disposition, ErrorDetail, Frame,
+    ProbeInfo, Request, Response, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 
 // The README's Rust example is compiled with the doctests.

@@ -42,7 +42,7 @@ fn peer_of_another_uid_is_refused() {
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        let _ = stream.write_all(&khived::encode_frame(&request("x")).unwrap());
+        let _ = stream.write_all(khived::encode_frame(&request("x")).unwrap().as_bytes());
         let mut answer = Vec::new();
         let _ = stream.read_to_end(&mut answer);
         answer
@@ -227,7 +227,7 @@ fn client_that_leaves_mid_response_harms_no_one() {
         let mut stream = daemon.connect_raw();
         let big = "x".repeat(4 << 20);
         stream
-            .write_all(&khived::encode_frame(&request(&big)).unwrap())
+            .write_all(khived::encode_frame(&request(&big)).unwrap().as_bytes())
             .unwrap();
         let mut first = [0; 100];
         stream.read_exact(&mut first).unwrap();

@@ -43,6 +43,8 @@ pub(crate) struct Call {
     pub(crate) presentation: Option<String>,
     pub(crate) timeout: Duration,
     pub(crate) spawn: bool,
+    /// Print the whole response as JSON instead of the result.
+    pub(crate) json: bool,
 }
 
 pub(crate) struct Status {
@@ -118,14 +120,19 @@ Options:
       --timeout SECS         Deadline for connecting, sending and reading [default: 30]
       --spawn                Start the daemon if none answers, with the serve options
                              given here (see 'khived serve --help'; --worker comes last)
+      --json                 Print the whole response as one JSON object (the exit
+                             status is the same)
   -h, --help                 Print help
 
 Exit status:
-  0  the request succeeded; the result is on standard output
-  1  the dispatcher answered with an error (on standard error)
-  2  usage error
-  3  no daemon answered (not running, or not in time)
-  4  the daemon serves another namespace or configuration (both ids are printed)
+  0   the request succeeded; the result is on standard output
+  1   the request failed: the dispatcher's error, or the daemon's (bad_request,
+      frame_too_large, response_too_large, request_timed_out, dispatcher_panicked)
+  2   usage error
+  3   no daemon answered (not running, or not in time)
+  4   the daemon serves another namespace, configuration or protocol version
+  75  the daemon refused the request for now without running it (daemon_busy,
+      daemon_draining): try again
 ";
 
 const STATUS_HELP: &str = "\
@@ -259,7 +266,7 @@ fn parse_serve(parser: &mut lexopt::Parser) -> Result<Command, lexopt::Error> {
 
 fn parse_call(parser: &mut lexopt::Parser) -> Result<Command, lexopt::Error> {
     let mut serve = Serve::new();
-    let (mut ops, mut presentation, mut spawn) = (None, None, false);
+    let (mut ops, mut presentation, mut spawn, mut json) = (None, None, false, false);
     let mut timeout = Duration::from_secs(30);
     while let Some(arg) = parser.next()? {
         match arg {
@@ -267,6 +274,7 @@ fn parse_call(parser: &mut lexopt::Parser) -> Result<Command, lexopt::Error> {
             Long("presentation") => presentation = Some(parser.value()?.string()?),
             Long("timeout") => timeout = seconds(parser)?,
             Long("spawn") => spawn = true,
+            Long("json") => json = true,
             Value(value) if ops.is_none() => ops = Some(value.string()?),
             Long(name) => {
                 let name = name.to_owned();
@@ -283,6 +291,7 @@ fn parse_call(parser: &mut lexopt::Parser) -> Result<Command, lexopt::Error> {
         presentation,
         timeout,
         spawn,
+        json,
     }))
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use args::{Call, Command, Common, Serve, Status, Stop};
 use khived::pool::{Pool, PoolOptions};
-use khived::{Client, Config, Daemon, Dispatch, Request, Response};
+use khived::{Client, Config, Daemon, Dispatch, DispatchError, Request, Response};
 
 /// Exit statuses a script can branch on.
 mod status {
@@ -25,6 +25,9 @@ mod status {
     pub(crate) const MISMATCH: u8 = 4;
     /// `serve`: another daemon already runs on the socket.
     pub(crate) const ALREADY_RUNNING: u8 = 5;
+    /// `call`: the daemon refused the request for now without running it (`daemon_busy`,
+    /// `daemon_draining`); the same call may be made again. `EX_TEMPFAIL` of sysexits.h.
+    pub(crate) const RETRY: u8 = 75;
 }
 
 fn main() -> ExitCode {
@@ -65,13 +68,8 @@ struct Echo {
 }
 
 impl Dispatch for Echo {
-    async fn dispatch(
-        &self,
-        ops: &str,
-        _presentation: Option<&str>,
-        _presentation_per_op: Option<&[Option<String>]>,
-    ) -> Result<String, String> {
-        Ok(ops.to_owned())
+    async fn dispatch(&self, request: &Request<'_>) -> Result<String, DispatchError> {
+        Ok(request.ops.to_string())
     }
 
     fn namespace(&self) -> &str {
@@ -168,41 +166,64 @@ fn run_call(call: Call) -> u8 {
 }
 
 fn report(call: &Call, client: &mut Client, response: Response) -> u8 {
-    let ours = &call.serve;
-    if response.namespace_mismatch {
-        let theirs = match client.probe() {
-            Ok(info) => format!("{:?}", info.namespace),
-            Err(_) => "another one".to_owned(),
-        };
-        return fail(
-            status::MISMATCH,
-            format!(
-                "namespace mismatch: this call is for {:?}, the daemon serves {theirs}",
-                ours.namespace
-            ),
-        );
-    }
-    let served = response.served_config_id.as_deref();
-    if response.config_mismatch || served.is_none() {
-        let theirs = served.map_or("none (an older daemon)".to_owned(), |id| format!("{id:?}"));
-        return fail(
-            status::MISMATCH,
-            format!(
-                "config mismatch: this call has config id {:?}, the daemon serves {theirs}",
-                ours.config_id
-            ),
-        );
-    }
-    match (response.ok, response.result, response.error) {
-        (true, result, _) => {
-            println!("{}", result.unwrap_or_default());
-            status::OK
+    let code = call_status(&response);
+    if call.json {
+        // The whole response, for programs; the exit status says the same as without --json.
+        match serde_json::to_string(&response) {
+            Ok(json) => println!("{json}"),
+            Err(e) => return fail(status::FAILED, e),
         }
-        (false, _, error) => fail(
-            status::FAILED,
-            error.unwrap_or_else(|| "request failed".to_owned()),
-        ),
+        return code;
     }
+    let ours = &call.serve;
+    match code {
+        status::OK => println!("{}", response.result.unwrap_or_default()),
+        status::MISMATCH if response.version_mismatch => {
+            eprintln!("khived: {}", response.error.unwrap_or_default());
+        }
+        status::MISMATCH if response.namespace_mismatch => {
+            let theirs = match client.probe() {
+                Ok(info) => format!("{:?}", info.namespace),
+                Err(_) => "another one".to_owned(),
+            };
+            eprintln!(
+                "khived: namespace mismatch: this call is for {:?}, the daemon serves {theirs}",
+                ours.namespace
+            );
+        }
+        status::MISMATCH => {
+            let theirs = response
+                .served_config_id
+                .map_or("none (an older daemon)".to_owned(), |id| format!("{id:?}"));
+            eprintln!(
+                "khived: config mismatch: this call has config id {:?}, the daemon serves {theirs}",
+                ours.config_id
+            );
+        }
+        _ => {
+            let error = response.error.unwrap_or_else(|| "request failed".to_owned());
+            eprintln!("khived: {error}");
+        }
+    }
+    code
+}
+
+/// The exit status for a response (see `khived call --help`): 0 ok, 4 the daemon is not the
+/// one this call needs, 75 refused for now (retry), 1 any other error.
+fn call_status(response: &Response) -> u8 {
+    if response.version_mismatch || response.namespace_mismatch {
+        return status::MISMATCH;
+    }
+    if response.config_mismatch || response.served_config_id.is_none() {
+        return status::MISMATCH;
+    }
+    if response.ok {
+        return status::OK;
+    }
+    if response.is_retryable() {
+        return status::RETRY;
+    }
+    status::FAILED
 }
 
 fn current_exe() -> std::path::PathBuf {
