@@ -159,6 +159,7 @@ impl AsyncClient {
     /// when the answer is not a response, or answers another request id;
     /// [`io::ErrorKind::TimedOut`] after the timeout.
     pub async fn receive(&mut self) -> io::Result<Response> {
+        self.check_usable()?;
         if self.pending.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -247,6 +248,12 @@ impl AsyncClient {
 
     /// Marks a call as started; fails if an earlier one did not complete.
     fn begin(&mut self) -> io::Result<()> {
+        self.check_usable()?;
+        self.broken = true;
+        Ok(())
+    }
+
+    fn check_usable(&self) -> io::Result<()> {
         if self.broken {
             return Err(io::Error::new(
                 io::ErrorKind::NotConnected,
@@ -257,11 +264,12 @@ impl AsyncClient {
                 ),
             ));
         }
-        self.broken = true;
         Ok(())
     }
 
+    /// Fails unless the connection is usable and no response is due.
     fn check_idle(&self) -> io::Result<()> {
+        self.check_usable()?;
         match self.pending.len() {
             0 => Ok(()),
             n => Err(io::Error::new(

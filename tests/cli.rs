@@ -215,6 +215,29 @@ fn call_exit_statuses() {
 }
 
 #[test]
+fn call_exits_75_when_the_daemon_is_busy_and_json_prints_the_response() {
+    let place = Place::new();
+    let _server = place.serve(&["--max-connections", "1"]);
+    let ok = place.run("call", &["--json", "hi"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&ok)).unwrap();
+    assert_eq!((value["ok"].clone(), value["result"].clone()), (true.into(), "hi".into()));
+    assert_eq!(value["daemon_protocol_version"], khived::PROTOCOL_VERSION);
+
+    let _holder = common::hold_a_slot(&place.socket);
+    let busy = place.call("x");
+    assert_eq!(busy.status.code(), Some(75), "{}", stderr(&busy));
+    assert!(stderr(&busy).contains("daemon_busy: 1 connections open"), "{}", stderr(&busy));
+    assert_eq!(stdout(&busy), "");
+    let busy = place.run("call", &["--json", "x"]);
+    assert_eq!(busy.status.code(), Some(75));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&busy)).unwrap();
+    assert_eq!(value["ok"], false);
+    assert_eq!(value["error_detail"]["code"], "daemon_busy");
+    assert_eq!(value["error_detail"]["disposition"], "not_committed");
+}
+
+#[test]
 fn serve_refuses_to_start_twice() {
     let place = Place::new();
     let server = place.serve(&[]);
@@ -407,7 +430,7 @@ fn a_full_worker_queue_answers_busy() {
         .filter(|output| stderr(output).contains("daemon_busy:"))
         .collect();
     assert_eq!(busy.len(), 1, "{outputs:?}");
-    assert_eq!(busy[0].status.code(), Some(1));
+    assert_eq!(busy[0].status.code(), Some(75), "a retryable refusal");
     let served = outputs
         .iter()
         .find(|output| output.status.success())

@@ -31,6 +31,8 @@ pub struct TestDispatch {
     pub dispatched: Arc<AtomicUsize>,
     pub at_gate: Arc<AtomicUsize>,
     pub gate_open: Arc<AtomicBool>,
+    /// The configuration id served, when not [`CONFIG_ID`].
+    pub config_id: Option<&'static str>,
 }
 
 impl Dispatch for TestDispatch {
@@ -72,7 +74,7 @@ impl Dispatch for TestDispatch {
     }
 
     fn config_id(&self) -> &str {
-        CONFIG_ID
+        self.config_id.unwrap_or(CONFIG_ID)
     }
 }
 
@@ -131,7 +133,15 @@ impl InProcess {
         stream
     }
 
+    /// A connection that has been served once and stays open: with `max_connections = 1`
+    /// it holds the only slot. Retried while an earlier connection (the readiness probe's)
+    /// still holds it and this one is turned away.
+    pub fn hold_a_slot(&self) -> UnixStream {
+        hold_a_slot(&self.socket)
+    }
+
     /// Stops the daemon and returns what `run` returned.
+
     pub fn shutdown(mut self) -> Result<khived::Stopped, khived::Error> {
         self.stop.shutdown();
         self.thread.take().unwrap().join().unwrap()
@@ -144,6 +154,25 @@ impl Drop for InProcess {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// A connection to `socket` that has been served once and stays open: with
+/// `max_connections = 1` it holds the only slot. Retried while an earlier connection (the
+/// readiness probe's) still holds it and this one is turned away.
+pub fn hold_a_slot(socket: &Path) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = UnixStream::connect(socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let probe = khived::encode_frame(&Request::probe()).unwrap();
+        if raw_exchange(&mut stream, probe.as_bytes()).is_ok_and(|r| r.ok) {
+            return stream;
+        }
+        assert!(Instant::now() < deadline, "no slot came free");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
