@@ -206,8 +206,8 @@ impl AsyncClient {
             Ok(responses)
         };
         let exchange = future::try_zip(write, read);
-        let ((), responses) = within(timeout, exchange, || timed_out(path, timeout, "pipelining"))
-            .await?;
+        let ((), responses) =
+            within(timeout, exchange, || timed_out(path, timeout, "pipelining")).await?;
         self.broken = false;
         Ok(responses)
     }
@@ -381,7 +381,10 @@ async fn within<T>(
 fn timed_out(path: &Path, timeout: Duration, doing: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::TimedOut,
-        format!("no answer from {} within {timeout:?} ({doing})", path.display()),
+        format!(
+            "no answer from {} within {timeout:?} ({doing})",
+            path.display()
+        ),
     )
 }
 

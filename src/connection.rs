@@ -121,11 +121,8 @@ async fn answer<D: Dispatch>(shared: &Shared<D>, body: &[u8], draining: bool) ->
     let request: Request<'_> = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(e) => {
-            let detail = ErrorDetail::new(
-                code::BAD_REQUEST,
-                format!("bad request: {e}"),
-                NotCommitted,
-            );
+            let detail =
+                ErrorDetail::new(code::BAD_REQUEST, format!("bad request: {e}"), NotCommitted);
             let mut response = Response::error(detail, config_id);
             response.request_id = request_id_of(body);
             return (response, false);
@@ -403,8 +400,11 @@ impl Connection {
         if let Err(e) = encode_frame_into(&mut self.out, response, "response") {
             let served = response.served_config_id.as_deref().unwrap_or_default();
             // The dispatcher ran; only its answer is lost.
-            let detail =
-                ErrorDetail::new(code::RESPONSE_TOO_LARGE, e.to_string(), Disposition::Unknown);
+            let detail = ErrorDetail::new(
+                code::RESPONSE_TOO_LARGE,
+                e.to_string(),
+                Disposition::Unknown,
+            );
             let mut error = Response::error(detail, served);
             error.request_id = response.request_id;
             // A short error response always fits.

@@ -278,7 +278,9 @@ impl Response {
     /// assert_eq!(khived::Response::ok("x", "").error_code(), None);
     /// ```
     pub fn error_code(&self) -> Option<&str> {
-        self.error_detail.as_ref().map(|detail| detail.code.as_str())
+        self.error_detail
+            .as_ref()
+            .map(|detail| detail.code.as_str())
     }
 
     /// Whether the daemon refused the request only for now, without running it: the codes
@@ -327,7 +329,11 @@ pub struct ErrorDetail {
 
 impl ErrorDetail {
     /// An error detail from its three parts.
-    pub fn new(code: impl Into<String>, message: impl Into<String>, disposition: Disposition) -> Self {
+    pub fn new(
+        code: impl Into<String>,
+        message: impl Into<String>,
+        disposition: Disposition,
+    ) -> Self {
         ErrorDetail {
             code: code.into(),
             message: message.into(),
@@ -340,6 +346,17 @@ impl ErrorDetail {
 ///
 /// A disposition this version does not know decodes as [`Unknown`](Disposition::Unknown),
 /// the cautious reading.
+///
+/// # Examples
+///
+/// ```
+/// use khived::Disposition;
+///
+/// let known: Disposition = serde_json::from_str(r#""not_committed""#).unwrap();
+/// assert_eq!(known, Disposition::NotCommitted);
+/// let newer: Disposition = serde_json::from_str(r#""committed""#).unwrap();
+/// assert_eq!(newer, Disposition::Unknown);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Disposition {
@@ -353,8 +370,9 @@ pub enum Disposition {
 /// The stable error codes of the runtime, found in [`ErrorDetail::code`]
 /// (PROTOCOL.md, "Errors: codes and dispositions").
 ///
-/// A dispatcher may use codes of its own for its errors; [`DISPATCHER_ERROR`] is the code of
-/// a dispatcher's error that names none.
+/// A dispatcher may use codes of its own for its errors;
+/// [`DISPATCHER_ERROR`](code::DISPATCHER_ERROR) is the code of a dispatcher's error that names
+/// none.
 pub mod code {
     /// The frame is not a valid request, was cut short, or did not arrive in time; the
     /// connection is closed. Not committed.

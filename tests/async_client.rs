@@ -23,7 +23,11 @@ fn requests_probes_and_errors() {
         let mut client = AsyncClient::connect(&daemon.socket, TIMEOUT).await?;
         let response = client.request(&request("hello")).await?;
         assert_eq!(response.result.as_deref(), Some("hello"));
-        assert_eq!(response.request_id, Some(1), "an id is given when none is set");
+        assert_eq!(
+            response.request_id,
+            Some(1),
+            "an id is given when none is set"
+        );
         assert_eq!(response.served_config_id.as_deref(), Some(CONFIG_ID));
         let failed = client.request(&request("fail:nope")).await?;
         assert_eq!(failed.error_code(), Some(code::DISPATCHER_ERROR));
@@ -115,7 +119,11 @@ fn a_client_over_the_cap_gets_the_busy_reply() {
     block_on(async {
         let mut client = AsyncClient::connect(&daemon.socket, TIMEOUT).await.unwrap();
         let response = client.request(&request("x")).await.unwrap();
-        assert_eq!(response.error_code(), Some(code::DAEMON_BUSY), "{response:?}");
+        assert_eq!(
+            response.error_code(),
+            Some(code::DAEMON_BUSY),
+            "{response:?}"
+        );
         assert!(response.is_retryable());
     });
 }

@@ -221,13 +221,20 @@ fn call_exits_75_when_the_daemon_is_busy_and_json_prints_the_response() {
     let ok = place.run("call", &["--json", "hi"]);
     assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
     let value: serde_json::Value = serde_json::from_str(&stdout(&ok)).unwrap();
-    assert_eq!((value["ok"].clone(), value["result"].clone()), (true.into(), "hi".into()));
+    assert_eq!(
+        (value["ok"].clone(), value["result"].clone()),
+        (true.into(), "hi".into())
+    );
     assert_eq!(value["daemon_protocol_version"], khived::PROTOCOL_VERSION);
 
     let _holder = common::hold_a_slot(&place.socket);
     let busy = place.call("x");
     assert_eq!(busy.status.code(), Some(75), "{}", stderr(&busy));
-    assert!(stderr(&busy).contains("daemon_busy: 1 connections open"), "{}", stderr(&busy));
+    assert!(
+        stderr(&busy).contains("daemon_busy: 1 connections open"),
+        "{}",
+        stderr(&busy)
+    );
     assert_eq!(stdout(&busy), "");
     let busy = place.run("call", &["--json", "x"]);
     assert_eq!(busy.status.code(), Some(75));

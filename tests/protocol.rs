@@ -51,7 +51,8 @@ fn json_of(stream: &mut std::os::unix::net::UnixStream, bytes: &[u8]) -> serde_j
 fn seed_era_frames_are_served_with_the_old_fields() {
     let daemon = InProcess::start(|_, dispatch| dispatch.config_id = Some(""));
     // Written by hand as the original clients write them: no version, no config_id.
-    let body = r#"{"ops":"hello","presentation":null,"presentation_per_op":null,"namespace":"test"}"#;
+    let body =
+        r#"{"ops":"hello","presentation":null,"presentation_per_op":null,"namespace":"test"}"#;
     let mut stream = daemon.connect_raw();
     let value = json_of(&mut stream, &raw(body));
     assert_eq!(value["ok"], true, "{value}");
@@ -71,7 +72,10 @@ fn seed_era_frames_are_served_with_the_old_fields() {
     assert_eq!(value["ok"], false);
     assert_eq!(value["error"], "no such pack");
     // A seed probe.
-    let value = json_of(&mut stream, &raw(r#"{"ops":"","namespace":"","probe":true}"#));
+    let value = json_of(
+        &mut stream,
+        &raw(r#"{"ops":"","namespace":"","probe":true}"#),
+    );
     assert_eq!(value["ok"], true);
     assert!(value["result"].as_str().unwrap().contains("\"pid\""));
 }
@@ -110,10 +114,16 @@ fn a_future_version_is_refused_without_dispatch() {
     }
     // The connection stays usable, and versions up to ours are served.
     for version in 0..=PROTOCOL_VERSION {
-        let body = format!(r#"{{"ops":"v","namespace":"test","config_id":"cfg-1","protocol_version":{version}}}"#);
+        let body = format!(
+            r#"{{"ops":"v","namespace":"test","config_id":"cfg-1","protocol_version":{version}}}"#
+        );
         assert!(raw_exchange(&mut stream, &raw(&body)).unwrap().ok);
     }
-    assert_eq!(dispatched.load(Ordering::SeqCst), 2, "only the last two ran");
+    assert_eq!(
+        dispatched.load(Ordering::SeqCst),
+        2,
+        "only the last two ran"
+    );
 }
 
 #[test]
@@ -149,16 +159,25 @@ fn request_ids_are_echoed_on_every_kind_of_answer() {
     let mismatch = client
         .request(&with_id(Request::new("a", "other", CONFIG_ID), 3))
         .unwrap();
-    assert_eq!((mismatch.namespace_mismatch, mismatch.request_id), (true, Some(3)));
+    assert_eq!(
+        (mismatch.namespace_mismatch, mismatch.request_id),
+        (true, Some(3))
+    );
     let mut newer = with_id(request("a"), u64::MAX);
     newer.protocol_version = PROTOCOL_VERSION + 1;
     let refused = client.request(&newer).unwrap();
-    assert_eq!((refused.version_mismatch, refused.request_id), (true, Some(u64::MAX)));
+    assert_eq!(
+        (refused.version_mismatch, refused.request_id),
+        (true, Some(u64::MAX))
+    );
     let probe = client.request(&with_id(Request::probe(), 5)).unwrap();
     assert_eq!((probe.ok, probe.request_id), (true, Some(5)));
     // A frame that is an object with an id but not a valid request: the id still comes back.
     let mut stream = daemon.connect_raw();
-    let bad = raw_exchange(&mut stream, &raw(r#"{"ops":1,"namespace":"test","request_id":6}"#));
+    let bad = raw_exchange(
+        &mut stream,
+        &raw(r#"{"ops":1,"namespace":"test","request_id":6}"#),
+    );
     let bad = bad.unwrap();
     assert_error(&bad, code::BAD_REQUEST, Disposition::NotCommitted);
     assert_eq!(bad.request_id, Some(6));
@@ -203,7 +222,9 @@ fn each_runtime_error_carries_its_code_and_disposition() {
     assert!(bad.error.unwrap().starts_with("bad request: "));
 
     let mut stream = daemon.connect_raw();
-    stream.write_all(&raw(r#"{"ops":"x","namespace":"test"}"#)[..10]).unwrap();
+    stream
+        .write_all(&raw(r#"{"ops":"x","namespace":"test"}"#)[..10])
+        .unwrap();
     stream.shutdown(std::net::Shutdown::Write).unwrap();
     let truncated = read_response(&mut stream).unwrap();
     assert_error(&truncated, code::BAD_REQUEST, not_committed);
@@ -250,7 +271,10 @@ fn a_client_over_the_cap_is_told_busy_with_its_code() {
     let response = daemon.client().request(&request("x")).unwrap();
     assert_error(&response, code::DAEMON_BUSY, Disposition::NotCommitted);
     assert!(response.is_retryable());
-    assert!(response.error.unwrap().starts_with("daemon_busy: 1 connections open"));
+    assert!(response
+        .error
+        .unwrap()
+        .starts_with("daemon_busy: 1 connections open"));
     assert_eq!(response.request_id, None, "the request was never read");
 }
 
@@ -267,9 +291,14 @@ fn a_draining_daemon_answers_the_frames_behind_the_request_in_hand() {
     let (dispatched, at_gate, gate_open) = handles.unwrap();
     // An idle connection: it is closed the moment the drain starts, which tells us when.
     let mut idle = daemon.connect_raw();
-    assert!(raw_exchange(&mut idle, &khived::encode_frame(&request("x")).unwrap().into_bytes())
+    assert!(
+        raw_exchange(
+            &mut idle,
+            &khived::encode_frame(&request("x")).unwrap().into_bytes()
+        )
         .unwrap()
-        .ok);
+        .ok
+    );
     // Three frames in one write: the first waits at the gate, the two behind it arrive.
     let mut stream = daemon.connect_raw();
     let mut bytes = Vec::new();

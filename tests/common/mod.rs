@@ -12,9 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_io::Timer;
-use khived::{
-    Client, Config, Daemon, Dispatch, DispatchError, Request, Response, ShutdownHandle,
-};
+use khived::{Client, Config, Daemon, Dispatch, DispatchError, Request, Response, ShutdownHandle};
 
 pub const NAMESPACE: &str = "test";
 pub const CONFIG_ID: &str = "cfg-1";
@@ -133,15 +131,12 @@ impl InProcess {
         stream
     }
 
-    /// A connection that has been served once and stays open: with `max_connections = 1`
-    /// it holds the only slot. Retried while an earlier connection (the readiness probe's)
-    /// still holds it and this one is turned away.
+    /// See [`hold_a_slot`].
     pub fn hold_a_slot(&self) -> UnixStream {
         hold_a_slot(&self.socket)
     }
 
     /// Stops the daemon and returns what `run` returned.
-
     pub fn shutdown(mut self) -> Result<khived::Stopped, khived::Error> {
         self.stop.shutdown();
         self.thread.take().unwrap().join().unwrap()

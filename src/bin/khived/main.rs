@@ -201,7 +201,9 @@ fn report(call: &Call, client: &mut Client, response: Response) -> u8 {
             );
         }
         _ => {
-            let error = response.error.unwrap_or_else(|| "request failed".to_owned());
+            let error = response
+                .error
+                .unwrap_or_else(|| "request failed".to_owned());
             eprintln!("khived: {error}");
         }
     }
