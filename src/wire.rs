@@ -292,7 +292,8 @@ impl Response {
     /// ```
     /// use khived::{code, Disposition, ErrorDetail, Response};
     ///
-    /// let busy = ErrorDetail::new(code::DAEMON_BUSY, "daemon_busy: …", Disposition::NotCommitted);
+    /// let message = "daemon_busy: 512 connections open; try again shortly";
+    /// let busy = ErrorDetail::new(code::DAEMON_BUSY, message, Disposition::NotCommitted);
     /// assert!(Response::error(busy, "").is_retryable());
     /// ```
     pub fn is_retryable(&self) -> bool {

@@ -30,10 +30,11 @@ use crate::{code, Dispatch, DispatchError, Request};
 /// use khived::pool::{Pool, PoolOptions};
 /// use khived::{Config, Daemon};
 ///
-/// fn main() -> Result<(), khived::Error> {
+/// fn main() -> Result<std::process::ExitCode, khived::Error> {
 ///     khived::init_stderr_logger(log::LevelFilter::Info);
 ///     let pool = Pool::new(PoolOptions::new(["python3", "worker.py"]).workers(2))?;
-///     Daemon::new(Config::from_env(), pool).run_blocking()
+///     let stopped = Daemon::new(Config::from_env(), pool).run_blocking()?;
+///     Ok(stopped.exit_code().into())
 /// }
 /// ```
 pub struct Pool {

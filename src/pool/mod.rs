@@ -43,13 +43,14 @@
 //! use khived::pool::{Pool, PoolOptions};
 //! use khived::{Config, Daemon};
 //!
-//! fn main() -> Result<(), khived::Error> {
+//! fn main() -> Result<std::process::ExitCode, khived::Error> {
 //!     khived::init_stderr_logger(log::LevelFilter::Info);
 //!     let options = PoolOptions::new(["python3", "examples/worker.py"])
 //!         .workers(2)
 //!         .request_timeout(Duration::from_secs(30))
 //!         .namespace("words");
-//!     Daemon::new(Config::from_env(), Pool::new(options)?).run_blocking()
+//!     let stopped = Daemon::new(Config::from_env(), Pool::new(options)?).run_blocking()?;
+//!     Ok(stopped.exit_code().into())
 //! }
 //! ```
 

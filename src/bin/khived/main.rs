@@ -434,3 +434,40 @@ fn serve_args(serve: &Serve) -> Vec<OsString> {
     }
     args
 }
+
+#[cfg(test)]
+mod tests {
+    use khived::{code, Disposition, ErrorDetail, Response};
+
+    use super::{call_status, status};
+
+    #[test]
+    fn each_error_code_has_its_exit_status() {
+        let error = |code: &str, disposition| {
+            Response::error(ErrorDetail::new(code, "message", disposition), "")
+        };
+        let unknown = Disposition::Unknown;
+        let not_committed = Disposition::NotCommitted;
+        for (code, disposition, expected) in [
+            (code::BAD_REQUEST, not_committed, status::FAILED),
+            (code::FRAME_TOO_LARGE, not_committed, status::FAILED),
+            (code::RESPONSE_TOO_LARGE, unknown, status::FAILED),
+            (code::REQUEST_TIMED_OUT, unknown, status::FAILED),
+            (code::DISPATCHER_PANICKED, unknown, status::FAILED),
+            (code::DISPATCHER_ERROR, unknown, status::FAILED),
+            ("a_code_of_its_own", not_committed, status::FAILED),
+            (code::DAEMON_BUSY, not_committed, status::RETRY),
+            (code::DAEMON_DRAINING, not_committed, status::RETRY),
+        ] {
+            assert_eq!(call_status(&error(code, disposition)), expected, "{code}");
+        }
+        let mut refused = error(code::VERSION_MISMATCH, not_committed);
+        refused.version_mismatch = true;
+        assert_eq!(call_status(&refused), status::MISMATCH);
+        assert_eq!(call_status(&Response::ok("x", "")), status::OK);
+        // An older daemon: no served_config_id is a mismatch, even on success.
+        let mut old = Response::ok("x", "");
+        old.served_config_id = None;
+        assert_eq!(call_status(&old), status::MISMATCH);
+    }
+}
