@@ -167,6 +167,15 @@ fn a_connect_to_a_full_queue_ends_at_its_deadline() {
     let err = block_on(AsyncClient::connect(&path, Duration::from_millis(300))).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
     assert!(err.to_string().contains("full.sock"), "{err}");
+    // Once a place frees up, a connect that is still within its deadline gets in.
+    let connected = block_on(futures_lite::future::zip(
+        AsyncClient::connect(&path, TIMEOUT),
+        async {
+            async_io::Timer::after(Duration::from_millis(50)).await;
+            rustix::net::accept(&listener).unwrap()
+        },
+    ));
+    connected.0.unwrap();
 }
 
 #[test]
