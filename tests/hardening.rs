@@ -291,7 +291,9 @@ fn connection_cap_follows_the_open_file_limit() {
 #[test]
 fn a_client_over_the_cap_reads_the_busy_reply() {
     let daemon = InProcess::start(|config, _| config.max_connections = 1);
-    let _holder = daemon.connect_raw();
+    // A holder turned away because the readiness probe still held the slot would hold
+    // nothing: this one has been served.
+    let _holder = daemon.hold_a_slot();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         // The client writes first; the daemon answers and closes without reading, so the
