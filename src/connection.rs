@@ -112,6 +112,49 @@ fn after(timeout: Duration) -> Option<Instant> {
 /// daemon is stopping and this is not the connection's first request, so it is refused
 /// rather than started.
 async fn answer<D: Dispatch>(shared: &Shared<D>, body: &[u8], draining: bool) -> (Response, bool) {
+    // The clock is read only when the line will be written: the fast path pays one check.
+    let Some(started) = log::log_enabled!(log::Level::Debug).then(Instant::now) else {
+        return decide(shared, body, draining).await;
+    };
+    let (response, keep_open) = decide(shared, body, draining).await;
+    log::debug!(
+        "request: {} bytes, namespace {}, {} in {:?}",
+        body.len(),
+        namespace_of(body),
+        outcome(&response),
+        started.elapsed()
+    );
+    (response, keep_open)
+}
+
+/// What the debug line says of a request's outcome: `ok`, a mismatch, or the error's code.
+fn outcome(response: &Response) -> &str {
+    if response.ok {
+        "ok"
+    } else if response.namespace_mismatch {
+        "namespace_mismatch"
+    } else if response.config_mismatch {
+        "config_mismatch"
+    } else {
+        response.error_code().unwrap_or("error")
+    }
+}
+
+/// The namespace a frame names, quoted, for the debug line; `-` when it is not a request.
+fn namespace_of(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Namespace<'a> {
+        #[serde(borrow)]
+        namespace: std::borrow::Cow<'a, str>,
+    }
+    match serde_json::from_slice::<Namespace<'_>>(body) {
+        Ok(named) => format!("{:?}", named.namespace),
+        Err(_) => "-".to_owned(),
+    }
+}
+
+/// The decision itself, without the debug line: see [`answer`].
+async fn decide<D: Dispatch>(shared: &Shared<D>, body: &[u8], draining: bool) -> (Response, bool) {
     let dispatcher = &shared.dispatcher;
     let config_id = dispatcher.config_id();
     let request: Request<'_> = match serde_json::from_slice(body) {

@@ -1003,3 +1003,18 @@ fn log_level_from_the_environment_and_the_command_line() {
         child.wait().unwrap();
     }
 }
+
+#[test]
+fn debug_level_logs_one_line_per_request() {
+    let place = Place::new();
+    let server = place.serve(&["-v"]);
+    assert_eq!(place.call("hello").status.code(), Some(0));
+    let mismatch = place.run("call", &["--namespace", "other", "x"]);
+    assert_eq!(mismatch.status.code(), Some(4));
+    wait_for_log(&server, "namespace \"other\", namespace_mismatch in");
+    let log = server.log();
+    assert!(
+        log.contains("DEBUG request: ") && log.contains("bytes, namespace \"khive\", ok in"),
+        "{log}"
+    );
+}

@@ -88,13 +88,25 @@ impl Dispatch for Echo {
 }
 
 fn run_serve(serve: Serve) -> u8 {
-    if let Some(path) = &serve.log_file {
-        if let Err(e) = redirect_stderr(path) {
-            return fail(status::FAILED, e);
+    let (level, unknown) = log_level(std::env::var("KHIVED_LOG").ok().as_deref(), serve.verbosity);
+    match &serve.log_file {
+        // Log records go through a file that rotates at its size limit, so a chatty daemon
+        // (or worker) cannot fill the disk; standard error goes to the same file for what
+        // is not a record (a panic's message).
+        Some(path) => {
+            let file = match khived::RotatingFile::open(path) {
+                Ok(file) => file,
+                Err(e) => return fail(status::FAILED, e),
+            };
+            if let Err(e) = redirect_stderr(path) {
+                return fail(status::FAILED, e);
+            }
+            khived::init_file_logger(file, level);
+        }
+        None => {
+            khived::init_stderr_logger(level);
         }
     }
-    let (level, unknown) = log_level(std::env::var("KHIVED_LOG").ok().as_deref(), serve.verbosity);
-    khived::init_stderr_logger(level);
     if let Some(value) = unknown {
         log::warn!(
             "KHIVED_LOG={value:?} is not a log level (error, warn, info, debug, trace or off); \
@@ -171,10 +183,12 @@ fn log_level(env: Option<&str>, verbosity: i8) -> (log::LevelFilter, Option<Stri
 /// Sends our standard error, and with it every log line and panic message, to `path`.
 fn redirect_stderr(path: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
+    // Never through a symbolic link (`RotatingFile::open` has checked the file already).
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(path)
         .map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
@@ -648,13 +662,18 @@ fn pool_options(serve: &Serve) -> Option<PoolOptions> {
 
 /// How `call --spawn`, `start` and `restart` start `khived serve` with these options.
 fn spawner(serve: &Serve) -> khived::Spawn {
+    // The daemon writes its log records itself, through a file that rotates at its size
+    // limit; the spawn log (the same file) then only takes what is not a record, such as a
+    // panic's message, or an early failure before the log file is open.
+    let log = serve
+        .log_file
+        .clone()
+        .unwrap_or_else(|| serve.common.socket.with_extension("log"));
     let mut command = std::process::Command::new(current_exe());
-    command.arg("serve").args(serve_args(serve));
-    let spawn = khived::Spawn::new(&serve.common.socket, command).pid_file(&serve.common.pid_file);
-    match &serve.log_file {
-        Some(log) => spawn.log_file(log),
-        None => spawn,
-    }
+    command.arg("serve").args(serve_args(serve, &log));
+    khived::Spawn::new(&serve.common.socket, command)
+        .pid_file(&serve.common.pid_file)
+        .log_file(log)
 }
 
 /// The daemon's configuration for these serve options.
@@ -672,14 +691,17 @@ fn daemon_config(serve: &Serve) -> Config {
     config
 }
 
-/// The command-line arguments that make `khived serve` run with these options.
-fn serve_args(serve: &Serve) -> Vec<OsString> {
+/// The command-line arguments that make `khived serve` run with these options, logging to
+/// `log`.
+fn serve_args(serve: &Serve, log: &std::path::Path) -> Vec<OsString> {
     let common = &serve.common;
     let mut args: Vec<OsString> = vec![
         "--socket".into(),
         common.socket.clone().into(),
         "--pid".into(),
         common.pid_file.clone().into(),
+        "--log-file".into(),
+        log.into(),
         "--namespace".into(),
         serve.namespace.clone().into(),
         "--config-id".into(),
