@@ -7,18 +7,13 @@
 
 use std::process::ExitCode;
 
-use khived::{Config, Daemon, Dispatch};
+use khived::{Config, Daemon, Dispatch, DispatchError, Request};
 
 struct Echo;
 
 impl Dispatch for Echo {
-    async fn dispatch(
-        &self,
-        ops: &str,
-        _presentation: Option<&str>,
-        _presentation_per_op: Option<&[Option<String>]>,
-    ) -> Result<String, String> {
-        Ok(ops.to_owned())
+    async fn dispatch(&self, request: &Request<'_>) -> Result<String, DispatchError> {
+        Ok(request.ops.to_string())
     }
 
     fn namespace(&self) -> &str {

@@ -57,6 +57,15 @@ def cap_request():
     return request("a" * (CAP - len(empty)))
 
 
+def error_response(code, message, disposition, **extra):
+    value = {"ok": False, "result": None, "error": message, "namespace_mismatch": False,
+             "config_mismatch": False, "served_config_id": "c", "daemon_protocol_version": 1,
+             "version_mismatch": False,
+             "error_detail": {"code": code, "message": message, "disposition": disposition}}
+    value.update(extra)
+    return js(value)
+
+
 SEED_SETS = {
     "frame_reader": {
         "empty_stream": reader_input([255], b""),
@@ -88,6 +97,28 @@ SEED_SETS = {
         "request_duplicate_field": b'{"ops":"x","ops":"y","namespace":"n"}',
         "request_lone_surrogate": br'{"ops":"\ud800","namespace":"n"}',
         "request_wrong_type": b'{"ops":1,"namespace":"n"}',
+        "request_v1_full": request("x", protocol_version=1, request_id=2**64 - 1,
+                                   probe_only=False),
+        "request_v1_probe_only": request("", protocol_version=1, request_id=1, probe_only=True),
+        "request_future_version": request("x", protocol_version=8, request_id=42, plan=True,
+                                          metrics_only=True),
+        "request_id_negative": request("x", request_id=-1),
+        "request_id_above_u64": request("x").replace(b"}", b',"request_id":%d}' % 2**64),
+        "request_id_null": request("x", request_id=None),
+        "request_version_float": request("x", protocol_version=1.5),
+        "request_version_string": request("x", protocol_version="1"),
+        "response_v1_ok": js({"ok": True, "result": "hi", "error": None,
+                              "namespace_mismatch": False, "config_mismatch": False,
+                              "served_config_id": "c", "daemon_protocol_version": 1,
+                              "version_mismatch": False, "request_id": 7,
+                              "error_detail": None}),
+        "response_v1_busy": error_response("daemon_busy", "daemon_busy: 1 connections open",
+                                           "not_committed"),
+        "response_v1_version_mismatch": error_response(
+            "version_mismatch", "version mismatch: 8", "not_committed",
+            version_mismatch=True, request_id=42),
+        "response_unknown_disposition": error_response("x", "m", "committed"),
+        "response_detail_missing_code": js({"ok": False, "error_detail": {"message": "m"}}),
         "response_ok": js({"ok": True, "result": "hi", "error": None,
                            "namespace_mismatch": False, "config_mismatch": False,
                            "served_config_id": "c"}),
@@ -117,6 +148,21 @@ SEED_SETS = {
         "len_cap_truncated_body": header(CAP) + b"a" * 70_000,
         "len_cap_response_too_large_then_echo": frame(cap_request()) + frame(request("next")),
         "fifty_frames": b"".join(frame(request("op %d" % i)) for i in range(50)),
+        "v1_ids_pipelined": b"".join(
+            frame(request(ops, protocol_version=1, request_id=i))
+            for i, ops in enumerate(["a", "fail:b", "panic", "d"])),
+        "v1_future_version_then_echo": frame(request("x", protocol_version=8, plan=True,
+                                                     request_id=7))
+        + frame(request("after", protocol_version=1, request_id=8)),
+        "v1_probe_only": frame(request("fail:must not run", protocol_version=1,
+                                       probe_only=True, request_id=3)),
+        "v1_probe_only_namespace_mismatch": frame(request("x", namespace="other",
+                                                          probe_only=True, request_id=4)),
+        "v1_probe_with_id": frame(js({"ops": "", "namespace": "", "probe": True,
+                                      "request_id": 5})),
+        "v1_bad_request_with_id": frame(b'{"ops":1,"namespace":"fuzz","request_id":9}'),
+        "v1_bad_request_array": frame(b"[9]"),
+        "v1_bad_request_id_negative": frame(b'{"ops":"x","namespace":"fuzz","request_id":-1}'),
     },
     "worker_reply": {
         "ok_result": b'{"ok":true,"result":"HELLO"}',

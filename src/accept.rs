@@ -18,7 +18,7 @@ use crate::dispatch::Dispatch;
 use crate::inflight::Flag;
 use crate::shared::Shared;
 use crate::sys;
-use crate::wire::{encode_frame, Response};
+use crate::wire::{code, encode_frame, Disposition, ErrorDetail, Response};
 
 /// Descriptors kept free for the daemon's own use when the open-file limit caps connections.
 const FD_RESERVE: u64 = 32;
@@ -111,11 +111,17 @@ impl<D: Dispatch> Gate<D> {
 
 /// Tells a client over the cap that the daemon is busy, without ever waiting for it: a fresh
 /// socket's buffer always takes one small frame.
+///
+/// The reply carries no `request_id`: the request has not been read (PROTOCOL.md, "Errors").
 fn refuse_busy<D: Dispatch>(shared: &Shared<D>, stream: &UnixStream, max: usize) {
-    let error = format!("daemon_busy: {max} connections open; try again shortly");
-    let response = Response::error(error, shared.dispatcher.config_id());
+    let detail = ErrorDetail::new(
+        code::DAEMON_BUSY,
+        format!("daemon_busy: {max} connections open; try again shortly"),
+        Disposition::NotCommitted,
+    );
+    let response = Response::error(detail, shared.dispatcher.config_id());
     if let Ok(frame) = encode_frame(&response) {
-        let _ = sys::send(stream, &frame);
+        let _ = sys::send(stream, frame.as_bytes());
     }
 }
 

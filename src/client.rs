@@ -11,7 +11,7 @@ use futures_lite::io::AssertAsync;
 use rustix::net::{sockopt, SocketAddrUnix};
 
 use crate::sys;
-use crate::wire::{encode_frame, read_frame, ProbeInfo, Request, Response};
+use crate::wire::{encode_frame, read_frame, Frame, ProbeInfo, Request, Response};
 
 /// A connection to a daemon, for one or several requests under one deadline.
 ///
@@ -60,23 +60,7 @@ impl Client {
         sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, connect_timeout)?;
         let addr = SocketAddrUnix::new(path)?;
         if let Err(e) = rustix::net::connect(&fd, &addr) {
-            let e = io::Error::from(e);
-            let message = match e.kind() {
-                io::ErrorKind::NotFound => "no daemon socket at",
-                io::ErrorKind::ConnectionRefused => {
-                    "no daemon listening (a stale socket, or a daemon shutting down) on"
-                }
-                io::ErrorKind::WouldBlock => "timed out connecting to (daemon busy)",
-                _ => "cannot connect to",
-            };
-            let kind = match e.kind() {
-                io::ErrorKind::WouldBlock => io::ErrorKind::TimedOut,
-                kind => kind,
-            };
-            return Err(io::Error::new(
-                kind,
-                format!("{message} {}: {e}", path.display()),
-            ));
+            return Err(connect_error(e.into(), path));
         }
         crate::trust::check_peer(&fd, path)?;
         Ok(Client {
@@ -92,16 +76,13 @@ impl Client {
     /// # Errors
     ///
     /// As [`exchange`](Client::exchange), and [`io::ErrorKind::InvalidData`] if the answer is
-    /// not a response.
+    /// not a response, or answers another `request_id` than the request's.
     pub fn request(&mut self, request: &Request<'_>) -> io::Result<Response> {
         let frame = encode_frame(request)?;
         let body = self.exchange(&frame)?;
-        serde_json::from_slice(&body).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad response from {}: {e}", self.path.display()),
-            )
-        })
+        let response = decode_response(&body, &self.path)?;
+        check_echo(request.request_id, &response, &self.path)?;
+        Ok(response)
     }
 
     /// Asks the daemon who it is; see [`ProbeInfo`].
@@ -121,38 +102,17 @@ impl Client {
     /// ```
     pub fn probe(&mut self) -> io::Result<ProbeInfo> {
         let response = self.request(&Request::probe())?;
-        let text = match (response.ok, response.result) {
-            (true, Some(text)) => text,
-            _ => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{} answered a probe with an error: {}",
-                        self.path.display(),
-                        response.error.unwrap_or_default()
-                    ),
-                ))
-            }
-        };
-        serde_json::from_str(&text).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{} answered a probe with {text:?}: {e}",
-                    self.path.display()
-                ),
-            )
-        })
+        probe_info(response, &self.path)
     }
 
-    /// Writes one raw frame and reads one raw frame back, within the deadline.
+    /// Writes one frame and reads one raw frame back, within the deadline.
     ///
     /// # Errors
     ///
     /// [`io::ErrorKind::TimedOut`] once the deadline has passed, naming the socket and what
     /// was being done; any error of the socket, or of [`read_frame`] (a frame cut short, a
     /// header above the cap).
-    pub fn exchange(&mut self, frame: &[u8]) -> io::Result<Vec<u8>> {
+    pub fn exchange(&mut self, frame: &Frame) -> io::Result<Vec<u8>> {
         use std::io::Write;
         self.arm_timeouts()?;
         let timed_out = |e: io::Error, doing: &str| match e.kind() {
@@ -168,7 +128,7 @@ impl Client {
         };
         // A daemon over its connection cap answers `daemon_busy` and closes before reading:
         // our write may then fail while that answer waits to be read, so read it anyway.
-        let written = (&self.stream).write_all(frame);
+        let written = (&self.stream).write_all(frame.as_bytes());
         if let Err(e) = &written {
             if !matches!(
                 e.kind(),
@@ -227,4 +187,71 @@ impl Client {
 /// ```
 pub fn probe(path: impl AsRef<Path>, timeout: Duration) -> io::Result<ProbeInfo> {
     Client::connect(path, timeout)?.probe()
+}
+
+/// The error of a failed `connect` to `path`, saying what it means for a daemon.
+pub(crate) fn connect_error(e: io::Error, path: &Path) -> io::Error {
+    let message = match e.kind() {
+        io::ErrorKind::NotFound => "no daemon socket at",
+        io::ErrorKind::ConnectionRefused => {
+            "no daemon listening (a stale socket, or a daemon shutting down) on"
+        }
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            "timed out connecting to (daemon busy)"
+        }
+        _ => "cannot connect to",
+    };
+    let kind = match e.kind() {
+        io::ErrorKind::WouldBlock => io::ErrorKind::TimedOut,
+        kind => kind,
+    };
+    io::Error::new(kind, format!("{message} {}: {e}", path.display()))
+}
+
+/// A response frame's body, decoded.
+pub(crate) fn decode_response(body: &[u8], path: &Path) -> io::Result<Response> {
+    serde_json::from_slice(body).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad response from {}: {e}", path.display()),
+        )
+    })
+}
+
+/// Checks that `response` answers the request that carried `sent`: a daemon echoes the id
+/// (an older one sends none, and a reply to a frame it could not parse may carry none).
+pub(crate) fn check_echo(sent: Option<u64>, response: &Response, path: &Path) -> io::Result<()> {
+    match (sent, response.request_id) {
+        (Some(sent), Some(echoed)) if sent != echoed => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} answered request id {echoed} where request id {sent} was due",
+                path.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The daemon's description of itself from a probe's response.
+pub(crate) fn probe_info(response: Response, path: &Path) -> io::Result<ProbeInfo> {
+    let text = match (response.ok, response.result) {
+        (true, Some(text)) => text,
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} answered a probe with an error: {}",
+                    path.display(),
+                    response.error.unwrap_or_default()
+                ),
+            ))
+        }
+    };
+    serde_json::from_str(&text).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} answered a probe with {text:?}: {e}", path.display()),
+        )
+    })
 }

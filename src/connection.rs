@@ -19,7 +19,11 @@ use crate::dispatch::Dispatch;
 use crate::inflight::Flag;
 use crate::shared::Shared;
 use crate::sys;
-use crate::wire::{encode_frame_into, FrameDecoder, ProbeInfo, Request, Response, READ_CHUNK};
+use crate::wire::Disposition::{self, NotCommitted};
+use crate::wire::{
+    code, encode_frame_into, ErrorDetail, FrameDecoder, ProbeInfo, Request, Response,
+    PROTOCOL_VERSION, READ_CHUNK,
+};
 
 /// How many times a read that would block is retried, letting the other connections run in
 /// between, before the socket is registered with the reactor. A client's next request (or
@@ -41,12 +45,15 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
             Ok(None) => return,
             Err(e) => {
                 if let Some(error) = closing_reply(e, idle_stop.is_none(), config) {
-                    conn.reply_and_close(shared, &error);
+                    conn.reply_and_close(shared, error);
                 }
                 return;
             }
         };
-        let (response, keep_open) = answer(shared, body).await;
+        // Past the first request, a draining daemon starts nothing new: frames that are here
+        // already are answered `daemon_draining` (PROTOCOL.md, "Pipelining").
+        let draining = idle_stop.is_some() && shared.draining.is_set();
+        let (response, keep_open) = answer(shared, body, draining).await;
         conn.frames.consume();
         conn.encode(&response);
         if let Err(e) = conn.write_out(after(config.write_timeout)).await {
@@ -56,10 +63,15 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
         shared
             .served
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if !keep_open || shared.draining.is_set() {
+        if !keep_open {
             return;
         }
-        deadline = after(config.idle_connection_timeout);
+        // While draining, look only at what has arrived: a deadline of now ends the read as
+        // soon as it would have to wait.
+        deadline = match shared.draining.is_set() {
+            true => Some(Instant::now()),
+            false => after(config.idle_connection_timeout),
+        };
         idle_stop = Some(&shared.draining);
         // Let other connections run before looking for this client's next request.
         future::yield_now().await;
@@ -68,14 +80,19 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
 
 /// What a client whose frame could not be read is told before its connection closes; `None`
 /// closes it without a word (the client is gone, or idle between requests).
-fn closing_reply(error: ReadError, first_request: bool, config: &Config) -> Option<String> {
+fn closing_reply(error: ReadError, first_request: bool, config: &Config) -> Option<ErrorDetail> {
+    let bad = |message: String| ErrorDetail::new(code::BAD_REQUEST, message, NotCommitted);
     match error {
-        ReadError::TooLarge(e) => Some(e.to_string()),
-        ReadError::Truncated(e) => Some(format!("bad request: {e}")),
-        ReadError::TimedOut if first_request => Some(format!(
+        ReadError::TooLarge(e) => Some(ErrorDetail::new(
+            code::FRAME_TOO_LARGE,
+            e.to_string(),
+            NotCommitted,
+        )),
+        ReadError::Truncated(e) => Some(bad(format!("bad request: {e}"))),
+        ReadError::TimedOut if first_request => Some(bad(format!(
             "bad request: no complete request within {:?}",
             config.first_request_timeout
-        )),
+        ))),
         ReadError::TimedOut => None,
         ReadError::Io(e) => {
             log::debug!("connection read failed: {e}");
@@ -90,53 +107,145 @@ fn after(timeout: Duration) -> Option<Instant> {
     Instant::now().checked_add(timeout)
 }
 
-/// Decides what to answer to one frame body; the flag says whether the stream can still be
-/// trusted for another request.
-async fn answer<D: Dispatch>(shared: &Shared<D>, body: &[u8]) -> (Response, bool) {
+/// Decides what to answer to one frame body (PROTOCOL.md, "One request, in order"); the
+/// flag says whether the stream can still be trusted for another request. `draining`: the
+/// daemon is stopping and this is not the connection's first request, so it is refused
+/// rather than started.
+async fn answer<D: Dispatch>(shared: &Shared<D>, body: &[u8], draining: bool) -> (Response, bool) {
+    // The clock is read only when the line will be written: the fast path pays one check.
+    let Some(started) = log::log_enabled!(log::Level::Debug).then(Instant::now) else {
+        return decide(shared, body, draining).await;
+    };
+    let (response, keep_open) = decide(shared, body, draining).await;
+    log::debug!(
+        "request: {} bytes, namespace {}, {} in {:?}",
+        body.len(),
+        namespace_of(body),
+        outcome(&response),
+        started.elapsed()
+    );
+    (response, keep_open)
+}
+
+/// What the debug line says of a request's outcome: `ok`, a mismatch, or the error's code.
+fn outcome(response: &Response) -> &str {
+    if response.ok {
+        "ok"
+    } else if response.namespace_mismatch {
+        "namespace_mismatch"
+    } else if response.config_mismatch {
+        "config_mismatch"
+    } else {
+        response.error_code().unwrap_or("error")
+    }
+}
+
+/// The namespace a frame names, quoted, for the debug line; `-` when it is not a request.
+fn namespace_of(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Namespace<'a> {
+        #[serde(borrow)]
+        namespace: std::borrow::Cow<'a, str>,
+    }
+    match serde_json::from_slice::<Namespace<'_>>(body) {
+        Ok(named) => format!("{:?}", named.namespace),
+        Err(_) => "-".to_owned(),
+    }
+}
+
+/// The decision itself, without the debug line: see [`answer`].
+async fn decide<D: Dispatch>(shared: &Shared<D>, body: &[u8], draining: bool) -> (Response, bool) {
     let dispatcher = &shared.dispatcher;
     let config_id = dispatcher.config_id();
     let request: Request<'_> = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(e) => {
-            return (
-                Response::error(format!("bad request: {e}"), config_id),
-                false,
-            )
+            let detail =
+                ErrorDetail::new(code::BAD_REQUEST, format!("bad request: {e}"), NotCommitted);
+            let mut response = Response::error(detail, config_id);
+            response.request_id = request_id_of(body);
+            return (response, false);
         }
     };
-    let mut response = Response {
-        served_config_id: Some(config_id.to_owned()),
-        ..Response::default()
-    };
-    if request.probe {
+    let mut response = Response::served(config_id);
+    if request.protocol_version > PROTOCOL_VERSION {
+        // The must-understand rule: never run a request under semantics we do not have.
+        response = refusal(
+            code::VERSION_MISMATCH,
+            format!(
+                "version mismatch: the request speaks protocol version {}, this daemon {}",
+                request.protocol_version, PROTOCOL_VERSION
+            ),
+            config_id,
+        );
+        response.version_mismatch = true;
+    } else if draining {
+        response = refusal(
+            code::DAEMON_DRAINING,
+            "daemon_draining: the daemon is shutting down and did not start this request; \
+             try again"
+                .to_owned(),
+            config_id,
+        );
+    } else if request.probe {
         response.ok = true;
         response.result = Some(probe_text(shared));
     } else if request.namespace != dispatcher.namespace() {
         response.namespace_mismatch = true;
     } else if request.config_id != config_id {
         response.config_mismatch = true;
+    } else if request.probe_only {
+        response.ok = true;
     } else {
-        let dispatched = AssertUnwindSafe(dispatcher.dispatch(
-            &request.ops,
-            request.presentation.as_deref(),
-            request.presentation_per_op.as_deref(),
-        ))
+        response = dispatch(shared, &request).await;
+    }
+    response.request_id = request.request_id;
+    (response, true)
+}
+
+/// Runs the dispatcher on `request` and turns its outcome, a panic included, into the
+/// response. The one place the dispatcher is called.
+async fn dispatch<D: Dispatch>(shared: &Shared<D>, request: &Request<'_>) -> Response {
+    let config_id = shared.dispatcher.config_id();
+    let dispatched = AssertUnwindSafe(shared.dispatcher.dispatch(request))
         .catch_unwind()
         .await;
-        match dispatched {
-            Ok(Ok(result)) => {
-                response.ok = true;
-                response.result = Some(result);
-            }
-            Ok(Err(error)) => response.error = Some(error),
-            Err(panic) => {
-                let message = panic_message(&*panic);
-                log::error!("dispatcher panicked: {message}");
-                response.error = Some(format!("dispatcher panicked: {message}"));
-            }
+    match dispatched {
+        Ok(Ok(result)) => Response::ok(result, config_id),
+        Ok(Err(error)) => Response::error(error.into(), config_id),
+        Err(panic) => {
+            let message = panic_message(&*panic);
+            log::error!("dispatcher panicked: {message}");
+            let detail = ErrorDetail::new(
+                code::DISPATCHER_PANICKED,
+                format!("dispatcher panicked: {message}"),
+                Disposition::Unknown,
+            );
+            Response::error(detail, config_id)
         }
     }
-    (response, true)
+}
+
+/// An error response for a request that was not started.
+fn refusal(code: &str, message: String, config_id: &str) -> Response {
+    Response::error(ErrorDetail::new(code, message, NotCommitted), config_id)
+}
+
+/// The `request_id` of a frame that is not a valid request, if it is a JSON object with one
+/// valid `request_id`: the error reply then still names the request it answers. Costs a
+/// second parse of a frame that failed, within serde_json's depth limit, and keeps nothing
+/// but the number.
+fn request_id_of(body: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        #[serde(default)]
+        request_id: Option<u64>,
+    }
+    // A derived struct also accepts a JSON array; only an object names its fields.
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return None;
+    }
+    serde_json::from_slice::<Id>(body).ok()?.request_id
 }
 
 fn probe_text<D: Dispatch>(shared: &Shared<D>) -> String {
@@ -280,7 +389,14 @@ impl Connection {
         self.out.clear();
         if let Err(e) = encode_frame_into(&mut self.out, response, "response") {
             let served = response.served_config_id.as_deref().unwrap_or_default();
-            let error = Response::error(e.to_string(), served);
+            // The dispatcher ran; only its answer is lost.
+            let detail = ErrorDetail::new(
+                code::RESPONSE_TOO_LARGE,
+                e.to_string(),
+                Disposition::Unknown,
+            );
+            let mut error = Response::error(detail, served);
+            error.request_id = response.request_id;
             // A short error response always fits.
             let _ = encode_frame_into(&mut self.out, &error, "response");
         }
@@ -314,8 +430,8 @@ impl Connection {
 
     /// Sends a last error frame if the socket takes it without waiting, then closes. The
     /// client is misbehaving or gone; it does not get to hold the connection any longer.
-    fn reply_and_close<D: Dispatch>(mut self, shared: &Shared<D>, error: &str) {
-        log::debug!("closing a connection: {error}");
+    fn reply_and_close<D: Dispatch>(mut self, shared: &Shared<D>, error: ErrorDetail) {
+        log::debug!("closing a connection: {}", error.message);
         self.encode(&Response::error(error, shared.dispatcher.config_id()));
         if let Ok(stream) = self.io.stream() {
             let _ = sys::send(stream, &self.out);

@@ -16,34 +16,46 @@
 //!   the socket is 0600 from the moment it exists; the PID file is 0600 and never opened
 //!   through a symbolic link. Clients check the same directories, and that the process
 //!   serving the socket runs as their user (or root), before they send anything.
-//! - **The request path**: namespace and configuration checks, the probe, several requests per
-//!   connection answered in order, error replies instead of silent closes for bad, oversized
-//!   or truncated frames, and panics in the dispatcher caught and answered.
+//! - **The request path**: protocol version, namespace and configuration checks, the probe,
+//!   several requests per connection answered in order (request ids echoed), error replies
+//!   with stable codes instead of silent closes for bad, oversized or truncated frames, and
+//!   panics in the dispatcher caught and answered.
 //! - **Shutdown**: on SIGTERM, SIGINT or SIGHUP (or a [`ShutdownHandle`], or after an idle
 //!   period) the listener closes first, idle connections close, requests in flight finish up
 //!   to the drain timeout, and the socket and PID file are removed if they are still the
 //!   daemon's own. SIGHUP is a stop like the others: it is what a daemon started from a
-//!   terminal gets when the terminal closes. A second signal during the drain stops at once. Either way [`Daemon::run`] returns how it
-//!   stopped ([`Stopped`]); the library never exits the process.
+//!   terminal gets when the terminal closes. A second signal during the drain stops at once.
+//!   Either way [`Daemon::run`] returns how it stopped ([`Stopped`]); the library never exits
+//!   the process.
 //! - **Limits**: deadlines for slow clients, a cap on connections, and a frame reader that
 //!   allocates only as bytes arrive.
-//! - **The client side**: [`Client`], [`probe`], [`Spawn`] (start a daemon on demand) and
-//!   [`running_pid`] use the wire format and the PID file only, never the server's code.
+//! - **The client side**: [`Client`] (blocking), [`AsyncClient`] (for smol applications,
+//!   with pipelining), [`probe`], [`Spawn`] (start a daemon on demand) and [`running_pid`]
+//!   use the wire format and the PID file only, never the server's code.
 //!
 //! # The wire format
 //!
-//! A frame is a 4-byte big-endian length followed by that many bytes of JSON, at most
+//! The complete contract, what each side may rely on, is the project's **PROTOCOL.md**; in
+//! brief: a frame is a 4-byte big-endian length followed by that many bytes of JSON, at most
 //! [`MAX_FRAME_BYTES`] (8 MiB). A client sends a [`Request`] frame and reads a [`Response`]
-//! frame; it may send further requests on the same connection, which are answered in order.
-//! The daemon checks the request's namespace, then its configuration id, then dispatches;
-//! `served_config_id` is on every response. A request with `"probe": true` is answered with
-//! the daemon's [`ProbeInfo`]. A bad, oversized or truncated frame gets an error response
-//! (`bad request: …`, `frame too large: …`) and the connection closes. A header announcing
-//! more than the cap is refused before its body is read, and a reader allocates at most
-//! 64 KiB ahead of the bytes that have arrived, so a peer that announces 8 MiB and then
-//! sends nothing costs 64 KiB. [`read_frame`], [`write_frame`] and [`encode_frame`] speak it
-//! over any stream. The complete protocol, with what each side may rely on, is in the
-//! project's PROTOCOL.md.
+//! frame; it may send further requests on the same connection, pipelined if it likes, which
+//! are answered in order. The daemon speaks protocol version [`PROTOCOL_VERSION`] (1) and
+//! says so on every response; a request of a newer `protocol_version` is refused
+//! (`version_mismatch`) before anything runs, so that a request is never executed under
+//! semantics the daemon does not have. Then it checks the namespace and the configuration
+//! id, then dispatches; `served_config_id` is on every response, and a `request_id` sent
+//! with a request comes back on its response. A request with `"probe": true` is answered
+//! with the daemon's [`ProbeInfo`]; one with `"probe_only": true` only checks the namespace
+//! and configuration. Every error carries an [`ErrorDetail`]: a stable [`code`](mod@code)
+//! (`bad_request`, `frame_too_large`, `daemon_busy`, …) and a [`Disposition`] that says
+//! whether the request may have had an effect, so that a client knows when retrying is
+//! safe; the `error` text of version 0 stays. A bad, oversized or truncated frame gets an
+//! error response and the connection closes. A header announcing more than the cap is
+//! refused before its body is read, and a reader allocates at most 64 KiB ahead of the bytes
+//! that have arrived, so a peer that announces 8 MiB and then sends nothing costs 64 KiB.
+//! [`encode_frame`] makes a [`Frame`] (header included), [`write_frame`] writes one and
+//! [`read_frame`] reads one, over any stream. Clients written for version 0 are served as
+//! before: every version 1 field is optional.
 //!
 //! # One daemon per socket
 //!
@@ -83,18 +95,13 @@
 //! A complete daemon whose answer is the request's `ops`:
 //!
 //! ```no_run
-//! use khived::{Config, Daemon, Dispatch};
+//! use khived::{Config, Daemon, Dispatch, DispatchError, Request};
 //!
 //! struct Echo;
 //!
 //! impl Dispatch for Echo {
-//!     async fn dispatch(
-//!         &self,
-//!         ops: &str,
-//!         _presentation: Option<&str>,
-//!         _presentation_per_op: Option<&[Option<String>]>,
-//!     ) -> Result<String, String> {
-//!         Ok(ops.to_owned())
+//!     async fn dispatch(&self, request: &Request<'_>) -> Result<String, DispatchError> {
+//!         Ok(request.ops.to_string())
 //!     }
 //!
 //!     fn namespace(&self) -> &str {
@@ -124,6 +131,24 @@
 //! assert_eq!(response.result.as_deref(), Some("hello"));
 //! # std::io::Result::Ok(())
 //! ```
+//!
+//! Or, in a smol application, [`AsyncClient`] (`examples/async_client.rs`):
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! # fn main() -> std::io::Result<()> {
+//! async_io::block_on(async {
+//!     let socket = khived::socket_path();
+//!     let mut client = khived::AsyncClient::connect(socket, Duration::from_secs(2)).await?;
+//!     let response = client.request(&khived::Request::new("hello", "echo", "")).await?;
+//!     if response.is_retryable() {
+//!         // daemon_busy or daemon_draining: nothing ran; try again later.
+//!     }
+//!     Ok(())
+//! })
+//! # }
+//! ```
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 // Four `unsafe` blocks exist: `pre_exec` in `spawn`, to put a started daemon in a session of
@@ -137,6 +162,7 @@
 // (what the tasks share). The client side (client, spawn, pidfile) never imports those;
 // both sides share `config` and `trust` (which directories and peers are trusted).
 mod accept;
+mod async_client;
 mod client;
 mod config;
 mod connection;
@@ -165,9 +191,10 @@ use sys::no_service_manager as systemd;
 mod trust;
 mod wire;
 
+pub use async_client::AsyncClient;
 pub use client::{probe, Client};
 pub use config::{env_truthy, pid_path, socket_path, state_dir, Config};
-pub use dispatch::Dispatch;
+pub use dispatch::{Dispatch, DispatchError};
 pub use error::Error;
 pub use logfile::RotatingFile;
 pub use logger::{init_file_logger, init_stderr_logger};
@@ -175,8 +202,8 @@ pub use pidfile::{is_process_running, running_pid};
 pub use server::{Daemon, ShutdownHandle, Stopped};
 pub use spawn::Spawn;
 pub use wire::{
-    encode_frame, frame_len, read_frame, write_frame, FrameDecoder, ProbeInfo, Request, Response,
-    MAX_FRAME_BYTES,
+    code, encode_frame, frame_len, read_frame, write_frame, Disposition, ErrorDetail, Frame,
+    FrameDecoder, ProbeInfo, Request, Response, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 
 // The README's Rust example is compiled with the doctests.

@@ -32,8 +32,8 @@ use crate::Error;
 /// ```no_run
 /// # struct Echo;
 /// # impl khived::Dispatch for Echo {
-/// #     async fn dispatch(&self, ops: &str, _: Option<&str>, _: Option<&[Option<String>]>)
-/// #         -> Result<String, String> { Ok(ops.to_owned()) }
+/// #     async fn dispatch(&self, request: &khived::Request<'_>)
+/// #         -> Result<String, khived::DispatchError> { Ok(request.ops.to_string()) }
 /// #     fn namespace(&self) -> &str { "echo" }
 /// #     fn config_id(&self) -> &str { "" }
 /// # }
@@ -62,8 +62,8 @@ pub struct Daemon<D> {
 /// ```no_run
 /// # struct Echo;
 /// # impl khived::Dispatch for Echo {
-/// #     async fn dispatch(&self, ops: &str, _: Option<&str>, _: Option<&[Option<String>]>)
-/// #         -> Result<String, String> { Ok(ops.to_owned()) }
+/// #     async fn dispatch(&self, request: &khived::Request<'_>)
+/// #         -> Result<String, khived::DispatchError> { Ok(request.ops.to_string()) }
 /// #     fn namespace(&self) -> &str { "echo" }
 /// #     fn config_id(&self) -> &str { "" }
 /// # }
@@ -101,8 +101,8 @@ impl ShutdownHandle {
 /// ```no_run
 /// # struct Echo;
 /// # impl khived::Dispatch for Echo {
-/// #     async fn dispatch(&self, ops: &str, _: Option<&str>, _: Option<&[Option<String>]>)
-/// #         -> Result<String, String> { Ok(ops.to_owned()) }
+/// #     async fn dispatch(&self, request: &khived::Request<'_>)
+/// #         -> Result<String, khived::DispatchError> { Ok(request.ops.to_string()) }
 /// #     fn namespace(&self) -> &str { "echo" }
 /// #     fn config_id(&self) -> &str { "" }
 /// # }

@@ -1,6 +1,10 @@
-//! The wire format: length-prefixed JSON frames and the request and response types. The
-//! format itself is told in the crate documentation ("The wire format"); the field names of
-//! [`Request`] and [`Response`] are a contract with existing clients and must not change.
+//! The wire format: length-prefixed JSON frames and the request and response types.
+//!
+//! The contract is the project's PROTOCOL.md (frames, every field with its default, versions
+//! and the must-understand rule, error codes and dispositions, pipelining); the crate
+//! documentation ("The wire format") gives the summary. The field names of [`Request`] and
+//! [`Response`] are a contract with existing clients and must not change; the protocol grows
+//! only by optional fields that older peers ignore.
 
 use std::borrow::Cow;
 use std::io;
@@ -19,6 +23,21 @@ use serde::{Deserialize, Serialize};
 /// ```
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 
+/// The protocol version this crate speaks (PROTOCOL.md, "Versions"): a daemon puts it in
+/// every response's `daemon_protocol_version` and refuses requests of a higher
+/// `protocol_version` without dispatching them; [`Request::new`] sends it.
+///
+/// Version 0 is the original protocol, without `protocol_version`, `request_id`,
+/// `probe_only` or structured errors; version 1 added them, all optional.
+///
+/// # Examples
+///
+/// ```
+/// assert_eq!(khived::PROTOCOL_VERSION, 1);
+/// assert_eq!(khived::Request::new("x", "ns", "").protocol_version, 1);
+/// ```
+pub const PROTOCOL_VERSION: u64 = 1;
+
 /// How far ahead of the bytes that have arrived a reader may allocate.
 ///
 /// A peer announcing a large frame and then sending nothing costs at most this much.
@@ -34,7 +53,9 @@ const INITIAL_BUFFER: usize = 4096;
 ///
 /// The protocol grows by adding fields that older peers ignore, so the type is
 /// `#[non_exhaustive]`: build one with [`Request::new`] or [`Request::probe`] and set the
-/// optional fields afterwards.
+/// optional fields afterwards. A [`Dispatch`](crate::Dispatch) implementation reads the
+/// fields it needs from the request it is given, so a new field never breaks it. Each field's
+/// default when it is missing from the wire is in PROTOCOL.md ("Requests").
 ///
 /// # Examples
 ///
@@ -72,14 +93,32 @@ pub struct Request<'a> {
     /// Ask the daemon who it is instead of dispatching (see [`ProbeInfo`]); missing means false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub probe: bool,
+    /// The protocol version whose meaning the request has; missing means 0, the original
+    /// protocol. A daemon refuses a request of a version above its own
+    /// ([`PROTOCOL_VERSION`]) without dispatching it: the must-understand rule.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub protocol_version: u64,
+    /// Echoed on the response, so that a client sending several requests can match each
+    /// answer to its request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<u64>,
+    /// An identity check: the namespace and configuration are checked as for any request,
+    /// and a match is answered `ok` with no result. Never dispatched.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub probe_only: bool,
 }
 
 fn is_false(value: &bool) -> bool {
     !*value
 }
 
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
 impl<'a> Request<'a> {
-    /// A request for `ops` with no presentation.
+    /// A request for `ops` with no presentation, of this crate's [`PROTOCOL_VERSION`], with
+    /// no request id.
     ///
     /// # Examples
     ///
@@ -87,6 +126,7 @@ impl<'a> Request<'a> {
     /// let mut request = khived::Request::new("status", "khive", "");
     /// assert!(!request.probe);
     /// request.presentation = Some("json".into());
+    /// request.request_id = Some(7);
     /// ```
     pub fn new(
         ops: impl Into<Cow<'a, str>>,
@@ -100,6 +140,9 @@ impl<'a> Request<'a> {
             namespace: namespace.into(),
             config_id: config_id.into(),
             probe: false,
+            protocol_version: PROTOCOL_VERSION,
+            request_id: None,
+            probe_only: false,
         }
     }
 
@@ -123,27 +166,32 @@ impl<'a> Request<'a> {
 /// The daemon's answer to one request.
 ///
 /// `#[non_exhaustive]`, like [`Request`]: build one with [`Response::ok`],
-/// [`Response::error`] or [`Response::default`] and set fields afterwards.
+/// [`Response::error`] or [`Response::default`] and set fields afterwards. A missing field
+/// decodes as an older daemon meant it (PROTOCOL.md, "Responses"): no
+/// `daemon_protocol_version` is version 0, and such a daemon sends no request ids and no
+/// `error_detail`.
 ///
 /// # Examples
 ///
 /// ```
-/// // Older daemons omit `config_mismatch` and `served_config_id`.
+/// // Older daemons omit `config_mismatch`, `served_config_id` and the version 1 fields.
 /// let old: khived::Response = serde_json::from_str(
 ///     r#"{"ok":true,"result":"hi","error":null,"namespace_mismatch":false}"#,
 /// ).unwrap();
 /// assert!(!old.config_mismatch);
 /// assert_eq!(old.served_config_id, None);
+/// assert_eq!(old.daemon_protocol_version, 0);
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Response {
-    /// Whether the request was dispatched and succeeded.
+    /// Whether the request was dispatched (or probed) and succeeded.
     pub ok: bool,
     /// The dispatcher's result, when `ok`.
     #[serde(default)]
     pub result: Option<String>,
-    /// What went wrong, when the dispatcher or the runtime failed.
+    /// What went wrong, as text, when the dispatcher or the runtime failed (the texts of
+    /// version 0; programs branch on [`error_detail`](Response::error_detail) instead).
     #[serde(default)]
     pub error: Option<String>,
     /// The request named another namespace; nothing was dispatched.
@@ -155,10 +203,25 @@ pub struct Response {
     /// The daemon's own configuration id. A client must treat `None` as a mismatch.
     #[serde(default)]
     pub served_config_id: Option<String>,
+    /// The protocol version the daemon speaks, on every response of a version 1 daemon;
+    /// 0 (missing) from an older one.
+    #[serde(default)]
+    pub daemon_protocol_version: u64,
+    /// The request's `protocol_version` is above the daemon's; nothing was dispatched.
+    #[serde(default)]
+    pub version_mismatch: bool,
+    /// The request's `request_id`, on every response to a frame that carried one and could
+    /// be parsed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<u64>,
+    /// What went wrong, for programs: on every error response of a version 1 daemon.
+    #[serde(default)]
+    pub error_detail: Option<ErrorDetail>,
 }
 
 impl Response {
-    /// A successful response carrying the dispatcher's `result`.
+    /// A successful response carrying the dispatcher's `result`, as this crate's daemon sends
+    /// it (with [`PROTOCOL_VERSION`]).
     ///
     /// # Examples
     ///
@@ -167,32 +230,178 @@ impl Response {
     /// assert!(response.ok);
     /// assert_eq!(response.result.as_deref(), Some("hello"));
     /// assert_eq!(response.served_config_id.as_deref(), Some("cfg-1"));
+    /// assert_eq!(response.daemon_protocol_version, khived::PROTOCOL_VERSION);
     /// ```
     pub fn ok(result: impl Into<String>, served_config_id: &str) -> Self {
         Response {
             ok: true,
             result: Some(result.into()),
-            served_config_id: Some(served_config_id.to_owned()),
-            ..Response::default()
+            ..Response::served(served_config_id)
         }
     }
 
-    /// A failed response carrying `error`, as the runtime sends for bad or oversized frames.
+    /// A failed response: `error` holds the detail's message, `error_detail` the detail.
     ///
     /// # Examples
     ///
     /// ```
-    /// let response = khived::Response::error("bad request: expected value", "cfg-1");
+    /// use khived::{code, Disposition, ErrorDetail, Response};
+    ///
+    /// let detail = ErrorDetail::new(code::BAD_REQUEST, "bad request: expected value",
+    ///                               Disposition::NotCommitted);
+    /// let response = Response::error(detail, "cfg-1");
     /// assert!(!response.ok);
+    /// assert_eq!(response.error.as_deref(), Some("bad request: expected value"));
+    /// assert_eq!(response.error_code(), Some("bad_request"));
     /// assert_eq!(response.served_config_id.as_deref(), Some("cfg-1"));
     /// ```
-    pub fn error(error: impl Into<String>, served_config_id: &str) -> Self {
+    pub fn error(detail: ErrorDetail, served_config_id: &str) -> Self {
         Response {
-            error: Some(error.into()),
+            error: Some(detail.message.clone()),
+            error_detail: Some(detail),
+            ..Response::served(served_config_id)
+        }
+    }
+
+    /// A response that is neither ok nor an error yet, from a daemon of this version.
+    pub(crate) fn served(served_config_id: &str) -> Self {
+        Response {
             served_config_id: Some(served_config_id.to_owned()),
+            daemon_protocol_version: PROTOCOL_VERSION,
             ..Response::default()
         }
     }
+
+    /// The error's code ([`code`](mod@code)), if this is an error response of a version 1
+    /// daemon.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(khived::Response::ok("x", "").error_code(), None);
+    /// ```
+    pub fn error_code(&self) -> Option<&str> {
+        self.error_detail
+            .as_ref()
+            .map(|detail| detail.code.as_str())
+    }
+
+    /// Whether the daemon refused the request only for now, without running it: the codes
+    /// [`DAEMON_BUSY`](code::DAEMON_BUSY) and [`DAEMON_DRAINING`](code::DAEMON_DRAINING).
+    /// Sending the same request again later is safe.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use khived::{code, Disposition, ErrorDetail, Response};
+    ///
+    /// let message = "daemon_busy: 512 connections open; try again shortly";
+    /// let busy = ErrorDetail::new(code::DAEMON_BUSY, message, Disposition::NotCommitted);
+    /// assert!(Response::error(busy, "").is_retryable());
+    /// ```
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.error_code(),
+            Some(code::DAEMON_BUSY | code::DAEMON_DRAINING)
+        )
+    }
+}
+
+/// The structured form of an error response (PROTOCOL.md, "Errors"): a stable code to branch
+/// on, the message (the same text as [`Response::error`](Response#structfield.error)), and
+/// whether the request may have had an effect.
+///
+/// # Examples
+///
+/// ```
+/// let text = r#"{"code":"daemon_busy","message":"daemon_busy: 512 connections open",
+///                "disposition":"not_committed"}"#;
+/// let detail: khived::ErrorDetail = serde_json::from_str(text).unwrap();
+/// assert_eq!(detail.code, khived::code::DAEMON_BUSY);
+/// assert_eq!(detail.disposition, khived::Disposition::NotCommitted);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ErrorDetail {
+    /// One of the runtime's [`code`](mod@code)s, or a code of the dispatcher's own.
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+    /// Whether the request may have had an effect.
+    pub disposition: Disposition,
+}
+
+impl ErrorDetail {
+    /// An error detail from its three parts.
+    pub fn new(
+        code: impl Into<String>,
+        message: impl Into<String>,
+        disposition: Disposition,
+    ) -> Self {
+        ErrorDetail {
+            code: code.into(),
+            message: message.into(),
+            disposition,
+        }
+    }
+}
+
+/// Whether a failed request may have had an effect, so whether sending it again is safe.
+///
+/// A disposition this version does not know decodes as [`Unknown`](Disposition::Unknown),
+/// the cautious reading.
+///
+/// # Examples
+///
+/// ```
+/// use khived::Disposition;
+///
+/// let known: Disposition = serde_json::from_str(r#""not_committed""#).unwrap();
+/// assert_eq!(known, Disposition::NotCommitted);
+/// let newer: Disposition = serde_json::from_str(r#""committed""#).unwrap();
+/// assert_eq!(newer, Disposition::Unknown);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Disposition {
+    /// The dispatcher never ran (or says it changed nothing): retrying is safe.
+    NotCommitted,
+    /// The dispatcher ran, or may have: the outcome is not known.
+    #[serde(other)]
+    Unknown,
+}
+
+/// The stable error codes of the runtime, found in [`ErrorDetail::code`]
+/// (PROTOCOL.md, "Errors: codes and dispositions").
+///
+/// A dispatcher may use codes of its own for its errors;
+/// [`DISPATCHER_ERROR`](code::DISPATCHER_ERROR) is the code of a dispatcher's error that names
+/// none.
+pub mod code {
+    /// The frame is not a valid request, was cut short, or did not arrive in time; the
+    /// connection is closed. Not committed.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// The frame's header announces more than [`MAX_FRAME_BYTES`](crate::MAX_FRAME_BYTES);
+    /// the body is not read and the connection is closed. Not committed.
+    pub const FRAME_TOO_LARGE: &str = "frame_too_large";
+    /// The dispatcher's answer does not fit in a frame. The outcome is unknown.
+    pub const RESPONSE_TOO_LARGE: &str = "response_too_large";
+    /// The request's `protocol_version` is newer than the daemon's. Not committed.
+    pub const VERSION_MISMATCH: &str = "version_mismatch";
+    /// The daemon is at its connection cap, or its queue is full: try again shortly. Not
+    /// committed.
+    pub const DAEMON_BUSY: &str = "daemon_busy";
+    /// The daemon is shutting down and did not start this request: retry (a new daemon may
+    /// be starting). Not committed.
+    pub const DAEMON_DRAINING: &str = "daemon_draining";
+    /// The dispatch ran past the daemon's request timeout and was cancelled. The outcome is
+    /// unknown.
+    pub const REQUEST_TIMED_OUT: &str = "request_timed_out";
+    /// The dispatcher panicked. The outcome is unknown.
+    pub const DISPATCHER_PANICKED: &str = "dispatcher_panicked";
+    /// The dispatcher returned an error without a code of its own. The outcome is unknown
+    /// unless the dispatcher declared it not committed.
+    pub const DISPATCHER_ERROR: &str = "dispatcher_error";
 }
 
 /// What a daemon says about itself in answer to a probe ([`Request::probe`]); the response's
@@ -510,37 +719,86 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(reader: &mut R) -> io::Re
     }
 }
 
-/// Writes `body` as one frame (header and body in one write) and flushes.
+/// One encoded frame, header and body, ready to be written: made by [`encode_frame`] (a
+/// message as JSON) or [`Frame::from_body`] (bytes as they are), written by [`write_frame`].
+///
+/// The header is part of the value, and a `Frame` is not a byte slice: it cannot be handed
+/// by mistake to something that adds a header of its own, and [`write_frame`] accepts
+/// nothing else.
+///
+/// # Examples
+///
+/// ```
+/// let frame = khived::Frame::from_body(b"{}".to_vec()).unwrap();
+/// assert_eq!(frame.as_bytes(), [0, 0, 0, 2, b'{', b'}']);
+/// assert_eq!(frame.body(), b"{}");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// The 4-byte header, then the body.
+    bytes: Vec<u8>,
+}
+
+impl Frame {
+    /// A frame holding `body` as it is (which need not be JSON, for tests of a peer).
+    ///
+    /// # Errors
+    ///
+    /// A body above [`MAX_FRAME_BYTES`] is [`io::ErrorKind::InvalidData`],
+    /// `frame too large: …`.
+    pub fn from_body(body: impl AsRef<[u8]>) -> io::Result<Frame> {
+        let body = body.as_ref();
+        if body.len() > MAX_FRAME_BYTES {
+            return Err(too_large("frame", body.len()));
+        }
+        let mut bytes = Vec::with_capacity(4 + body.len());
+        bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(body);
+        Ok(Frame { bytes })
+    }
+
+    /// The frame as it goes on the wire: header, then body.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The body alone, without the header.
+    pub fn body(&self) -> &[u8] {
+        &self.bytes[4..]
+    }
+
+    /// The frame's bytes, header included, to write to a stream in one piece.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+/// Writes `frame` (header and body in one write) and flushes.
 ///
 /// # Errors
 ///
-/// A body above [`MAX_FRAME_BYTES`] is refused with [`io::ErrorKind::InvalidData`] and
-/// nothing is written; any error of `writer`.
+/// Any error of `writer`.
 ///
 /// # Examples
 ///
 /// ```
 /// # futures_lite::future::block_on(async {
 /// let mut wire = Vec::new();
-/// khived::write_frame(&mut wire, b"{}").await?;
-/// assert_eq!(wire, [0, 0, 0, 2, b'{', b'}']);
+/// let frame = khived::encode_frame(&khived::Request::probe())?;
+/// khived::write_frame(&mut wire, &frame).await?;
+/// assert_eq!(wire, frame.as_bytes());
 /// # std::io::Result::Ok(()) }).unwrap();
 /// ```
 pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
     writer: &mut W,
-    body: &[u8],
+    frame: &Frame,
 ) -> io::Result<()> {
-    if body.len() > MAX_FRAME_BYTES {
-        return Err(too_large("frame", body.len()));
-    }
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(body);
-    writer.write_all(&frame).await?;
+    writer.write_all(&frame.bytes).await?;
     writer.flush().await
 }
 
-/// Encodes `message` as a complete frame (header and JSON body) ready to write.
+/// Encodes `message` as JSON in a complete [`Frame`], header included, ready for
+/// [`write_frame`].
 ///
 /// # Errors
 ///
@@ -551,13 +809,13 @@ pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
 ///
 /// ```
 /// let frame = khived::encode_frame(&khived::Request::probe()).unwrap();
-/// let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
-/// assert_eq!(len, frame.len() - 4);
+/// let len = u32::from_be_bytes(frame.as_bytes()[..4].try_into().unwrap()) as usize;
+/// assert_eq!(len, frame.body().len());
 /// ```
-pub fn encode_frame<T: Serialize + ?Sized>(message: &T) -> io::Result<Vec<u8>> {
-    let mut frame = Vec::with_capacity(128);
-    encode_frame_into(&mut frame, message, "frame")?;
-    Ok(frame)
+pub fn encode_frame<T: Serialize + ?Sized>(message: &T) -> io::Result<Frame> {
+    let mut bytes = Vec::with_capacity(128);
+    encode_frame_into(&mut bytes, message, "frame")?;
+    Ok(Frame { bytes })
 }
 
 /// Appends `message` as a frame to `out`; on error `out` is left as it was. `what` names

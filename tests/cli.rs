@@ -235,6 +235,44 @@ fn call_exit_statuses() {
 }
 
 #[test]
+fn call_exits_75_when_the_daemon_is_busy_and_json_prints_the_response() {
+    let place = Place::new();
+    let _server = place.serve(&["--max-connections", "1"]);
+    // The readiness probe's connection may hold the one slot for a moment: 75 until it goes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ok = loop {
+        let ok = place.run("call", &["--json", "hi"]);
+        if ok.status.code() != Some(75) || Instant::now() > deadline {
+            break ok;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&ok)).unwrap();
+    assert_eq!(
+        (value["ok"].clone(), value["result"].clone()),
+        (true.into(), "hi".into())
+    );
+    assert_eq!(value["daemon_protocol_version"], khived::PROTOCOL_VERSION);
+
+    let _holder = common::hold_a_slot(&place.socket);
+    let busy = place.call("x");
+    assert_eq!(busy.status.code(), Some(75), "{}", stderr(&busy));
+    assert!(
+        stderr(&busy).contains("daemon_busy: 1 connections open"),
+        "{}",
+        stderr(&busy)
+    );
+    assert_eq!(stdout(&busy), "");
+    let busy = place.run("call", &["--json", "x"]);
+    assert_eq!(busy.status.code(), Some(75));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&busy)).unwrap();
+    assert_eq!(value["ok"], false);
+    assert_eq!(value["error_detail"]["code"], "daemon_busy");
+    assert_eq!(value["error_detail"]["disposition"], "not_committed");
+}
+
+#[test]
 fn serve_refuses_to_start_twice() {
     let place = Place::new();
     let server = place.serve(&[]);
@@ -432,7 +470,7 @@ fn a_full_worker_queue_answers_busy() {
         .filter(|output| stderr(output).contains("daemon_busy:"))
         .collect();
     assert_eq!(busy.len(), 1, "{outputs:?}");
-    assert_eq!(busy[0].status.code(), Some(1));
+    assert_eq!(busy[0].status.code(), Some(75), "a retryable refusal");
     let served = outputs
         .iter()
         .find(|output| output.status.success())
@@ -885,7 +923,7 @@ fn status_tells_busy_and_not_answering_from_not_running() {
 
     let second = hold();
     let (code, text, value) = status(&[]);
-    assert_eq!(code, 6, "{text}");
+    assert_eq!(code, 75, "{text}");
     assert!(text.contains("khived is running but busy"), "{text}");
     assert!(text.contains("daemon_busy"), "{text}");
     assert!(text.contains(&format!("pid:        {pid}")), "{text}");
@@ -964,4 +1002,19 @@ fn log_level_from_the_environment_and_the_command_line() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
+}
+
+#[test]
+fn debug_level_logs_one_line_per_request() {
+    let place = Place::new();
+    let server = place.serve(&["-v"]);
+    assert_eq!(place.call("hello").status.code(), Some(0));
+    let mismatch = place.run("call", &["--namespace", "other", "x"]);
+    assert_eq!(mismatch.status.code(), Some(4));
+    wait_for_log(&server, "namespace \"other\", namespace_mismatch in");
+    let log = server.log();
+    assert!(
+        log.contains("DEBUG request: ") && log.contains("bytes, namespace \"khive\", ok in"),
+        "{log}"
+    );
 }

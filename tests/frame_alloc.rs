@@ -101,12 +101,19 @@ fn a_header_above_the_cap_is_refused_before_the_body() {
 }
 
 #[test]
-fn writing_above_the_cap_writes_nothing() {
+fn a_frame_above_the_cap_cannot_be_made() {
     let body = vec![b'x'; khived::MAX_FRAME_BYTES + 1];
-    let mut wire = Vec::new();
-    let err = futures_lite::future::block_on(khived::write_frame(&mut wire, &body)).unwrap_err();
+    let err = khived::Frame::from_body(&body).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
-    assert!(wire.is_empty());
+    let ops = "x".repeat(khived::MAX_FRAME_BYTES);
+    let err = khived::encode_frame(&khived::Request::new(ops, "n", "")).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    // At the cap it is made, and written as it is: one header, then the body.
+    let frame = khived::Frame::from_body(&body[1..]).unwrap();
+    let mut wire = Vec::new();
+    futures_lite::future::block_on(khived::write_frame(&mut wire, &frame)).unwrap();
+    assert_eq!(wire.len(), 4 + khived::MAX_FRAME_BYTES);
+    assert_eq!(wire[..4], (khived::MAX_FRAME_BYTES as u32).to_be_bytes());
 }
 
 /// Feeds `data` to a decoder reading ahead, `piece` bytes at most per read, and returns the

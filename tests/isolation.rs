@@ -341,7 +341,11 @@ fn sighup_drains_and_removes_the_files() {
     let mut stream = UnixStream::connect(&daemon.socket).unwrap();
     stream.set_read_timeout(Some(GUARD)).unwrap();
     stream
-        .write_all(&khived::encode_frame(&request("sleep:3000")).unwrap())
+        .write_all(
+            khived::encode_frame(&request("sleep:3000"))
+                .unwrap()
+                .as_bytes(),
+        )
         .unwrap();
     daemon.wait_for_log("test dispatcher: sleep:3000 started");
     daemon.signal(Signal::HUP);
@@ -377,7 +381,7 @@ fn clients_refuse_a_socket_served_by_another_user() {
         rustix::net::listen(&fd, 8).unwrap();
         listening.send(()).unwrap();
         let mut received = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..3 {
             let conn = rustix::net::accept(&fd).unwrap();
             let mut stream = UnixStream::from(conn);
             stream.set_read_timeout(Some(GUARD)).unwrap();
@@ -395,6 +399,13 @@ fn clients_refuse_a_socket_served_by_another_user() {
     let text = error.to_string();
     assert!(text.contains("runs as uid 65534"), "{text}");
     assert!(text.contains(&socket.display().to_string()), "{text}");
+    let error = async_io::block_on(khived::AsyncClient::connect(&socket, GUARD)).unwrap_err();
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::PermissionDenied,
+        "{error}"
+    );
+    assert!(error.to_string().contains("runs as uid 65534"), "{error}");
     let call = khived(dir.path(), "call")
         .arg("--socket")
         .arg(&socket)

@@ -431,10 +431,11 @@ fn queued_requests_whose_client_is_gone_are_skipped() {
     )
     .unwrap();
     let seen = || std::fs::read_to_string(&requests).unwrap_or_default();
+    let block = Request::new("block", "khive", "");
     let executor = async_executor::Executor::new();
     future::block_on(executor.run(async {
         let _workers = executor.spawn(pool.warm_all());
-        let busy = executor.spawn(pool.dispatch("block", None, None));
+        let busy = executor.spawn(pool.dispatch(&block));
         let deadline = Instant::now() + Duration::from_secs(30);
         while seen() != "block\n" {
             assert!(
@@ -445,16 +446,16 @@ fn queued_requests_whose_client_is_gone_are_skipped() {
         }
         // 20 requests are queued behind it, and their clients hang up.
         for i in 0..20 {
-            let ops = format!("abandoned {i}");
-            let mut request = pin!(pool.dispatch(&ops, None, None));
-            assert!(future::poll_once(request.as_mut()).await.is_none());
+            let request = Request::new(format!("abandoned {i}"), "khive", "");
+            let mut pending = pin!(pool.dispatch(&request));
+            assert!(future::poll_once(pending.as_mut()).await.is_none());
         }
         std::fs::write(&release, "").unwrap();
-        assert_eq!(busy.await, Ok("block".to_owned()));
-        assert_eq!(
-            pool.dispatch("next", None, None).await,
-            Ok("next".to_owned())
-        );
+        let answered =
+            |result: Result<String, khived::DispatchError>| result.map_err(|e| e.to_string());
+        assert_eq!(answered(busy.await), Ok("block".to_owned()));
+        let next = Request::new("next", "khive", "");
+        assert_eq!(answered(pool.dispatch(&next).await), Ok("next".to_owned()));
     }));
     // The worker got the first request and the next one, none of the abandoned ones.
     assert_eq!(seen(), "block\nnext\n");

@@ -110,7 +110,7 @@ fn several_requests_on_one_connection_in_order() {
     let mut stream = daemon.connect_raw();
     let mut bytes = Vec::new();
     for ops in ["sleep:100", "b", "c"] {
-        bytes.extend(khived::encode_frame(&request(ops)).unwrap());
+        bytes.extend(khived::encode_frame(&request(ops)).unwrap().into_bytes());
     }
     stream.write_all(&bytes).unwrap();
     for ops in ["sleep:100", "b", "c"] {

@@ -14,7 +14,7 @@ use async_process::Child;
 use futures_lite::future::{self, FutureExt};
 
 use super::{line, worker, PoolOptions};
-use crate::Dispatch;
+use crate::{code, Dispatch, DispatchError, Request};
 
 /// A pool of warm worker processes that serves a [`Daemon`](crate::Daemon)'s requests.
 ///
@@ -125,20 +125,15 @@ impl fmt::Debug for Pool {
 }
 
 impl Dispatch for Pool {
-    async fn dispatch(
-        &self,
-        ops: &str,
-        presentation: Option<&str>,
-        presentation_per_op: Option<&[Option<String>]>,
-    ) -> Result<String, String> {
+    async fn dispatch(&self, request: &Request<'_>) -> Result<String, DispatchError> {
         if let Some(why) = self.inner.start_failure() {
-            return Err(format!("no worker is running: {why}"));
+            return Err(format!("no worker is running: {why}").into());
         }
         let (reply, answer) = async_channel::bounded(1);
         let job = Job {
-            ops: ops.to_owned(),
-            presentation: presentation.map(str::to_owned),
-            presentation_per_op: presentation_per_op.map(<[_]>::to_vec),
+            ops: request.ops.clone().into_owned(),
+            presentation: request.presentation.as_deref().map(str::to_owned),
+            presentation_per_op: request.presentation_per_op.clone(),
             reply,
         };
         // Should this future be dropped (its client gone), `answer` goes with it and the
@@ -146,17 +141,22 @@ impl Dispatch for Pool {
         match self.inner.jobs.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                return Err(format!(
+                // Refused before any worker saw it: the client may retry.
+                let message = format!(
                     "daemon_busy: {} worker(s) busy and {} request(s) queued; try again shortly",
                     self.inner.options.workers, self.inner.options.queue
-                ))
+                );
+                return Err(DispatchError::new(message)
+                    .with_code(code::DAEMON_BUSY)
+                    .not_committed());
             }
-            Err(TrySendError::Closed(_)) => return Err("the worker pool has stopped".to_owned()),
+            Err(TrySendError::Closed(_)) => return Err("the worker pool has stopped".into()),
         }
-        answer
+        let answered = answer
             .recv()
             .await
-            .unwrap_or_else(|_| Err("the worker pool stopped before answering".to_owned()))
+            .unwrap_or_else(|_| Err("the worker pool stopped before answering".to_owned()));
+        answered.map_err(DispatchError::from)
     }
 
     /// Starts the workers and keeps them running (restarting them as needed) for as long as

@@ -6,37 +6,53 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_io::Timer;
-use khived::{Client, Config, Daemon, Dispatch, Request, Response, ShutdownHandle};
+use khived::{Client, Config, Daemon, Dispatch, DispatchError, Request, Response, ShutdownHandle};
 
 pub const NAMESPACE: &str = "test";
 pub const CONFIG_ID: &str = "cfg-1";
 
 /// Echoes `ops`, except: `sleep:MS` answers after MS milliseconds, `fail:MSG` fails with
-/// MSG, `panic` panics, `warming` says whether `warm_all` is still running.
+/// MSG, `refuse:CODE` fails with that code, not committed, `panic` panics, `warming` says
+/// whether `warm_all` is still running, `gate` waits until `gate_open` is set (counting
+/// itself in `at_gate` first), `big` answers more than a frame holds. `dispatched` counts
+/// every call.
 #[derive(Debug, Default)]
 pub struct TestDispatch {
     pub warming: Arc<AtomicBool>,
     pub warm_for: Duration,
+    pub dispatched: Arc<AtomicUsize>,
+    pub at_gate: Arc<AtomicUsize>,
+    pub gate_open: Arc<AtomicBool>,
+    /// The configuration id served, when not [`CONFIG_ID`].
+    pub config_id: Option<&'static str>,
 }
 
 impl Dispatch for TestDispatch {
-    async fn dispatch(
-        &self,
-        ops: &str,
-        _presentation: Option<&str>,
-        _presentation_per_op: Option<&[Option<String>]>,
-    ) -> Result<String, String> {
+    async fn dispatch(&self, request: &Request<'_>) -> Result<String, DispatchError> {
+        self.dispatched.fetch_add(1, Ordering::SeqCst);
+        let ops = &*request.ops;
         if let Some(ms) = ops.strip_prefix("sleep:") {
             log::info!("test dispatcher: {ops} started");
             Timer::after(Duration::from_millis(ms.parse().unwrap())).await;
         } else if let Some(message) = ops.strip_prefix("fail:") {
-            return Err(message.to_owned());
+            return Err(message.into());
+        } else if let Some(code) = ops.strip_prefix("refuse:") {
+            return Err(DispatchError::new(format!("refused: {code}"))
+                .with_code(code)
+                .not_committed());
+        } else if ops == "gate" {
+            self.at_gate.fetch_add(1, Ordering::SeqCst);
+            while !self.gate_open.load(Ordering::SeqCst) {
+                Timer::after(Duration::from_millis(5)).await;
+            }
+        } else if ops == "big" {
+            return Ok("b".repeat(khived::MAX_FRAME_BYTES));
         } else if ops == "panic" {
             panic!("asked to panic");
         } else if ops == "warming" {
@@ -56,7 +72,7 @@ impl Dispatch for TestDispatch {
     }
 
     fn config_id(&self) -> &str {
-        CONFIG_ID
+        self.config_id.unwrap_or(CONFIG_ID)
     }
 }
 
@@ -115,6 +131,11 @@ impl InProcess {
         stream
     }
 
+    /// See [`hold_a_slot`].
+    pub fn hold_a_slot(&self) -> UnixStream {
+        hold_a_slot(&self.socket)
+    }
+
     /// Stops the daemon and returns what `run` returned.
     pub fn shutdown(mut self) -> Result<khived::Stopped, khived::Error> {
         self.stop.shutdown();
@@ -128,6 +149,25 @@ impl Drop for InProcess {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// A connection to `socket` that has been served once and stays open: with
+/// `max_connections = 1` it holds the only slot. Retried while an earlier connection (the
+/// readiness probe's) still holds it and this one is turned away.
+pub fn hold_a_slot(socket: &Path) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = UnixStream::connect(socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let probe = khived::encode_frame(&Request::probe()).unwrap();
+        if raw_exchange(&mut stream, probe.as_bytes()).is_ok_and(|r| r.ok) {
+            return stream;
+        }
+        assert!(Instant::now() < deadline, "no slot came free");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

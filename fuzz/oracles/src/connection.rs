@@ -8,7 +8,10 @@ use std::time::Duration;
 use async_io::{Async, Timer};
 use futures_lite::future::{self, FutureExt};
 use futures_lite::io::AsyncReadExt;
-use khived::{Config, Dispatch, ProbeInfo, Request, Response, MAX_FRAME_BYTES};
+use khived::{
+    code, Config, Dispatch, DispatchError, Disposition, ErrorDetail, ProbeInfo, Request, Response,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
 use rustix::net::SendFlags;
 
 use crate::frame_reader::{next_frame, Parsed};
@@ -36,19 +39,15 @@ const WRITE_CHUNKS: [usize; 7] = [4096, 1, 3, 70_000, 2, 517, 5];
 struct FuzzDispatcher;
 
 impl Dispatch for FuzzDispatcher {
-    async fn dispatch(
-        &self,
-        ops: &str,
-        _presentation: Option<&str>,
-        _presentation_per_op: Option<&[Option<String>]>,
-    ) -> Result<String, String> {
+    async fn dispatch(&self, request: &Request<'_>) -> Result<String, DispatchError> {
+        let ops = &*request.ops;
         if ops == "panic" {
             // `resume_unwind` unwinds like a panic but skips the panic hook, which libFuzzer
             // replaces with one that aborts the process even for a panic that is caught.
             std::panic::resume_unwind(Box::new(PANIC_MESSAGE));
         }
         match ops.strip_prefix("fail:") {
-            Some(error) => Err(error.to_owned()),
+            Some(error) => Err(error.into()),
             None => Ok(ops.to_owned()),
         }
     }
@@ -152,9 +151,18 @@ enum Expected {
     /// This exact response.
     Exact(Response),
     /// A probe's answer, with `served` requests answered before it.
-    Probe { served: u64 },
-    /// A runtime error reply whose `error` starts with `prefix`.
-    Error { prefix: String, then: Then },
+    Probe {
+        served: u64,
+        request_id: Option<u64>,
+    },
+    /// A runtime error reply whose `error` starts with `prefix`, with this code and
+    /// request id.
+    Error {
+        prefix: String,
+        code: &'static str,
+        request_id: Option<u64>,
+        then: Then,
+    },
 }
 
 /// What the handler does after a runtime error reply.
@@ -183,15 +191,22 @@ fn expected_responses(input: &[u8]) -> (Vec<Expected>, usize) {
                 rest = &rest[4 + body.len()..];
                 match serde_json::from_slice::<Request<'_>>(body) {
                     Ok(request) => answer(&request, expected.len() as u64),
-                    Err(_) => error("bad request: ", Then::Close),
+                    Err(_) => error("bad request: ", code::BAD_REQUEST, id_of(body), Then::Close),
                 }
             }
             Parsed::TooLarge(len) => error(
                 &format!("frame too large: {len} bytes"),
+                code::FRAME_TOO_LARGE,
+                None,
                 Then::CloseBestEffort,
             ),
             Parsed::Truncated if rest.is_empty() => break,
-            Parsed::Truncated => error("bad request: ", Then::CloseBestEffort),
+            Parsed::Truncated => error(
+                "bad request: ",
+                code::BAD_REQUEST,
+                None,
+                Then::CloseBestEffort,
+            ),
         };
         if open {
             open = matches!(
@@ -212,38 +227,82 @@ fn expected_responses(input: &[u8]) -> (Vec<Expected>, usize) {
     (expected, complete)
 }
 
-fn error(prefix: &str, then: Then) -> Expected {
+fn error(prefix: &str, code: &'static str, request_id: Option<u64>, then: Then) -> Expected {
     Expected::Error {
         prefix: prefix.to_owned(),
+        code,
+        request_id,
         then,
     }
 }
 
+/// The `request_id` of a frame that is not a request, when it is a JSON object with one
+/// valid `request_id` (a duplicate key makes the object invalid, as serde's derive says).
+fn id_of(body: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        request_id: Option<u64>,
+    }
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return None;
+    }
+    serde_json::from_slice::<Id>(body).ok()?.request_id
+}
+
 /// The answer the wire protocol (PROTOCOL.md) asks for, with the fuzz dispatcher behind it.
 fn answer(request: &Request<'_>, served: u64) -> Expected {
-    if request.probe {
-        return Expected::Probe { served };
+    let request_id = request.request_id;
+    if request.protocol_version > PROTOCOL_VERSION {
+        let mut response = failed(
+            code::VERSION_MISMATCH,
+            "version mismatch: the request speaks protocol version",
+            Disposition::NotCommitted,
+        );
+        response.version_mismatch = true;
+        response.request_id = request_id;
+        return Expected::Exact(response);
     }
-    // Field by field rather than a struct literal: `Response` may become `#[non_exhaustive]`.
+    if request.probe {
+        return Expected::Probe { served, request_id };
+    }
+    // Field by field rather than a struct literal: `Response` is `#[non_exhaustive]`.
     let mut response = Response::default();
     if request.namespace != NAMESPACE {
         response.namespace_mismatch = true;
     } else if request.config_id != CONFIG_ID {
         response.config_mismatch = true;
+    } else if request.probe_only {
+        response.ok = true;
     } else if request.ops == "panic" {
-        response.error = Some(format!("dispatcher panicked: {PANIC_MESSAGE}"));
+        let message = format!("dispatcher panicked: {PANIC_MESSAGE}");
+        response = failed(code::DISPATCHER_PANICKED, &message, Disposition::Unknown);
     } else if let Some(error) = request.ops.strip_prefix("fail:") {
-        response.error = Some(error.to_owned());
+        response = failed(code::DISPATCHER_ERROR, error, Disposition::Unknown);
     } else {
         response.ok = true;
         response.result = Some(request.ops.clone().into_owned());
     }
     response.served_config_id = Some(CONFIG_ID.to_owned());
+    response.daemon_protocol_version = PROTOCOL_VERSION;
+    response.request_id = request_id;
     let encoded = serde_json::to_vec(&response).map_or(0, |json| json.len());
     if encoded > MAX_FRAME_BYTES {
-        return error("response too large: ", Then::Continue);
+        return error(
+            "response too large: ",
+            code::RESPONSE_TOO_LARGE,
+            request_id,
+            Then::Continue,
+        );
     }
     Expected::Exact(response)
+}
+
+/// An error response as the daemon sends it. For a version mismatch `message` is only the
+/// start of the text: `check_response` compares that part.
+fn failed(code: &str, message: &str, disposition: Disposition) -> Response {
+    let mut response = Response::error(ErrorDetail::new(code, message, disposition), CONFIG_ID);
+    response.daemon_protocol_version = PROTOCOL_VERSION;
+    response
 }
 
 fn check_responses(input: &[u8], output: &[u8]) {
@@ -304,10 +363,26 @@ fn check_responses(input: &[u8], output: &[u8]) {
 
 fn check_response(i: usize, response: &Response, owed: &Expected) {
     match owed {
+        Expected::Exact(expected) if expected.version_mismatch => {
+            // The text names the versions; the rest must be exact.
+            let prefix = expected.error.as_deref().unwrap_or_default();
+            let error = response.error.as_deref().unwrap_or_default();
+            assert!(error.starts_with(prefix), "response {i}: {response:?}");
+            let mut comparable = response.clone();
+            comparable.error = expected.error.clone();
+            if let Some(detail) = &mut comparable.error_detail {
+                detail.message = prefix.to_owned();
+            }
+            assert_eq!(&comparable, expected, "response {i} is not the one due");
+        }
         Expected::Exact(expected) => {
             assert_eq!(response, expected, "response {i} is not the one due");
         }
-        Expected::Probe { served } => {
+        Expected::Probe { served, request_id } => {
+            assert_eq!(
+                response.request_id, *request_id,
+                "probe response {i} echoes another request id"
+            );
             let text = response.result.as_deref().unwrap_or_default();
             let info: ProbeInfo = serde_json::from_str(text)
                 .unwrap_or_else(|e| panic!("response {i}, to a probe, holds no ProbeInfo ({e})"));
@@ -322,11 +397,26 @@ fn check_response(i: usize, response: &Response, owed: &Expected) {
                 "probe response {i} describes another daemon"
             );
         }
-        Expected::Error { prefix, .. } => {
+        Expected::Error {
+            prefix,
+            code,
+            request_id,
+            ..
+        } => {
             let error = response.error.as_deref().unwrap_or_default();
             assert!(
                 !response.ok && error.starts_with(prefix.as_str()),
                 "response {i} should be an error starting with {prefix:?}: {response:?}"
+            );
+            let detail = response.error_detail.as_ref();
+            assert!(
+                detail.is_some_and(|d| d.code == *code && d.message == error),
+                "response {i} should carry code {code:?} and its message: {response:?}"
+            );
+            assert_eq!(
+                (response.request_id, response.daemon_protocol_version),
+                (*request_id, PROTOCOL_VERSION),
+                "response {i} has the wrong request id or protocol version"
             );
         }
     }

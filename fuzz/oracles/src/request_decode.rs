@@ -30,6 +30,7 @@ pub fn request_decode(data: &[u8]) {
 /// Checks that `encode_frame` gives `json` behind a header holding its length.
 fn check_frame<T: serde::Serialize>(value: &T, json: &[u8]) {
     let frame = encode_frame(value).expect("a decoded value failed to encode as a frame");
+    let frame = frame.as_bytes();
     assert_eq!(frame[4..], *json, "the frame body is not the value's JSON");
     assert_eq!(
         u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize,

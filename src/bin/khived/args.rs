@@ -74,6 +74,7 @@ pub(crate) struct Call {
     pub(crate) presentation: Option<String>,
     pub(crate) timeout: Duration,
     pub(crate) spawn: bool,
+    /// Print the whole response as JSON instead of the result.
     pub(crate) json: bool,
 }
 
@@ -204,7 +205,8 @@ Options:
       --namespace NS         Namespace of the request [default: khive]
       --config-id ID         Configuration id of the request [default: \"\"]
       --timeout SECS         Deadline for connecting, sending and reading [default: 30]
-      --json                 Print the whole response as one JSON object
+      --json                 Print the whole response as one JSON object (the exit
+                             status is the same)
       --spawn                Start the daemon if none answers, with the serve options
                              given here (see 'khived serve --help'); the worker command
                              comes after --, e.g.
@@ -212,11 +214,14 @@ Options:
   -h, --help                 Print help
 
 Exit status:
-  0  the request succeeded; the result is on standard output
-  1  the dispatcher answered with an error (on standard error)
-  2  usage error
-  3  no daemon answered (not running, or not in time)
-  4  the daemon serves another namespace or configuration (both ids are printed)
+  0   the request succeeded; the result is on standard output
+  1   the request failed: the dispatcher's error, or the daemon's (bad_request,
+      frame_too_large, response_too_large, request_timed_out, dispatcher_panicked)
+  2   usage error
+  3   no daemon answered (not running, or not in time)
+  4   the daemon serves another namespace, configuration or protocol version
+  75  the daemon refused the request for now without running it (daemon_busy,
+      daemon_draining): try again
 ";
 
 const STATUS_HELP: &str = "\
@@ -235,7 +240,7 @@ Exit status:
   0  answering: a daemon answered the probe
   3  not_running: nothing listens on the socket and no process holds the PID file (stale
      files are reported)
-  6  busy: a daemon answered daemon_busy (it is at its connection cap)
+  75 busy: a daemon answered daemon_busy (it is at its connection cap); try again
   7  not_answering: the socket accepts connections or the PID file is held, but no answer
      came in time (a daemon starting, stopping, stopped with SIGSTOP, or hung)
   1  the PID file could not be inspected

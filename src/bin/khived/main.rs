@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use args::{Call, Command, Common, Serve, Start, Status, Stop};
 use khived::pool::{Pool, PoolOptions};
-use khived::{Client, Config, Daemon, Dispatch, ProbeInfo, Request, Response};
+use khived::{Client, Config, Daemon, Dispatch, DispatchError, ProbeInfo, Request, Response};
 
 /// Exit statuses a script can branch on.
 mod status {
@@ -26,10 +26,12 @@ mod status {
     pub(crate) const MISMATCH: u8 = 4;
     /// `serve`, `start`: another daemon already runs on the socket.
     pub(crate) const ALREADY_RUNNING: u8 = 5;
-    /// `status`: the daemon answered `daemon_busy` (it is at its connection cap).
-    pub(crate) const BUSY: u8 = 6;
     /// `status`: something holds the socket or the PID file but no answer came in time.
     pub(crate) const NOT_ANSWERING: u8 = 7;
+    /// `call`: the daemon refused the request for now without running it (`daemon_busy`,
+    /// `daemon_draining`); the same call may be made again. `status`: the daemon answered
+    /// `daemon_busy` (it is at its connection cap). `EX_TEMPFAIL` of sysexits.h.
+    pub(crate) const RETRY: u8 = 75;
 }
 
 fn main() -> ExitCode {
@@ -72,13 +74,8 @@ struct Echo {
 }
 
 impl Dispatch for Echo {
-    async fn dispatch(
-        &self,
-        ops: &str,
-        _presentation: Option<&str>,
-        _presentation_per_op: Option<&[Option<String>]>,
-    ) -> Result<String, String> {
-        Ok(ops.to_owned())
+    async fn dispatch(&self, request: &Request<'_>) -> Result<String, DispatchError> {
+        Ok(request.ops.to_string())
     }
 
     fn namespace(&self) -> &str {
@@ -91,13 +88,25 @@ impl Dispatch for Echo {
 }
 
 fn run_serve(serve: Serve) -> u8 {
-    if let Some(path) = &serve.log_file {
-        if let Err(e) = redirect_stderr(path) {
-            return fail(status::FAILED, e);
+    let (level, unknown) = log_level(std::env::var("KHIVED_LOG").ok().as_deref(), serve.verbosity);
+    match &serve.log_file {
+        // Log records go through a file that rotates at its size limit, so a chatty daemon
+        // (or worker) cannot fill the disk; standard error goes to the same file for what
+        // is not a record (a panic's message).
+        Some(path) => {
+            let file = match khived::RotatingFile::open(path) {
+                Ok(file) => file,
+                Err(e) => return fail(status::FAILED, e),
+            };
+            if let Err(e) = redirect_stderr(path) {
+                return fail(status::FAILED, e);
+            }
+            khived::init_file_logger(file, level);
+        }
+        None => {
+            khived::init_stderr_logger(level);
         }
     }
-    let (level, unknown) = log_level(std::env::var("KHIVED_LOG").ok().as_deref(), serve.verbosity);
-    khived::init_stderr_logger(level);
     if let Some(value) = unknown {
         log::warn!(
             "KHIVED_LOG={value:?} is not a log level (error, warn, info, debug, trace or off); \
@@ -174,10 +183,12 @@ fn log_level(env: Option<&str>, verbosity: i8) -> (log::LevelFilter, Option<Stri
 /// Sends our standard error, and with it every log line and panic message, to `path`.
 fn redirect_stderr(path: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
+    // Never through a symbolic link (`RotatingFile::open` has checked the file already).
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(path)
         .map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
@@ -233,55 +244,66 @@ fn read_stdin() -> std::io::Result<String> {
 }
 
 fn report(call: &Call, client: &mut Client, response: Response) -> u8 {
+    let code = call_status(&response);
     if call.json {
-        // The whole response, for machines; the exit status still says what happened.
-        println!("{}", serde_json::to_string(&response).unwrap_or_default());
-        return if response.namespace_mismatch
-            || response.config_mismatch
-            || response.served_config_id.is_none()
-        {
-            status::MISMATCH
-        } else if response.ok {
-            status::OK
-        } else {
-            status::FAILED
-        };
+        // The whole response, for programs; the exit status says the same as without --json.
+        match serde_json::to_string(&response) {
+            Ok(json) => println!("{json}"),
+            Err(e) => return fail(status::FAILED, e),
+        }
+        return code;
     }
     let ours = &call.serve;
-    if response.namespace_mismatch {
-        let theirs = match client.probe() {
-            Ok(info) => format!("{:?}", info.namespace),
-            Err(_) => "another one".to_owned(),
-        };
-        return fail(
-            status::MISMATCH,
-            format!(
-                "namespace mismatch: this call is for {:?}, the daemon serves {theirs}",
-                ours.namespace
-            ),
-        );
-    }
-    let served = response.served_config_id.as_deref();
-    if response.config_mismatch || served.is_none() {
-        let theirs = served.map_or("none (an older daemon)".to_owned(), |id| format!("{id:?}"));
-        return fail(
-            status::MISMATCH,
-            format!(
-                "config mismatch: this call has config id {:?}, the daemon serves {theirs}",
-                ours.config_id
-            ),
-        );
-    }
-    match (response.ok, response.result, response.error) {
-        (true, result, _) => {
-            println!("{}", result.unwrap_or_default());
-            status::OK
+    match code {
+        status::OK => println!("{}", response.result.unwrap_or_default()),
+        status::MISMATCH if response.version_mismatch => {
+            eprintln!("khived: {}", response.error.unwrap_or_default());
         }
-        (false, _, error) => fail(
-            status::FAILED,
-            error.unwrap_or_else(|| "request failed".to_owned()),
-        ),
+        status::MISMATCH if response.namespace_mismatch => {
+            let theirs = match client.probe() {
+                Ok(info) => format!("{:?}", info.namespace),
+                Err(_) => "another one".to_owned(),
+            };
+            eprintln!(
+                "khived: namespace mismatch: this call is for {:?}, the daemon serves {theirs}",
+                ours.namespace
+            );
+        }
+        status::MISMATCH => {
+            let theirs = response
+                .served_config_id
+                .map_or("none (an older daemon)".to_owned(), |id| format!("{id:?}"));
+            eprintln!(
+                "khived: config mismatch: this call has config id {:?}, the daemon serves {theirs}",
+                ours.config_id
+            );
+        }
+        _ => {
+            let error = response
+                .error
+                .unwrap_or_else(|| "request failed".to_owned());
+            eprintln!("khived: {error}");
+        }
     }
+    code
+}
+
+/// The exit status for a response (see `khived call --help`): 0 ok, 4 the daemon is not the
+/// one this call needs, 75 refused for now (retry), 1 any other error.
+fn call_status(response: &Response) -> u8 {
+    if response.version_mismatch || response.namespace_mismatch {
+        return status::MISMATCH;
+    }
+    if response.config_mismatch || response.served_config_id.is_none() {
+        return status::MISMATCH;
+    }
+    if response.ok {
+        return status::OK;
+    }
+    if response.is_retryable() {
+        return status::RETRY;
+    }
+    status::FAILED
 }
 
 fn current_exe() -> std::path::PathBuf {
@@ -376,7 +398,7 @@ impl State {
     fn exit_status(&self) -> u8 {
         match self {
             State::Answering(_) => status::OK,
-            State::Busy(_) => status::BUSY,
+            State::Busy(_) => status::RETRY,
             State::NotAnswering(_) => status::NOT_ANSWERING,
             State::NotRunning(_) => status::UNREACHABLE,
         }
@@ -640,13 +662,18 @@ fn pool_options(serve: &Serve) -> Option<PoolOptions> {
 
 /// How `call --spawn`, `start` and `restart` start `khived serve` with these options.
 fn spawner(serve: &Serve) -> khived::Spawn {
+    // The daemon writes its log records itself, through a file that rotates at its size
+    // limit; the spawn log (the same file) then only takes what is not a record, such as a
+    // panic's message, or an early failure before the log file is open.
+    let log = serve
+        .log_file
+        .clone()
+        .unwrap_or_else(|| serve.common.socket.with_extension("log"));
     let mut command = std::process::Command::new(current_exe());
-    command.arg("serve").args(serve_args(serve));
-    let spawn = khived::Spawn::new(&serve.common.socket, command).pid_file(&serve.common.pid_file);
-    match &serve.log_file {
-        Some(log) => spawn.log_file(log),
-        None => spawn,
-    }
+    command.arg("serve").args(serve_args(serve, &log));
+    khived::Spawn::new(&serve.common.socket, command)
+        .pid_file(&serve.common.pid_file)
+        .log_file(log)
 }
 
 /// The daemon's configuration for these serve options.
@@ -664,14 +691,17 @@ fn daemon_config(serve: &Serve) -> Config {
     config
 }
 
-/// The command-line arguments that make `khived serve` run with these options.
-fn serve_args(serve: &Serve) -> Vec<OsString> {
+/// The command-line arguments that make `khived serve` run with these options, logging to
+/// `log`.
+fn serve_args(serve: &Serve, log: &std::path::Path) -> Vec<OsString> {
     let common = &serve.common;
     let mut args: Vec<OsString> = vec![
         "--socket".into(),
         common.socket.clone().into(),
         "--pid".into(),
         common.pid_file.clone().into(),
+        "--log-file".into(),
+        log.into(),
         "--namespace".into(),
         serve.namespace.clone().into(),
         "--config-id".into(),
@@ -703,4 +733,41 @@ fn serve_args(serve: &Serve) -> Vec<OsString> {
         args.extend(worker.iter().cloned());
     }
     args
+}
+
+#[cfg(test)]
+mod tests {
+    use khived::{code, Disposition, ErrorDetail, Response};
+
+    use super::{call_status, status};
+
+    #[test]
+    fn each_error_code_has_its_exit_status() {
+        let error = |code: &str, disposition| {
+            Response::error(ErrorDetail::new(code, "message", disposition), "")
+        };
+        let unknown = Disposition::Unknown;
+        let not_committed = Disposition::NotCommitted;
+        for (code, disposition, expected) in [
+            (code::BAD_REQUEST, not_committed, status::FAILED),
+            (code::FRAME_TOO_LARGE, not_committed, status::FAILED),
+            (code::RESPONSE_TOO_LARGE, unknown, status::FAILED),
+            (code::REQUEST_TIMED_OUT, unknown, status::FAILED),
+            (code::DISPATCHER_PANICKED, unknown, status::FAILED),
+            (code::DISPATCHER_ERROR, unknown, status::FAILED),
+            ("a_code_of_its_own", not_committed, status::FAILED),
+            (code::DAEMON_BUSY, not_committed, status::RETRY),
+            (code::DAEMON_DRAINING, not_committed, status::RETRY),
+        ] {
+            assert_eq!(call_status(&error(code, disposition)), expected, "{code}");
+        }
+        let mut refused = error(code::VERSION_MISMATCH, not_committed);
+        refused.version_mismatch = true;
+        assert_eq!(call_status(&refused), status::MISMATCH);
+        assert_eq!(call_status(&Response::ok("x", "")), status::OK);
+        // An older daemon: no served_config_id is a mismatch, even on success.
+        let mut old = Response::ok("x", "");
+        old.served_config_id = None;
+        assert_eq!(call_status(&old), status::MISMATCH);
+    }
 }
