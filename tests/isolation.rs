@@ -43,14 +43,14 @@ fn khived(home: &Path, command: &str) -> Command {
 fn run_guarded(mut command: Command) -> Output {
     let out = tempfile::NamedTempFile::new().unwrap();
     let err = tempfile::NamedTempFile::new().unwrap();
-    let mut child = command
-        .stdout(out.reopen().unwrap())
-        .stderr(err.reopen().unwrap())
-        .spawn()
-        .unwrap();
-    let status = common::wait_exit(&mut KillOnDrop(&mut child).0, GUARD, || {
-        common::read_log(err.path())
-    });
+    let mut child = KillOnDrop(
+        command
+            .stdout(out.reopen().unwrap())
+            .stderr(err.reopen().unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let status = common::wait_exit(&mut child.0, GUARD, || common::read_log(err.path()));
     Output {
         status,
         stdout: std::fs::read(out.path()).unwrap(),
@@ -58,9 +58,9 @@ fn run_guarded(mut command: Command) -> Output {
     }
 }
 
-struct KillOnDrop<'a>(&'a mut Child);
+struct KillOnDrop(Child);
 
-impl Drop for KillOnDrop<'_> {
+impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -495,7 +495,7 @@ fn the_readme_python_client_reads_the_busy_reply() {
     let dir = temp_dir();
     let socket = dir.path().join("k.sock");
     let log = dir.path().join("serve.log");
-    let mut server = khived(dir.path(), "serve")
+    let server = khived(dir.path(), "serve")
         .arg("--socket")
         .arg(&socket)
         .arg("--pid")
@@ -504,7 +504,7 @@ fn the_readme_python_client_reads_the_busy_reply() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let _server = KillOnDrop(&mut server);
+    let _server = KillOnDrop(server);
     common::wait_until_serving(&socket);
     // A request far larger than the socket's buffer: the daemon answers `daemon_busy` and
     // closes while the client is still sending, which is when the send fails.
