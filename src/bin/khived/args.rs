@@ -134,6 +134,9 @@ ops). With one, it serves requests with worker processes running CMD, which read
 object per line on standard input and write one per line on standard output:
   khived serve --workers 2 -- python3 examples/worker.py
 
+SIGTERM, SIGINT and SIGHUP (its terminal closing) stop it after a drain; a second
+one during the drain stops it at once.
+
 Options:
       --socket PATH           Socket to listen on
       --pid PATH              PID file, locked while the daemon runs
