@@ -13,7 +13,7 @@ use std::fs::{self, Metadata};
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::state_dir;
 use crate::error::annotate;
@@ -92,25 +92,21 @@ pub(crate) fn check_dirs_of(file: &Path) -> io::Result<()> {
     }
 }
 
-/// Checks each existing directory from `dir` (itself only if `with_dir`) up to `/`: on the
-/// path as written, and on the path its symbolic links lead to. Missing ones are skipped:
-/// the daemon creates them, mode 0700.
+/// Checks each existing directory from `dir` (itself only if `with_dir`; a symbolic link
+/// there is followed either way) up to `/`: on the path as written, through each symbolic
+/// link on the way (a link is only as safe as the directories its target lies in), and on
+/// the path all the links lead to. Missing ones are skipped: the daemon creates them, mode
+/// 0700.
 fn check_ancestors(dir: &Path, with_dir: bool, file: &Path) -> io::Result<()> {
     let euid = rustix::process::geteuid().as_raw();
-    let absolute = std::path::absolute(dir).map_err(|e| annotate(e, "cannot resolve", dir))?;
-    let skip = usize::from(!with_dir);
-    let mut deepest = None;
-    for ancestor in absolute.ancestors().skip(skip) {
-        let meta = match fs::metadata(ancestor) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(annotate(e, "cannot inspect", ancestor)),
-        };
-        check_one(ancestor, &meta, euid, file)?;
-        deepest.get_or_insert(ancestor);
-    }
-    // A symbolic link on the way leads through directories of its own.
-    if let Some(real) = deepest.and_then(|dir| fs::canonicalize(dir).ok()) {
+    let mut links = 0;
+    let deepest = check_written(dir, with_dir, file, euid, &mut links)?;
+    // Without links and `..` the path as written is the real one: no need to resolve it.
+    let dotdot = dir
+        .components()
+        .any(|c| c == std::path::Component::ParentDir);
+    let resolve = deepest.filter(|_| links > 0 || dotdot || dir.is_relative());
+    if let Some(real) = resolve.and_then(|dir| fs::canonicalize(dir).ok()) {
         for ancestor in real.ancestors() {
             let meta =
                 fs::metadata(ancestor).map_err(|e| annotate(e, "cannot inspect", ancestor))?;
@@ -118,6 +114,48 @@ fn check_ancestors(dir: &Path, with_dir: bool, file: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The path as written, following each symbolic link's target in turn (counted in
+/// `links`); returns the deepest directory that exists.
+fn check_written(
+    dir: &Path,
+    with_dir: bool,
+    file: &Path,
+    euid: u32,
+    links: &mut u32,
+) -> io::Result<Option<PathBuf>> {
+    // As the kernel's own limit on links followed in one lookup.
+    if *links > 40 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("too many symbolic links on the way to {}", file.display()),
+        ));
+    }
+    let absolute = std::path::absolute(dir).map_err(|e| annotate(e, "cannot resolve", dir))?;
+    let mut deepest = None;
+    for (i, ancestor) in absolute.ancestors().enumerate() {
+        // Dangling or not, `dir` itself included: what would be created through a link lies
+        // below its target.
+        if fs::symlink_metadata(ancestor).is_ok_and(|meta| meta.file_type().is_symlink()) {
+            let target =
+                fs::read_link(ancestor).map_err(|e| annotate(e, "cannot read", ancestor))?;
+            let parent = ancestor.parent().unwrap_or(Path::new("/"));
+            *links += 1;
+            check_written(&parent.join(target), true, file, euid, links)?;
+        }
+        if i == 0 && !with_dir {
+            continue;
+        }
+        let meta = match fs::metadata(ancestor) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(annotate(e, "cannot inspect", ancestor)),
+        };
+        check_one(ancestor, &meta, euid, file)?;
+        deepest.get_or_insert_with(|| ancestor.to_owned());
+    }
+    Ok(deepest)
 }
 
 fn check_one(dir: &Path, meta: &Metadata, euid: u32, file: &Path) -> io::Result<()> {

@@ -442,6 +442,16 @@ fn a_writable_ancestor_is_refused_by_daemon_and_client() {
     );
     assert!(!ancestor.join("run").exists(), "nothing created below it");
 
+    // Nor through a symbolic link whose target lies below it.
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(ancestor.join("run"), &link).unwrap();
+    let error = start_error(Config::at(link.join("k.sock")));
+    assert!(
+        error.contains(&format!("chmod go-w {}", ancestor.display())),
+        "{error}"
+    );
+    assert!(!ancestor.join("run").exists(), "nothing created below it");
+
     // A daemon already running when its ancestor becomes writable: clients stop trusting it.
     let daemon = InProcess::start(|_, _| {});
     let root = daemon.dir.path().to_owned();
