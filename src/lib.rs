@@ -132,6 +132,7 @@
 // The lifecycle around it: server (start, signals, drain), instance (files and lock), shared
 // (what the tasks share). The client side (client, spawn, pidfile) never imports those.
 mod accept;
+mod budget;
 mod client;
 mod config;
 mod connection;

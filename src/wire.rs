@@ -345,8 +345,9 @@ impl FrameDecoder {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-            // Do not keep a large frame's buffer for the rest of a long-lived connection.
-            if self.buf.len() > READ_CHUNK {
+            // Do not keep a large frame's buffer for the rest of a long-lived connection
+            // (nor, in the daemon, the frame memory budget it was charged).
+            if self.buf.capacity() > READ_CHUNK {
                 self.buf = Vec::new();
             }
         }
@@ -415,6 +416,18 @@ impl FrameDecoder {
             ),
         };
         Err(io::Error::new(io::ErrorKind::UnexpectedEof, message))
+    }
+
+    /// The bytes the buffer holds room for, read or not.
+    pub(crate) fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// The most the buffer will hold while the frame at the front is read through
+    /// [`read_buf`](Self::read_buf): the daemon takes this much from its frame memory budget
+    /// before it reads on.
+    pub(crate) fn capacity_for_frame(&self) -> usize {
+        self.capacity().max(self.needed()).max(INITIAL_BUFFER)
     }
 
     /// The whole frame at the front, header included, takes this many bytes; at least 4.
@@ -558,6 +571,93 @@ pub fn encode_frame<T: Serialize + ?Sized>(message: &T) -> io::Result<Vec<u8>> {
     let mut frame = Vec::with_capacity(128);
     encode_frame_into(&mut frame, message, "frame")?;
     Ok(frame)
+}
+
+/// Whether a message fit in the room [`encode_frame_within`] was given.
+pub(crate) enum Within {
+    /// It is in the buffer.
+    Fits,
+    /// Its JSON body takes this many bytes, more than the room; nothing was kept.
+    TooLarge(usize),
+}
+
+/// Encodes `message` as a frame into the empty `out` if the frame takes at most `limit`
+/// bytes, without `out` ever growing past `limit`; else leaves `out` empty and says how long
+/// the body is, so that the caller can make room first.
+///
+/// # Errors
+///
+/// `message` cannot be serialized as JSON.
+pub(crate) fn encode_frame_within<T: Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    message: &T,
+    limit: usize,
+) -> io::Result<Within> {
+    debug_assert!(out.is_empty());
+    out.extend_from_slice(&[0; 4]);
+    let mut capped = Capped {
+        out: &mut *out,
+        limit,
+        over: false,
+    };
+    match serde_json::to_writer(&mut capped, message) {
+        Ok(()) => {}
+        Err(_) if capped.over => {
+            out.clear();
+            let mut counter = Counter(0);
+            serde_json::to_writer(&mut counter, message)?;
+            return Ok(Within::TooLarge(counter.0));
+        }
+        Err(e) => {
+            out.clear();
+            return Err(e.into());
+        }
+    }
+    let len = out.len() - 4;
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(Within::Fits)
+}
+
+/// A writer into a vector that refuses to take it past `limit` bytes, or its capacity.
+struct Capped<'a> {
+    out: &'a mut Vec<u8>,
+    limit: usize,
+    over: bool,
+}
+
+impl io::Write for Capped<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let len = self.out.len() + buf.len();
+        if len > self.limit {
+            self.over = true;
+            return Err(io::ErrorKind::OutOfMemory.into());
+        }
+        if len > self.out.capacity() {
+            // Doubling as a vector does, but never past the limit.
+            let capacity = len.max(2 * self.out.capacity()).min(self.limit);
+            self.out.reserve_exact(capacity - self.out.len());
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A writer that only counts.
+struct Counter(usize);
+
+impl io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Appends `message` as a frame to `out`; on error `out` is left as it was. `what` names
