@@ -58,8 +58,11 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
         conn.frames.consume();
         let write_deadline = after(config.write_timeout);
         conn.encode(&response, write_deadline).await;
-        // The response may hold a large result: not kept while a slow client reads.
-        drop(response);
+        // The response may hold a large result: not kept while a slow client reads, and its
+        // pages go back to the system (see `pages`).
+        if let Some(result) = response.result {
+            crate::pages::release(result.into_bytes());
+        }
         if let Err(e) = conn.write_out(write_deadline).await {
             log::debug!("connection write failed: {e}");
             return;
@@ -250,6 +253,7 @@ impl<'a> Connection<'a> {
     }
 
     /// What the buffers as they are now cost from the budget.
+    // (`frames` gives its own buffer back when dropped; `out` is given back in `Drop`.)
     fn charged(&self) -> usize {
         charged(self.frames.capacity()) + charged(self.out.capacity())
     }
@@ -274,13 +278,20 @@ impl<'a> Connection<'a> {
             let buffered = self.frames.buffered();
             // A large frame is paid for in full before its buffer grows: a connection that
             // got part of it could otherwise wait for the rest while holding what it got.
-            let needed = charged(self.frames.capacity_for_frame()) + charged(self.out.capacity());
+            let frame_capacity = self.frames.capacity_for_frame();
+            let needed = charged(frame_capacity) + charged(self.out.capacity());
             if needed > self.held.bytes()
                 && !self.held.resize(needed, Purpose::Request, deadline).await
             {
-                let bytes = self.frames.capacity_for_frame();
                 let budget = self.held.budget();
-                return Err(ReadError::NoMemory(no_memory("request", bytes, budget)));
+                return Err(ReadError::NoMemory(no_memory(
+                    "request",
+                    frame_capacity,
+                    budget,
+                )));
+            }
+            if charged(frame_capacity) > 0 {
+                self.frames.reserve_frame();
             }
             let read = match self.io.stream() {
                 Ok(mut stream) => stream.read(self.frames.read_buf()),
@@ -349,7 +360,7 @@ impl<'a> Connection<'a> {
     fn encode_error(&mut self, error: &Response) {
         self.out.clear();
         if self.out.capacity() > READ_CHUNK {
-            self.out = Vec::new();
+            crate::pages::release(std::mem::take(&mut self.out));
         }
         let _ = encode_frame_into(&mut self.out, error, "response");
     }
@@ -378,7 +389,7 @@ impl<'a> Connection<'a> {
         // A large response's buffer, and its budget, go back at once rather than when the
         // client's next request comes.
         if self.out.capacity() > READ_CHUNK {
-            self.out = Vec::new();
+            crate::pages::release(std::mem::take(&mut self.out));
             self.held.shrink_to(self.charged());
         }
         Ok(())
@@ -425,5 +436,11 @@ impl<'a> Connection<'a> {
             Ok(Wake::TimedOut)
         };
         ready.or(stopped).or(timed_out).await
+    }
+}
+
+impl Drop for Connection<'_> {
+    fn drop(&mut self) {
+        crate::pages::release(std::mem::take(&mut self.out));
     }
 }

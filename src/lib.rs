@@ -146,6 +146,7 @@ pub mod fuzzing;
 mod inflight;
 mod instance;
 mod logger;
+mod pages;
 mod pidfile;
 pub mod pool;
 mod server;

@@ -348,7 +348,7 @@ impl FrameDecoder {
             // Do not keep a large frame's buffer for the rest of a long-lived connection
             // (nor, in the daemon, the frame memory budget it was charged).
             if self.buf.capacity() > READ_CHUNK {
-                self.buf = Vec::new();
+                crate::pages::release(std::mem::take(&mut self.buf));
             }
         }
     }
@@ -430,6 +430,24 @@ impl FrameDecoder {
         self.capacity().max(self.needed()).max(INITIAL_BUFFER)
     }
 
+    /// Allocates room for the whole frame at the front at once, for a reader that has paid
+    /// for it (the daemon, from its budget). The room is reserved, not written: pages the
+    /// system has not handed out yet are only paid for in memory as bytes arrive, as
+    /// [`read_buf`](Self::read_buf) keeps offering at most 64 KiB beyond them. One
+    /// allocation instead of one per 64 KiB also leaves no trail of freed blocks behind.
+    pub(crate) fn reserve_frame(&mut self) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.buf.truncate(self.end - self.start);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let needed = self.needed();
+        if needed > self.buf.capacity() {
+            self.buf.reserve_exact(needed - self.buf.len());
+        }
+    }
+
     /// The whole frame at the front, header included, takes this many bytes; at least 4.
     fn needed(&self) -> usize {
         match self.buf[self.start..self.end].first_chunk::<4>() {
@@ -464,9 +482,16 @@ impl FrameDecoder {
         if self.start != 0 {
             return self.buf[body].to_vec();
         }
-        self.buf.truncate(body.end);
-        self.buf.drain(..4);
-        self.buf
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.truncate(body.end);
+        buf.drain(..4);
+        buf
+    }
+}
+
+impl Drop for FrameDecoder {
+    fn drop(&mut self) {
+        crate::pages::release(std::mem::take(&mut self.buf));
     }
 }
 
