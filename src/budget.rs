@@ -305,16 +305,21 @@ mod tests {
         assert_eq!(second.bytes(), 0);
         drop(first);
         // The line is empty again: the fast path takes at once.
-        assert!(block_on(second.resize(MIN_BUDGET, Purpose::Request, Some(Instant::now()))));
+        assert!(block_on(second.resize(
+            MIN_BUDGET,
+            Purpose::Request,
+            Some(Instant::now())
+        )));
     }
 
     #[test]
     fn waiters_are_served_in_order() {
         let budget = Budget::new(MIN_BUDGET);
+        // Declared before the executor, which may still refer to it when dropped.
+        let order = std::cell::RefCell::new(Vec::new());
         let executor = async_executor::LocalExecutor::new();
         let mut holder = Held::new(&budget);
         assert!(block_on(holder.resize(MIN_BUDGET, Purpose::Request, None)));
-        let order = std::cell::RefCell::new(Vec::new());
         // The first waiter wants everything, the second a little: the second must not
         // overtake the first, or a large frame could wait forever.
         let big = executor.spawn(async {
@@ -341,10 +346,11 @@ mod tests {
     #[test]
     fn responses_go_before_requests() {
         let budget = Budget::new(MIN_BUDGET);
+        // Declared before the executor, which may still refer to it when dropped.
+        let order = std::cell::RefCell::new(Vec::new());
         let executor = async_executor::LocalExecutor::new();
         let mut holder = Held::new(&budget);
         assert!(block_on(holder.resize(MIN_BUDGET, Purpose::Request, None)));
-        let order = std::cell::RefCell::new(Vec::new());
         let waiter = |purpose, name| {
             let (budget, order) = (&budget, &order);
             executor.spawn(async move {

@@ -332,9 +332,9 @@ impl<'a> Connection<'a> {
         self.out.clear();
         let error = match encode_frame_within(&mut self.out, response, READ_CHUNK) {
             Ok(Within::Fits) => None,
-            Ok(Within::TooLarge(len)) if len > MAX_FRAME_BYTES => {
-                Some(format!("response too large: {len} bytes (limit {MAX_FRAME_BYTES})"))
-            }
+            Ok(Within::TooLarge(len)) if len > MAX_FRAME_BYTES => Some(format!(
+                "response too large: {len} bytes (limit {MAX_FRAME_BYTES})"
+            )),
             Ok(Within::TooLarge(len)) => {
                 let needed = charged(self.frames.capacity()) + charged(4 + len);
                 if self.held.resize(needed, Purpose::Response, deadline).await {

@@ -39,7 +39,10 @@ fn discard_pages(buf: &mut Vec<u8>) {
     #[allow(unsafe_code)]
     let advised = unsafe { madvise(ptr.cast(), end - first, Advice::LinuxDontNeed) };
     if let Err(e) = advised {
-        log::debug!("madvise(MADV_DONTNEED) of a {} byte buffer failed: {e}", buf.capacity());
+        log::debug!(
+            "madvise(MADV_DONTNEED) of a {} byte buffer failed: {e}",
+            buf.capacity()
+        );
     }
 }
 
