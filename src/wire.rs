@@ -658,8 +658,9 @@ impl io::Write for Capped<'_> {
             return Err(io::ErrorKind::OutOfMemory.into());
         }
         if len > self.out.capacity() {
-            // Doubling as a vector does, but never past the limit.
-            let capacity = len.max(2 * self.out.capacity()).min(self.limit);
+            // Doubling as a vector does, from a size most responses fit in, but never past
+            // the limit.
+            let capacity = len.max(2 * self.out.capacity()).max(512).min(self.limit);
             self.out.reserve_exact(capacity - self.out.len());
         }
         self.out.extend_from_slice(buf);
