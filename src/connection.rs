@@ -253,7 +253,6 @@ impl<'a> Connection<'a> {
     }
 
     /// What the buffers as they are now cost from the budget.
-    // (`frames` gives its own buffer back when dropped; `out` is given back in `Drop`.)
     fn charged(&self) -> usize {
         charged(self.frames.capacity()) + charged(self.out.capacity())
     }
@@ -439,6 +438,8 @@ impl<'a> Connection<'a> {
     }
 }
 
+/// A connection cut off with a large response unwritten gives its pages back too (`frames`
+/// does so itself, and `held` gives back the budget).
 impl Drop for Connection<'_> {
     fn drop(&mut self) {
         crate::pages::release(std::mem::take(&mut self.out));

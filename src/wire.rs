@@ -268,7 +268,8 @@ fn too_large(what: &str, len: usize) -> io::Error {
 ///   announces 8 MiB and then sends nothing costs 64 KiB, not 8 MiB.
 /// - Several frames may arrive in one read; they are decoded one after the other.
 /// - Once every buffered frame is consumed, a buffer grown above 64 KiB for a large frame is
-///   released, so a long-lived connection does not keep it.
+///   released, so a long-lived connection does not keep it. On Linux its pages are handed
+///   back to the system first, whatever the allocator would keep.
 ///
 /// # Examples
 ///
@@ -643,7 +644,7 @@ pub(crate) fn encode_frame_within<T: Serialize + ?Sized>(
     Ok(Within::Fits)
 }
 
-/// A writer into a vector that refuses to take it past `limit` bytes, or its capacity.
+/// A writer into a vector that refuses to grow it past `limit` bytes.
 struct Capped<'a> {
     out: &'a mut Vec<u8>,
     limit: usize,
