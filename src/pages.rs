@@ -10,8 +10,8 @@
 
 use crate::wire::READ_CHUNK;
 
-/// Drops `buf`, giving the whole pages inside it back to the system first if it is larger
-/// than 64 KiB.
+/// Drops `buf`, giving the whole pages inside it (those within 64 KiB-aligned bounds) back
+/// to the system first if it is larger than 64 KiB.
 pub(crate) fn release(mut buf: Vec<u8>) {
     if buf.capacity() > READ_CHUNK {
         discard_pages(&mut buf);
@@ -22,20 +22,21 @@ pub(crate) fn release(mut buf: Vec<u8>) {
 fn discard_pages(buf: &mut Vec<u8>) {
     use rustix::mm::{madvise, Advice};
 
-    let page = rustix::param::page_size();
+    // Aligned to 64 KiB, a multiple of every page size Linux uses, rather than to the page
+    // size itself, whose lookup costs more code than the few pages at the ends are worth.
+    const ALIGN: usize = 64 * 1024;
     let start = buf.as_mut_ptr() as usize;
-    let first = start.next_multiple_of(page);
-    let end = (start + buf.capacity()) / page * page;
+    let first = start.next_multiple_of(ALIGN);
+    let end = (start + buf.capacity()) / ALIGN * ALIGN;
     if end <= first {
         return;
     }
     let ptr = buf.as_mut_ptr().wrapping_add(first - start);
-    // SAFETY: `first..end` consists of whole pages inside the allocation `buf` owns (the
-    // vector's capacity), which nothing else refers to and which is freed right after,
-    // unread. On private anonymous memory, where every allocation lives, MADV_DONTNEED only
-    // makes those pages read as zeros from now on: the same as writing zeros into a `[u8]`
-    // we own, which has no invalid values. The allocator keeps none of its bookkeeping inside
-    // an allocated block.
+    // SAFETY: `first..end` is whole pages (64 KiB-aligned, so page-aligned) inside the
+    // allocation `buf` owns (its capacity): no other allocation shares them, nor does the
+    // allocator's bookkeeping, which lives outside allocated blocks. MADV_DONTNEED only
+    // changes what those pages read as (zeros, on the private anonymous memory allocators
+    // use), and `buf` is freed right after without being read, so nothing observes it.
     #[allow(unsafe_code)]
     let advised = unsafe { madvise(ptr.cast(), end - first, Advice::LinuxDontNeed) };
     if let Err(e) = advised {

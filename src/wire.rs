@@ -624,61 +624,48 @@ pub(crate) fn encode_frame_within<T: Serialize + ?Sized>(
     let mut capped = Capped {
         out: &mut *out,
         limit,
-        over: false,
+        len: 4,
     };
-    match serde_json::to_writer(&mut capped, message) {
-        Ok(()) => {}
-        Err(_) if capped.over => {
-            out.clear();
-            let mut counter = Counter(0);
-            serde_json::to_writer(&mut counter, message)?;
-            return Ok(Within::TooLarge(counter.0));
-        }
-        Err(e) => {
-            out.clear();
-            return Err(e.into());
-        }
+    let serialized = serde_json::to_writer(&mut capped, message);
+    let len = capped.len - 4;
+    if let Err(e) = serialized {
+        out.clear();
+        return Err(e.into());
     }
-    let len = out.len() - 4;
+    if capped.len > limit {
+        out.clear();
+        return Ok(Within::TooLarge(len));
+    }
     out[..4].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(Within::Fits)
 }
 
-/// A writer into a vector that refuses to grow it past `limit` bytes.
+/// A writer into a vector that never grows it past `limit` bytes: past it, it only counts.
+/// (One writer type for both, so that serializing a response is compiled once for it.)
 struct Capped<'a> {
     out: &'a mut Vec<u8>,
     limit: usize,
-    over: bool,
+    /// Bytes written, kept or not.
+    len: usize,
 }
 
 impl io::Write for Capped<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let len = self.out.len() + buf.len();
-        if len > self.limit {
-            self.over = true;
-            return Err(io::ErrorKind::OutOfMemory.into());
+        self.len += buf.len();
+        if self.len > self.limit {
+            return Ok(buf.len());
         }
-        if len > self.out.capacity() {
+        if self.len > self.out.capacity() {
             // Doubling as a vector does, from a size most responses fit in, but never past
             // the limit.
-            let capacity = len.max(2 * self.out.capacity()).max(512).min(self.limit);
+            let capacity = self
+                .len
+                .max(2 * self.out.capacity())
+                .max(512)
+                .min(self.limit);
             self.out.reserve_exact(capacity - self.out.len());
         }
         self.out.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A writer that only counts.
-struct Counter(usize);
-
-impl io::Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0 += buf.len();
         Ok(buf.len())
     }
 
