@@ -42,6 +42,19 @@ pub struct Config {
     /// How many connections may be open at once (default 512, lowered at start to what the
     /// open-file limit allows). Over the cap a new connection gets one `daemon_busy` reply.
     pub max_connections: usize,
+    /// Bytes that all connections together may hold in frame buffers larger than 64 KiB:
+    /// read buffers of large requests and encoded large responses (default 128 MiB; values
+    /// below one largest frame, 8 MiB and its 4-byte header, are raised to that).
+    ///
+    /// Without it, clients sending large requests and reading their answers slowly hold
+    /// up to 8 MiB each for as long as the deadlines allow. A connection that needs more than
+    /// is left waits for it, first come first served, until its read deadline
+    /// ([`first_request_timeout`](Self::first_request_timeout) or
+    /// [`idle_connection_timeout`](Self::idle_connection_timeout)) or, for a response, the
+    /// [`write_timeout`](Self::write_timeout); past it the client gets a `daemon_busy` error.
+    /// Buffers up to 64 KiB (every small request and response) never wait. What the
+    /// dispatcher allocates itself is not counted.
+    pub frame_memory_budget: usize,
     /// Whether root may connect as well as the daemon's own user (default false). Every
     /// other peer is refused before a byte is read.
     pub allow_root: bool,
@@ -72,6 +85,7 @@ impl Default for Config {
             idle_connection_timeout: Duration::from_secs(300),
             write_timeout: Duration::from_secs(30),
             max_connections: 512,
+            frame_memory_budget: 128 * 1024 * 1024,
             allow_root: false,
             socket_activation: true,
             handle_signals: true,
@@ -80,9 +94,10 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The defaults, with `KHIVE_SOCKET`, `KHIVE_PID` and `KHIVE_DRAIN_TIMEOUT_SECS` applied
-    /// where they are set (empty paths and unparsable numbers are ignored). With only one of
-    /// the two paths set, the other is beside it (see [`socket_path`] and [`pid_path`]).
+    /// The defaults, with `KHIVE_SOCKET`, `KHIVE_PID`, `KHIVE_DRAIN_TIMEOUT_SECS` and
+    /// `KHIVE_FRAME_MEMORY_MIB` ([`frame_memory_budget`](Self::frame_memory_budget) in MiB)
+    /// applied where they are set (empty paths and unparsable numbers are ignored). With only
+    /// one of the two paths set, the other is beside it (see [`socket_path`] and [`pid_path`]).
     ///
     /// # Examples
     ///
@@ -97,8 +112,14 @@ impl Config {
             pid_file,
             ..Config::default()
         };
-        if let Some(secs) = env_secs("KHIVE_DRAIN_TIMEOUT_SECS") {
+        if let Some(secs) = env_number("KHIVE_DRAIN_TIMEOUT_SECS") {
             config.drain_timeout = Duration::from_secs(secs);
+        }
+        if let Some(mib) = env_number("KHIVE_FRAME_MEMORY_MIB") {
+            config.frame_memory_budget = usize::try_from(mib)
+                .ok()
+                .and_then(|mib| mib.checked_mul(1024 * 1024))
+                .unwrap_or(usize::MAX);
         }
         config
     }
@@ -230,7 +251,8 @@ fn env_path(key: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-fn env_secs(key: &str) -> Option<u64> {
+/// A whole number in variable `key`.
+fn env_number(key: &str) -> Option<u64> {
     env::var(key).ok()?.trim().parse().ok()
 }
 

@@ -4,6 +4,10 @@
 //! The socket is registered with the reactor only when a write would block, or a read would
 //! still block after a few retries (see `PATIENCE`): a fresh connection usually has its
 //! request waiting already, and a registration costs three `epoll_ctl` calls.
+//!
+//! Buffers above 64 KiB, for a large request or response, are paid for from the daemon's
+//! frame memory budget before they are allocated (see `budget`), and released as soon as
+//! the frame is answered or written.
 
 use std::any::Any;
 use std::io::{self, Read};
@@ -14,6 +18,7 @@ use std::time::{Duration, Instant};
 use async_io::{Async, Timer};
 use futures_lite::future::{self, FutureExt};
 
+use crate::budget::{charged, Held, Purpose};
 use crate::config::Config;
 use crate::dispatch::Dispatch;
 use crate::inflight::Flag;
@@ -21,8 +26,8 @@ use crate::shared::Shared;
 use crate::sys;
 use crate::wire::Disposition::{self, NotCommitted};
 use crate::wire::{
-    code, encode_frame_into, ErrorDetail, FrameDecoder, ProbeInfo, Request, Response,
-    PROTOCOL_VERSION, READ_CHUNK,
+    code, encode_frame_into, encode_frame_within, ErrorDetail, FrameDecoder, ProbeInfo, Request,
+    Response, Within, MAX_FRAME_BYTES, PROTOCOL_VERSION, READ_CHUNK,
 };
 
 /// How many times a read that would block is retried, letting the other connections run in
@@ -33,7 +38,7 @@ const PATIENCE: u32 = 8;
 
 /// Serves one connection until the client closes it, a deadline passes, or the daemon drains.
 pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
-    let mut conn = Connection::new(stream);
+    let mut conn = Connection::new(stream, Held::new(&shared.frame_memory));
     let config = &shared.config;
     let mut deadline = after(config.first_request_timeout);
     // A client that has connected but not yet sent its first request is owed an answer, so
@@ -55,8 +60,14 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
         let draining = idle_stop.is_some() && shared.draining.is_set();
         let (response, keep_open) = answer(shared, body, draining).await;
         conn.frames.consume();
-        conn.encode(&response);
-        if let Err(e) = conn.write_out(after(config.write_timeout)).await {
+        let write_deadline = after(config.write_timeout);
+        conn.encode(&response, write_deadline).await;
+        // The response may hold a large result: not kept while a slow client reads, and its
+        // pages go back to the system (see `pages`).
+        if let Some(result) = response.result {
+            crate::pages::release(result.into_bytes());
+        }
+        if let Err(e) = conn.write_out(write_deadline).await {
             log::debug!("connection write failed: {e}");
             return;
         }
@@ -89,6 +100,10 @@ fn closing_reply(error: ReadError, first_request: bool, config: &Config) -> Opti
             NotCommitted,
         )),
         ReadError::Truncated(e) => Some(bad(format!("bad request: {e}"))),
+        // Nothing of the request was started: the client may send it again.
+        ReadError::NoMemory(message) => {
+            Some(ErrorDetail::new(code::DAEMON_BUSY, message, NotCommitted))
+        }
         ReadError::TimedOut if first_request => Some(bad(format!(
             "bad request: no complete request within {:?}",
             config.first_request_timeout
@@ -99,6 +114,14 @@ fn closing_reply(error: ReadError, first_request: bool, config: &Config) -> Opti
             None
         }
     }
+}
+
+/// What a client is told when its frame could not get budget before its deadline.
+fn no_memory(what: &str, bytes: usize, budget: usize) -> String {
+    format!(
+        "daemon_busy: no memory for a {what} of {bytes} bytes in time: the frame memory budget \
+         ({budget} bytes) is in use by other connections; try again shortly"
+    )
 }
 
 /// The moment `timeout` from now; `None` (no deadline) when that is beyond what `Instant`
@@ -278,6 +301,8 @@ enum ReadError {
     /// The client closed its side inside a frame.
     Truncated(io::Error),
     TimedOut,
+    /// The frame memory budget had no room for the frame in time; what to tell the client.
+    NoMemory(String),
     Io(io::Error),
 }
 
@@ -317,21 +342,29 @@ impl Io {
     }
 }
 
-struct Connection {
+struct Connection<'a> {
     io: Io,
     /// The bytes read and not yet answered, reused from request to request.
     frames: FrameDecoder,
     /// The encoded response, written in one piece.
     out: Vec<u8>,
+    /// What `frames` and `out` are charged from the frame memory budget.
+    held: Held<'a>,
 }
 
-impl Connection {
-    fn new(stream: UnixStream) -> Self {
+impl<'a> Connection<'a> {
+    fn new(stream: UnixStream, held: Held<'a>) -> Self {
         Connection {
             io: Io::Plain(stream),
             frames: FrameDecoder::new(),
             out: Vec::new(),
+            held,
         }
+    }
+
+    /// What the buffers as they are now cost from the budget.
+    fn charged(&self) -> usize {
+        charged(self.frames.capacity()) + charged(self.out.capacity())
     }
 
     /// Reads until a whole frame is buffered and returns its body, which stays buffered until
@@ -352,6 +385,23 @@ impl Connection {
                 Err(e) => return Err(ReadError::TooLarge(e)),
             }
             let buffered = self.frames.buffered();
+            // A large frame is paid for in full before its buffer grows: a connection that
+            // got part of it could otherwise wait for the rest while holding what it got.
+            let frame_capacity = self.frames.capacity_for_frame();
+            let needed = charged(frame_capacity) + charged(self.out.capacity());
+            if needed > self.held.bytes()
+                && !self.held.resize(needed, Purpose::Request, deadline).await
+            {
+                let budget = self.held.budget();
+                return Err(ReadError::NoMemory(no_memory(
+                    "request",
+                    frame_capacity,
+                    budget,
+                )));
+            }
+            if charged(frame_capacity) > 0 {
+                self.frames.reserve_frame();
+            }
             let read = match self.io.stream() {
                 Ok(mut stream) => stream.read(self.frames.read_buf()),
                 Err(e) => Err(e),
@@ -384,25 +434,50 @@ impl Connection {
         self.frames.decode().map_err(ReadError::TooLarge)
     }
 
-    /// Encodes `response` into `out`, replacing it with an error if it is above the cap.
-    fn encode(&mut self, response: &Response) {
+    /// Encodes `response` into `out`. A response above 64 KiB is paid for from the budget
+    /// first, waiting until `deadline`; one above the cap, or one the budget has no room for
+    /// in time, is replaced with an error.
+    async fn encode(&mut self, response: &Response, deadline: Option<Instant>) {
         self.out.clear();
-        if let Err(e) = encode_frame_into(&mut self.out, response, "response") {
+        let error = match encode_frame_within(&mut self.out, response, READ_CHUNK) {
+            Ok(Within::Fits) => None,
+            Ok(Within::TooLarge(len)) if len > MAX_FRAME_BYTES => Some(format!(
+                "response too large: {len} bytes (limit {MAX_FRAME_BYTES})"
+            )),
+            Ok(Within::TooLarge(len)) => {
+                let needed = charged(self.frames.capacity()) + charged(4 + len);
+                if self.held.resize(needed, Purpose::Response, deadline).await {
+                    self.out = Vec::with_capacity(4 + len);
+                    encode_frame_into(&mut self.out, response, "response")
+                        .err()
+                        .map(|e| e.to_string())
+                } else {
+                    // Not `daemon_busy`: the request has run, so it must not look retryable.
+                    let why = no_memory("response", 4 + len, self.held.budget());
+                    Some(format!("response too large for the memory free now: {why}"))
+                }
+            }
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(error) = error {
             let served = response.served_config_id.as_deref().unwrap_or_default();
             // The dispatcher ran; only its answer is lost.
-            let detail = ErrorDetail::new(
-                code::RESPONSE_TOO_LARGE,
-                e.to_string(),
-                Disposition::Unknown,
-            );
+            let detail = ErrorDetail::new(code::RESPONSE_TOO_LARGE, error, Disposition::Unknown);
             let mut error = Response::error(detail, served);
             error.request_id = response.request_id;
-            // A short error response always fits.
-            let _ = encode_frame_into(&mut self.out, &error, "response");
+            self.encode_error(&error);
         }
+        // What was held for the request and is not needed for the response goes back.
+        self.held.shrink_to(self.charged());
+    }
+
+    /// Encodes a short error response into `out`, which it always fits.
+    fn encode_error(&mut self, error: &Response) {
+        self.out.clear();
         if self.out.capacity() > READ_CHUNK {
-            self.out.shrink_to(READ_CHUNK);
+            crate::pages::release(std::mem::take(&mut self.out));
         }
+        let _ = encode_frame_into(&mut self.out, error, "response");
     }
 
     /// Writes `out` completely, waiting for the socket to drain until `deadline`.
@@ -425,6 +500,12 @@ impl Connection {
                 Err(e) => return Err(e.into()),
             }
         }
+        // A large response's buffer, and its budget, go back at once rather than when the
+        // client's next request comes.
+        if self.out.capacity() > READ_CHUNK {
+            crate::pages::release(std::mem::take(&mut self.out));
+            self.held.shrink_to(self.charged());
+        }
         Ok(())
     }
 
@@ -432,7 +513,7 @@ impl Connection {
     /// client is misbehaving or gone; it does not get to hold the connection any longer.
     fn reply_and_close<D: Dispatch>(mut self, shared: &Shared<D>, error: ErrorDetail) {
         log::debug!("closing a connection: {}", error.message);
-        self.encode(&Response::error(error, shared.dispatcher.config_id()));
+        self.encode_error(&Response::error(error, shared.dispatcher.config_id()));
         if let Ok(stream) = self.io.stream() {
             let _ = sys::send(stream, &self.out);
         }
@@ -469,5 +550,13 @@ impl Connection {
             Ok(Wake::TimedOut)
         };
         ready.or(stopped).or(timed_out).await
+    }
+}
+
+/// A connection cut off with a large response unwritten gives its pages back too (`frames`
+/// does so itself, and `held` gives back the budget).
+impl Drop for Connection<'_> {
+    fn drop(&mut self) {
+        crate::pages::release(std::mem::take(&mut self.out));
     }
 }

@@ -90,6 +90,14 @@
 //! microseconds, and waiting for it through `epoll` costs three `epoll_ctl` calls and a sleep
 //! and wake-up of the thread. A fresh connection usually has its request waiting already.
 //!
+//! Memory for large frames is bounded daemon-wide: a buffer above 64 KiB (a large request
+//! being read, a large response being written) is paid for from
+//! [`Config::frame_memory_budget`] before it is allocated, and a connection without room
+//! waits for it in line, woken through `event-listener` when bytes come back, until its
+//! deadline. Small requests never wait. A large buffer is freed as soon as its frame is
+//! answered or written, its pages handed back to the system first, so a burst of large
+//! frames leaves nothing behind.
+//!
 //! # Examples
 //!
 //! A complete daemon whose answer is the request's `ops`:
@@ -163,6 +171,7 @@
 // both sides share `config` and `trust` (which directories and peers are trusted).
 mod accept;
 mod async_client;
+mod budget;
 mod client;
 mod config;
 mod connection;
@@ -177,6 +186,7 @@ mod inflight;
 mod instance;
 mod logfile;
 mod logger;
+mod pages;
 mod pidfile;
 pub mod pool;
 mod server;

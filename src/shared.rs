@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::budget::{Budget, MIN_BUDGET};
 use crate::config::Config;
 use crate::inflight::{Flag, InFlight};
 use crate::systemd;
@@ -21,11 +22,21 @@ pub(crate) struct Shared<D> {
     /// Set once the listener is closed: idle connections close, busy ones finish.
     pub(crate) draining: Flag,
     pub(crate) notifier: Option<systemd::Notifier>,
+    /// What connections may hold in large frame buffers (`Config::frame_memory_budget`).
+    pub(crate) frame_memory: Budget,
 }
 
 impl<D> Shared<D> {
     pub(crate) fn new(dispatcher: D, config: Config) -> Self {
+        if config.frame_memory_budget < MIN_BUDGET {
+            log::warn!(
+                "frame_memory_budget raised from {} to {MIN_BUDGET} bytes: one frame of the \
+                 largest size must fit",
+                config.frame_memory_budget
+            );
+        }
         Shared {
+            frame_memory: Budget::new(config.frame_memory_budget),
             dispatcher,
             config,
             in_flight: Arc::default(),

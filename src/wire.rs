@@ -477,7 +477,8 @@ fn too_large(what: &str, len: usize) -> io::Error {
 ///   announces 8 MiB and then sends nothing costs 64 KiB, not 8 MiB.
 /// - Several frames may arrive in one read; they are decoded one after the other.
 /// - Once every buffered frame is consumed, a buffer grown above 64 KiB for a large frame is
-///   released, so a long-lived connection does not keep it.
+///   released, so a long-lived connection does not keep it. On Linux its pages are handed
+///   back to the system first, whatever the allocator would keep.
 ///
 /// # Examples
 ///
@@ -554,9 +555,10 @@ impl FrameDecoder {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-            // Do not keep a large frame's buffer for the rest of a long-lived connection.
-            if self.buf.len() > READ_CHUNK {
-                self.buf = Vec::new();
+            // Do not keep a large frame's buffer for the rest of a long-lived connection
+            // (nor, in the daemon, the frame memory budget it was charged).
+            if self.buf.capacity() > READ_CHUNK {
+                crate::pages::release(std::mem::take(&mut self.buf));
             }
         }
     }
@@ -626,6 +628,36 @@ impl FrameDecoder {
         Err(io::Error::new(io::ErrorKind::UnexpectedEof, message))
     }
 
+    /// The bytes the buffer holds room for, read or not.
+    pub(crate) fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// The most the buffer will hold while the frame at the front is read through
+    /// [`read_buf`](Self::read_buf): the daemon takes this much from its frame memory budget
+    /// before it reads on.
+    pub(crate) fn capacity_for_frame(&self) -> usize {
+        self.capacity().max(self.needed()).max(INITIAL_BUFFER)
+    }
+
+    /// Allocates room for the whole frame at the front at once, for a reader that has paid
+    /// for it (the daemon, from its budget). The room is reserved, not written: pages the
+    /// system has not handed out yet are only paid for in memory as bytes arrive, as
+    /// [`read_buf`](Self::read_buf) keeps offering at most 64 KiB beyond them. One
+    /// allocation instead of one per 64 KiB also leaves no trail of freed blocks behind.
+    pub(crate) fn reserve_frame(&mut self) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.buf.truncate(self.end - self.start);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let needed = self.needed();
+        if needed > self.buf.capacity() {
+            self.buf.reserve_exact(needed - self.buf.len());
+        }
+    }
+
     /// The whole frame at the front, header included, takes this many bytes; at least 4.
     fn needed(&self) -> usize {
         match self.buf[self.start..self.end].first_chunk::<4>() {
@@ -660,9 +692,16 @@ impl FrameDecoder {
         if self.start != 0 {
             return self.buf[body].to_vec();
         }
-        self.buf.truncate(body.end);
-        self.buf.drain(..4);
-        self.buf
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.truncate(body.end);
+        buf.drain(..4);
+        buf
+    }
+}
+
+impl Drop for FrameDecoder {
+    fn drop(&mut self) {
+        crate::pages::release(std::mem::take(&mut self.buf));
     }
 }
 
@@ -816,6 +855,81 @@ pub fn encode_frame<T: Serialize + ?Sized>(message: &T) -> io::Result<Frame> {
     let mut bytes = Vec::with_capacity(128);
     encode_frame_into(&mut bytes, message, "frame")?;
     Ok(Frame { bytes })
+}
+
+/// Whether a message fit in the room [`encode_frame_within`] was given.
+pub(crate) enum Within {
+    /// It is in the buffer.
+    Fits,
+    /// Its JSON body takes this many bytes, more than the room; nothing was kept.
+    TooLarge(usize),
+}
+
+/// Encodes `message` as a frame into the empty `out` if the frame takes at most `limit`
+/// bytes, without `out` ever growing past `limit`; else leaves `out` empty and says how long
+/// the body is, so that the caller can make room first.
+///
+/// # Errors
+///
+/// `message` cannot be serialized as JSON.
+pub(crate) fn encode_frame_within<T: Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    message: &T,
+    limit: usize,
+) -> io::Result<Within> {
+    debug_assert!(out.is_empty());
+    out.extend_from_slice(&[0; 4]);
+    let mut capped = Capped {
+        out: &mut *out,
+        limit,
+        len: 4,
+    };
+    let serialized = serde_json::to_writer(&mut capped, message);
+    let len = capped.len - 4;
+    if let Err(e) = serialized {
+        out.clear();
+        return Err(e.into());
+    }
+    if capped.len > limit {
+        out.clear();
+        return Ok(Within::TooLarge(len));
+    }
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(Within::Fits)
+}
+
+/// A writer into a vector that never grows it past `limit` bytes: past it, it only counts.
+/// (One writer type for both, so that serializing a response is compiled once for it.)
+struct Capped<'a> {
+    out: &'a mut Vec<u8>,
+    limit: usize,
+    /// Bytes written, kept or not.
+    len: usize,
+}
+
+impl io::Write for Capped<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.len += buf.len();
+        if self.len > self.limit {
+            return Ok(buf.len());
+        }
+        if self.len > self.out.capacity() {
+            // Doubling as a vector does, from a size most responses fit in, but never past
+            // the limit.
+            let capacity = self
+                .len
+                .max(2 * self.out.capacity())
+                .max(512)
+                .min(self.limit);
+            self.out.reserve_exact(capacity - self.out.len());
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Appends `message` as a frame to `out`; on error `out` is left as it was. `what` names

@@ -57,20 +57,20 @@ pub struct Options {
 
 /// A request as PROTOCOL.md defines it, field for field.
 #[derive(Serialize)]
-struct Request<'a> {
-    ops: &'a str,
-    presentation: Option<&'a str>,
-    presentation_per_op: Option<&'a [Option<String>]>,
-    namespace: &'a str,
-    config_id: &'a str,
+pub(crate) struct Request<'a> {
+    pub(crate) ops: &'a str,
+    pub(crate) presentation: Option<&'a str>,
+    pub(crate) presentation_per_op: Option<&'a [Option<String>]>,
+    pub(crate) namespace: &'a str,
+    pub(crate) config_id: &'a str,
 }
 
 /// The parts of a response a client checks; the rest is ignored.
 #[derive(Deserialize)]
-struct Reply<'a> {
-    ok: bool,
+pub(crate) struct Reply<'a> {
+    pub(crate) ok: bool,
     #[serde(borrow, default)]
-    result: Option<Cow<'a, str>>,
+    pub(crate) result: Option<Cow<'a, str>>,
 }
 
 /// What one client saw.

@@ -2,6 +2,7 @@
 //! protocol. See `--help`, and `bench/run.sh` for the full comparison.
 
 mod baseline;
+mod burst;
 mod frame;
 mod load;
 
@@ -19,6 +20,7 @@ khived-bench: load generator and baseline server for khived's wire format
 USAGE:
     khived-bench load --socket PATH [OPTIONS]
     khived-bench baseline --socket PATH [--threads N]
+    khived-bench burst --socket PATH --pid PID [OPTIONS]
 
 load: closed-loop clients on blocking threads, each sending an echo request
 ({\"ops\":\"<payload>\",...,\"namespace\":\"echo\",\"config_id\":\"\"}) and checking that
@@ -38,6 +40,22 @@ each block in accept and serve one connection at a time, as many requests as the
 sends. Removes a leftover socket file before binding; runs until killed.
     --socket PATH        where to listen
     --threads N          pool size, the calling thread included [default: 2]
+
+burst: large-frame burst against an echo server. Each client connects, writes all its
+requests at once and reads nothing for --hold seconds, then reads and checks every answer
+(or, with --leave, closes without reading). Samples the server's VmRSS from /proc/PID/status
+before, every 10 ms during (the peak is kept), and once a second for --settle seconds after
+the last client closed. Prints the figures, then one JSON line. Fails if an answer is wrong
+or missing (without --leave).
+    --socket PATH        the server's socket
+    --pid PID            the server's process id
+    --clients N          clients [default: 40]
+    --frames N           requests each client pipelines [default: 2]
+    --size BYTES         bytes of ops per request [default: 4194304]
+    --hold SECS          how long clients write without reading [default: 3]
+    --leave              close after --hold without reading the answers
+    --settle SECS        how long to watch memory afterwards [default: 5]
+    --timeout SECS       exit 2 if the run lasts longer [default: 120]
 
 EXAMPLE:
     khived-bench baseline --socket /tmp/b/echo.sock &
@@ -66,6 +84,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     };
     match command.as_str() {
         "load" => load::run(&load_options(parser)?)?,
+        "burst" => burst::run(&burst_options(parser)?)?,
         "baseline" => {
             let (socket, threads) = baseline_options(parser)?;
             baseline::run(&socket, threads)?;
@@ -116,6 +135,43 @@ fn load_options(mut parser: lexopt::Parser) -> Result<Options, lexopt::Error> {
         mode,
         timeout,
     })
+}
+
+fn burst_options(mut parser: lexopt::Parser) -> Result<burst::Options, lexopt::Error> {
+    let mut socket = None;
+    let mut pid = None;
+    let mut options = burst::Options {
+        socket: PathBuf::new(),
+        pid: 0,
+        clients: 40,
+        frames: 2,
+        size: 4 * 1024 * 1024,
+        hold: Duration::from_secs(3),
+        leave: false,
+        settle: Duration::from_secs(5),
+        timeout: Duration::from_secs(120),
+    };
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("socket") => socket = Some(PathBuf::from(parser.value()?)),
+            Long("pid") => pid = Some(parser.value()?.parse()?),
+            Long("clients") => options.clients = parser.value()?.parse()?,
+            Long("frames") => options.frames = parser.value()?.parse()?,
+            Long("size") => options.size = parser.value()?.parse()?,
+            Long("hold") => options.hold = seconds(parser.value()?.parse()?)?,
+            Long("leave") => options.leave = true,
+            Long("settle") => options.settle = seconds(parser.value()?.parse()?)?,
+            Long("timeout") => options.timeout = seconds(parser.value()?.parse()?)?,
+            Long("help") | Short('h') => help_and_exit(),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    if options.clients == 0 || options.frames == 0 {
+        return Err("--clients and --frames must be at least 1".into());
+    }
+    options.socket = socket.ok_or("--socket PATH is required")?;
+    options.pid = pid.ok_or("--pid PID is required")?;
+    Ok(options)
 }
 
 fn baseline_options(mut parser: lexopt::Parser) -> Result<(PathBuf, usize), lexopt::Error> {

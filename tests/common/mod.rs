@@ -242,6 +242,9 @@ pub fn child_main() {
     if let Some(secs) = var("KHIVED_TEST_IDLE_SECS") {
         config.idle_shutdown = Some(Duration::from_secs_f64(secs.parse().unwrap()));
     }
+    if let Some(secs) = var("KHIVED_TEST_FIRST_REQUEST_SECS") {
+        config.first_request_timeout = Duration::from_secs_f64(secs.parse().unwrap());
+    }
     if let Some(max) = var("KHIVED_TEST_MAX_CONNECTIONS") {
         config.max_connections = max.parse().unwrap();
     }
