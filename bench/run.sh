@@ -6,7 +6,11 @@
 #   ROUNDS=5 DURATION=10 BENCH_OUT=bench.jsonl bash bench/run.sh
 #
 # Environment: ROUNDS (3), DURATION seconds per round (5), CONCURRENCY (8), PAYLOAD bytes (64),
-# BASE_THREADS baseline pool in one-shot mode (2), BENCH_OUT (write the summary as JSON lines).
+# BASE_THREADS baseline pool in one-shot mode (2), BENCH_OUT (write the summary as JSON lines),
+# CORES=0 to skip bench/cores.sh, which runs at the end (compute-bound dispatch, head-of-line,
+# echo against the previous commit PREV, default HEAD~1; see its header).
+#
+#   PREV=main ROUNDS=5 DURATION=5 BENCH_OUT=bench.jsonl bash bench/run.sh   # the full run
 # Servers run in alternation (khived, baseline, khived, ...), each started fresh for a round,
 # so that drift on the machine (other builds, thermal) hits both alike.
 set -euo pipefail
@@ -360,3 +364,14 @@ goal "under-load RSS KiB (worse mode)" "$load_rss" "<=" 4096
 goal "stripped examples/echo bytes (KB = 1000)" "$echo_size" "<=" 600000
 goal "stripped khived bytes" "$khived_size" "<=" 900000
 if [ -n "$BENCH_OUT" ]; then echo "(summary written to $BENCH_OUT)"; fi
+
+# ---------------------------------------------------------------------------- every core
+# Compute-bound dispatch against the baseline doing the same work, head-of-line figures, the
+# echo rate against an earlier commit, busy and idle threads: bench/cores.sh (CORES=0 skips
+# it; its own variables, such as PREV, pass through).
+if [ "${CORES:-1}" != 0 ]; then
+    echo
+    echo "== dispatch on every core: bash bench/cores.sh"
+    BENCH_OUT=${BENCH_OUT:+${BENCH_OUT%.jsonl}.cores.jsonl} ROUNDS=$ROUNDS DURATION=$DURATION \
+        CONCURRENCY=$CONCURRENCY bash "$root/bench/cores.sh"
+fi

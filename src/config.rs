@@ -70,6 +70,25 @@ pub struct Config {
     /// embedding application handles signals itself and stops the daemon with a
     /// [`ShutdownHandle`](crate::ShutdownHandle).
     pub handle_signals: bool,
+    /// How many threads may run dispatch at once (default 0: as many as there are CPUs the
+    /// process may run on, by its affinity mask on Linux, so set it under a CPU quota;
+    /// `KHIVE_THREADS`). Threads beyond the caller's are started only while dispatches
+    /// compute (one more while they compute for long, for accepting, reading and answering
+    /// whatever does not dispatch) and given back after idling. 1 runs everything on the
+    /// caller's thread.
+    pub threads: usize,
+    /// How long one request may take from the moment it has been read (default: no limit).
+    /// At the deadline its dispatch future is dropped and the client gets the error
+    /// `request_timed_out` (disposition unknown: the work may have had an effect; the text
+    /// starts with `request timed out`). A computation that never awaits stops only at its
+    /// next await point.
+    pub request_timeout: Option<Duration>,
+    /// Whether a request is cancelled (its dispatch future dropped) when its client hangs up
+    /// while it waits for a thread or is being dispatched (default true). Turn it off for
+    /// dispatchers whose work must complete. As with the deadline, a computation that never
+    /// awaits stops only at its next await point; a client that has already sent its next
+    /// request, or only shut down its writing side, is not taken for gone.
+    pub cancel_on_disconnect: bool,
 }
 
 impl Default for Config {
@@ -89,15 +108,19 @@ impl Default for Config {
             allow_root: false,
             socket_activation: true,
             handle_signals: true,
+            threads: 0,
+            request_timeout: None,
+            cancel_on_disconnect: true,
         }
     }
 }
 
 impl Config {
-    /// The defaults, with `KHIVE_SOCKET`, `KHIVE_PID`, `KHIVE_DRAIN_TIMEOUT_SECS` and
+    /// The defaults, with `KHIVE_SOCKET`, `KHIVE_PID`, `KHIVE_DRAIN_TIMEOUT_SECS`,
     /// `KHIVE_FRAME_MEMORY_MIB` ([`frame_memory_budget`](Self::frame_memory_budget) in MiB)
-    /// applied where they are set (empty paths and unparsable numbers are ignored). With only
-    /// one of the two paths set, the other is beside it (see [`socket_path`] and [`pid_path`]).
+    /// and `KHIVE_THREADS` applied where they are set (empty paths and unparsable numbers are
+    /// ignored). With only one of the two paths set, the other is beside it (see
+    /// [`socket_path`] and [`pid_path`]).
     ///
     /// # Examples
     ///
@@ -120,6 +143,9 @@ impl Config {
                 .ok()
                 .and_then(|mib| mib.checked_mul(1024 * 1024))
                 .unwrap_or(usize::MAX);
+        }
+        if let Some(threads) = env_number("KHIVE_THREADS") {
+            config.threads = usize::try_from(threads).unwrap_or(usize::MAX);
         }
         config
     }

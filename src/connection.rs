@@ -11,6 +11,7 @@
 
 use std::any::Any;
 use std::io::{self, Read};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use async_io::{Async, Timer};
 use futures_lite::future::{self, FutureExt};
 
 use crate::budget::{charged, Held, Purpose};
+use crate::cancel::{self, Bounded, Cut};
 use crate::config::Config;
 use crate::dispatch::Dispatch;
 use crate::inflight::Flag;
@@ -45,8 +47,8 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
     // draining waits for it; between requests a connection is idle and is closed at once.
     let mut idle_stop = None;
     loop {
-        let body = match conn.read_frame(deadline, idle_stop).await {
-            Ok(Some(body)) => body,
+        match conn.read_frame(deadline, idle_stop).await {
+            Ok(Some(_)) => {}
             Ok(None) => return,
             Err(e) => {
                 if let Some(error) = closing_reply(e, idle_stop.is_none(), config) {
@@ -58,7 +60,11 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
         // Past the first request, a draining daemon starts nothing new: frames that are here
         // already are answered `daemon_draining` (PROTOCOL.md, "Pipelining").
         let draining = idle_stop.is_some() && shared.draining.is_set();
-        let (response, keep_open) = answer(shared, body, draining).await;
+        let (body, io) = conn.request();
+        let Some((response, keep_open)) = answer(shared, body, draining, io).await else {
+            // The client hung up while its request waited or ran: it was cancelled.
+            return;
+        };
         conn.frames.consume();
         let write_deadline = after(config.write_timeout);
         conn.encode(&response, write_deadline).await;
@@ -133,21 +139,31 @@ fn after(timeout: Duration) -> Option<Instant> {
 /// Decides what to answer to one frame body (PROTOCOL.md, "One request, in order"); the
 /// flag says whether the stream can still be trusted for another request. `draining`: the
 /// daemon is stopping and this is not the connection's first request, so it is refused
-/// rather than started.
-async fn answer<D: Dispatch>(shared: &Shared<D>, body: &[u8], draining: bool) -> (Response, bool) {
+/// rather than started. `None`: the client hung up while its request waited for a thread or
+/// was dispatched, and the dispatch was cancelled.
+async fn answer<D: Dispatch>(
+    shared: &Shared<D>,
+    body: &[u8],
+    draining: bool,
+    io: &Io,
+) -> Option<(Response, bool)> {
     // The clock is read only when the line will be written: the fast path pays one check.
     let Some(started) = log::log_enabled!(log::Level::Debug).then(Instant::now) else {
-        return decide(shared, body, draining).await;
+        return decide(shared, body, draining, io).await;
     };
-    let (response, keep_open) = decide(shared, body, draining).await;
+    let answered = decide(shared, body, draining, io).await;
     log::debug!(
         "request: {} bytes, namespace {}, {} in {:?}",
         body.len(),
         namespace_of(body),
-        outcome(&response),
+        answered
+            .as_ref()
+            .map_or("cancelled: the client hung up", |(response, _)| {
+                outcome(response)
+            }),
         started.elapsed()
     );
-    (response, keep_open)
+    answered
 }
 
 /// What the debug line says of a request's outcome: `ok`, a mismatch, or the error's code.
@@ -177,7 +193,12 @@ fn namespace_of(body: &[u8]) -> String {
 }
 
 /// The decision itself, without the debug line: see [`answer`].
-async fn decide<D: Dispatch>(shared: &Shared<D>, body: &[u8], draining: bool) -> (Response, bool) {
+async fn decide<D: Dispatch>(
+    shared: &Shared<D>,
+    body: &[u8],
+    draining: bool,
+    io: &Io,
+) -> Option<(Response, bool)> {
     let dispatcher = &shared.dispatcher;
     let config_id = dispatcher.config_id();
     let request: Request<'_> = match serde_json::from_slice(body) {
@@ -187,7 +208,7 @@ async fn decide<D: Dispatch>(shared: &Shared<D>, body: &[u8], draining: bool) ->
                 ErrorDetail::new(code::BAD_REQUEST, format!("bad request: {e}"), NotCommitted);
             let mut response = Response::error(detail, config_id);
             response.request_id = request_id_of(body);
-            return (response, false);
+            return Some((response, false));
         }
     };
     let mut response = Response::served(config_id);
@@ -220,20 +241,41 @@ async fn decide<D: Dispatch>(shared: &Shared<D>, body: &[u8], draining: bool) ->
     } else if request.probe_only {
         response.ok = true;
     } else {
-        response = dispatch(shared, &request).await;
+        response = dispatch(shared, &request, io).await?;
     }
     response.request_id = request.request_id;
-    (response, true)
+    Some((response, true))
 }
 
-/// Runs the dispatcher on `request` and turns its outcome, a panic included, into the
-/// response. The one place the dispatcher is called.
-async fn dispatch<D: Dispatch>(shared: &Shared<D>, request: &Request<'_>) -> Response {
+/// Runs the dispatcher on `request`, on the daemon's compute slots and within the request's
+/// deadline, and turns its outcome, a panic or a timeout included, into the response; `None`
+/// if its client hung up first (see [`cancel::bounded`]). The one place the dispatcher is
+/// called.
+async fn dispatch<D: Dispatch>(
+    shared: &Shared<D>,
+    request: &Request<'_>,
+    io: &Io,
+) -> Option<Response> {
     let config_id = shared.dispatcher.config_id();
-    let dispatched = AssertUnwindSafe(shared.dispatcher.dispatch(request))
-        .catch_unwind()
-        .await;
-    match dispatched {
+    let dispatch = AssertUnwindSafe(shared.dispatcher.dispatch(request)).catch_unwind();
+    let gone = || io.stream().is_ok_and(cancel::peer_gone);
+    let cut = Cut {
+        gone: &gone,
+        hung_up: hung_up(io),
+    };
+    let dispatched = match cancel::bounded(&shared.execution, &shared.config, dispatch, cut).await {
+        Bounded::Done(dispatched) => dispatched,
+        Bounded::TimedOut(limit) => {
+            let detail = ErrorDetail::new(
+                code::REQUEST_TIMED_OUT,
+                format!("request timed out after {limit:?}"),
+                Disposition::Unknown,
+            );
+            return Some(Response::error(detail, config_id));
+        }
+        Bounded::HungUp => return None,
+    };
+    Some(match dispatched {
         Ok(Ok(result)) => Response::ok(result, config_id),
         Ok(Err(error)) => Response::error(error.into(), config_id),
         Err(panic) => {
@@ -246,6 +288,24 @@ async fn dispatch<D: Dispatch>(shared: &Shared<D>, request: &Request<'_>) -> Res
             );
             Response::error(detail, config_id)
         }
+    })
+}
+
+/// Completes when the client has gone (see [`cancel::watch_hang_up`]). A socket not registered
+/// with the reactor yet is registered for the time of the watch only, so that a request whose
+/// dispatch waits costs the connection nothing afterwards.
+async fn hung_up(io: &Io) {
+    match io {
+        Io::Registered(registered) => {
+            cancel::watch_hang_up(registered.as_fd(), &|cx| registered.poll_readable(cx)).await
+        }
+        Io::Plain(stream) => match Async::new_nonblocking(stream) {
+            Ok(registered) => {
+                cancel::watch_hang_up(stream.as_fd(), &|cx| registered.poll_readable(cx)).await
+            }
+            Err(_) => future::pending().await,
+        },
+        Io::Closed => future::pending().await,
     }
 }
 
@@ -281,6 +341,8 @@ fn probe_text<D: Dispatch>(shared: &Shared<D>) -> String {
         // Not counting the connection this probe came on.
         in_flight: shared.in_flight.get().saturating_sub(1) as u64,
         served: shared.served.load(std::sync::atomic::Ordering::Relaxed),
+        waiting: shared.execution.waiting() as u64,
+        threads: shared.execution.running() as u64,
     };
     serde_json::to_string(&info).unwrap_or_default()
 }
@@ -353,6 +415,12 @@ struct Connection<'a> {
 }
 
 impl<'a> Connection<'a> {
+    /// The frame `read_frame` has just buffered, and the socket it came on.
+    fn request(&self) -> (&[u8], &Io) {
+        let body = self.frames.decode().ok().flatten().unwrap_or_default();
+        (body, &self.io)
+    }
+
     fn new(stream: UnixStream, held: Held<'a>) -> Self {
         Connection {
             io: Io::Plain(stream),

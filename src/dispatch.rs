@@ -12,9 +12,11 @@ use crate::wire::{code, Disposition, ErrorDetail, Request};
 /// [`namespace`](Dispatch::namespace) and [`config_id`](Dispatch::config_id) (PROTOCOL.md,
 /// "One request, in order"). The dispatcher sees the whole [`Request`]: it reads the fields
 /// it needs (`ops`, `presentation`, …), and a field added to the protocol later breaks no
-/// implementation. Requests on different connections run concurrently on one thread, so a
-/// dispatcher that computes for long should hand the work to a thread of its own and await
-/// the answer. A panic inside `dispatch` is caught: the client gets
+/// implementation. A dispatcher may compute inline: while it does, other requests are served
+/// by other threads, up to [`Config::threads`](crate::Config::threads) computing at once (see
+/// the crate documentation for which thread runs what). A dispatch future may be polled on a
+/// different thread each time, and is dropped, at its next await point, when the request's
+/// deadline passes or its client hangs up. A panic inside `dispatch` is caught: the client gets
 /// `dispatcher panicked: …` (code `dispatcher_panicked`) and the daemon keeps serving.
 ///
 /// # Examples
@@ -54,7 +56,8 @@ pub trait Dispatch: Send + Sync + 'static {
     ) -> impl Future<Output = Result<String, DispatchError>> + Send;
 
     /// Warms caches and indexes. It runs in the background once the socket is bound, while
-    /// requests are already being served. The default does nothing.
+    /// requests are already being served (it takes a compute slot like a dispatch, so other
+    /// threads serve them while it computes). The default does nothing.
     fn warm_all(&self) -> impl Future<Output = ()> + Send {
         async {}
     }

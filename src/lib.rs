@@ -29,6 +29,10 @@
 //!   the process.
 //! - **Limits**: deadlines for slow clients, a cap on connections, and a frame reader that
 //!   allocates only as bytes arrive.
+//! - **Dispatch on every core**: requests that are answered at once stay on one thread;
+//!   dispatchers that compute get as many threads as there are CPUs, while probes, accepting
+//!   and reading stay responsive. Requests can have a deadline (`request_timed_out`) and are
+//!   cancelled when their client hangs up.
 //! - **The client side**: [`Client`] (blocking), [`AsyncClient`] (for smol applications,
 //!   with pipelining), [`probe`], [`Spawn`] (start a daemon on demand) and [`running_pid`]
 //!   use the wire format and the PID file only, never the server's code.
@@ -74,15 +78,48 @@
 //! one JSON object per line on stdin and stdout, restarts them when they fail, and reaps them
 //! at shutdown.
 //!
-//! # Implementation
+//! # Implementation: which thread runs what
 //!
-//! Everything runs on one thread: [`Daemon::run_blocking`] drives an `async-executor` on the
-//! caller's thread, and the `async-io` reactor adds its helper thread, which polls `epoll`
-//! while the caller is busy. There is no thread per connection and no thread pool; a
-//! dispatcher with long computations should give them a thread of its own. Signals are
-//! received through `async-signal` (a self-pipe, no extra thread). In-flight connections are
-//! counted with guards that wake the drain through `event-listener` when the count reaches
-//! zero: shutdown never polls and never sleeps.
+//! Every connection is a task of one `async-executor`, and every task may run on any of the
+//! daemon's executor threads:
+//!
+//! - **The caller's thread** ([`Daemon::run_blocking`], or whichever thread polls
+//!   [`Daemon::run`]) runs the executor: the accept loop, the peer check, reading frames,
+//!   probes, mismatch and busy replies, dispatch, writing answers. While nothing computes it
+//!   is the only one: a request that its dispatcher answers at once is read, dispatched and
+//!   answered on that thread with no hand-off to another one, and the socket is not even
+//!   registered with the reactor when its request is already waiting.
+//! - **The `async-io` helper thread** drives the reactor (epoll, timers) while the executor
+//!   threads are busy.
+//! - **Runner threads** run the same executor while dispatches compute. Each poll of a
+//!   dispatch future takes one of [`Config::threads`] compute slots (default: the CPUs the
+//!   process may run on; `KHIVE_THREADS`, `khived serve --threads`), so at most that many
+//!   threads compute at once; a request waiting for a slot is a parked task, not a blocked
+//!   thread, and slots are handed out in arrival order.
+//! - **A watchdog thread**, present only while dispatches happen, looks at the slots every
+//!   millisecond or few. While every thread there is has been computing (on average over
+//!   the last few looks), it starts a runner, up to `threads` in all: dispatch uses every
+//!   core.
+//!   When every thread is inside a dispatch poll that has lasted 10 ms, it starts one more,
+//!   up to `threads + 1`, so that probes, accepting and reading never wait for long
+//!   computations. Runners not needed for 2 s are given back, and the watchdog leaves 2 s
+//!   after the last dispatch: an idle daemon has two threads, the caller's and `async-io`'s.
+//!
+//! With `threads = 1` there are no slots, runners or watchdog: everything runs on the caller's
+//! thread, and a dispatcher that computes holds up every other connection while it does.
+//! A dispatch future may move between threads from one poll to the next (hence `Send`).
+//!
+//! A request can be cut short in two ways, both by dropping its dispatch future (smol's
+//! cancellation): its deadline ([`Config::request_timeout`]; the client gets the error
+//! `request_timed_out`, disposition unknown), and its client hanging up while it waits for a
+//! slot or is dispatched ([`Config::cancel_on_disconnect`], on by default). A computation
+//! that never awaits can only stop at its next await point: dropping a future cannot
+//! interrupt a poll.
+//!
+//! Signals are received through `async-signal` (a self-pipe, no extra thread). In-flight
+//! connections are counted with guards that wake the drain through `event-listener` when the
+//! count reaches zero: shutdown never polls and never sleeps. Once the drain is over the
+//! runner threads are stopped and joined before [`Daemon::run`] returns.
 //!
 //! A connection's socket is registered with the reactor only when something has to wait: a
 //! read that would block is first retried a few times, letting the other connections run in
@@ -172,11 +209,13 @@
 mod accept;
 mod async_client;
 mod budget;
+mod cancel;
 mod client;
 mod config;
 mod connection;
 mod dispatch;
 mod error;
+mod execution;
 // The fuzz targets' way in to the per-connection handler; not part of the API (see
 // Cargo.toml's `__fuzzing` feature).
 #[cfg(feature = "__fuzzing")]

@@ -16,6 +16,7 @@ use futures_lite::StreamExt;
 use crate::accept::{accept_loop, connection_cap};
 use crate::config::Config;
 use crate::dispatch::Dispatch;
+use crate::execution;
 use crate::inflight::{Flag, InFlight};
 use crate::instance::Instance;
 use crate::shared::Shared;
@@ -172,8 +173,10 @@ impl<D: Dispatch> Daemon<D> {
 
     /// Runs the daemon on the current thread until it is stopped, and blocks until then.
     ///
-    /// The threads are the caller's, which runs every connection and drives the reactor, and
-    /// the `async-io` helper thread, which drives the reactor while the caller is busy.
+    /// The caller's thread runs every connection and drives the reactor, and the `async-io`
+    /// helper thread drives the reactor while the caller is busy. While dispatches compute,
+    /// more threads join in (see [`Config::threads`] and the crate documentation); they are
+    /// given back after idling and are gone when this returns.
     ///
     /// # Errors
     ///
@@ -187,7 +190,9 @@ impl<D: Dispatch> Daemon<D> {
     /// PID file are removed and the PID file's lock is released.
     ///
     /// Connections run as tasks of an executor inside this future, so they make progress
-    /// only while it is polled; spawn it on your executor or await it.
+    /// while it is polled (spawn it on your executor or await it), and on the runner threads
+    /// the daemon starts while dispatches compute ([`Config::threads`]); those are stopped
+    /// and joined before this returns.
     ///
     /// A stop closes the listener, then waits for requests in flight up to
     /// [`Config::drain_timeout`], then calls [`Dispatch::shut_down`]: the result is
@@ -233,22 +238,24 @@ impl<D: Dispatch> Daemon<D> {
         let listener = Async::new_nonblocking(listener)?;
         let notifier = systemd::Notifier::from_env();
         let max_connections = connection_cap(config.max_connections);
+        let mut shared = Shared::new(dispatcher, config);
         log::info!(
-            "serving namespace {:?} on {}{} (pid {})",
-            dispatcher.namespace(),
-            config.socket.display(),
+            "serving namespace {:?} on {}{} (pid {}, dispatch on up to {} thread(s))",
+            shared.dispatcher.namespace(),
+            shared.config.socket.display(),
             if activated {
                 " (socket from the service manager)"
             } else {
                 ""
             },
-            std::process::id()
+            std::process::id(),
+            shared.execution.threads()
         );
-        let mut shared = Shared::new(dispatcher, config);
         shared.notifier = notifier;
         shared.notify("READY=1\nSTATUS=warming up, serving requests");
         let shared = Arc::new(shared);
         let executor = Arc::new(Executor::new());
+        shared.execution.attach(&executor);
         let supervise = supervise(
             &executor,
             &shared,
@@ -257,8 +264,13 @@ impl<D: Dispatch> Daemon<D> {
             &shutdown,
             signals.as_mut(),
         );
-        let stopped = executor.run(supervise).await;
-        // Dropping the executor cancels the connections still open.
+        let mut stopped = Stopped::Drained;
+        async { stopped = supervise.await }
+            .or(execution::run_tasks(&executor))
+            .await;
+        // The runner threads go first: they hold the executor, and dropping it cancels the
+        // connections still open.
+        shared.execution.close().await;
         drop(executor);
         if !matches!(stopped, Stopped::Forced { .. }) {
             shared.dispatcher.shut_down().await;
@@ -289,7 +301,12 @@ async fn supervise<D: Dispatch>(
     let warm = Arc::clone(shared);
     executor
         .spawn(async move {
-            warm.dispatcher.warm_all().await;
+            // Warming may compute for long: it takes a compute slot like a dispatch, so that
+            // requests are served by other threads meanwhile.
+            let watch = execution::Watch::none();
+            warm.execution
+                .compute(warm.dispatcher.warm_all(), &watch)
+                .await;
             log::info!("warm_all finished");
             if !warm.draining.is_set() {
                 warm.notify("STATUS=serving requests");

@@ -1,5 +1,5 @@
 //! What every task of a running daemon shares: the dispatcher, the configuration, the
-//! counters the probe reports, and the drain flag.
+//! counters the probe reports, the drain flag, and the threads dispatch runs on.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::budget::{Budget, MIN_BUDGET};
 use crate::config::Config;
+use crate::execution::{self, Execution};
 use crate::inflight::{Flag, InFlight};
 use crate::systemd;
 
@@ -24,6 +25,8 @@ pub(crate) struct Shared<D> {
     pub(crate) notifier: Option<systemd::Notifier>,
     /// What connections may hold in large frame buffers (`Config::frame_memory_budget`).
     pub(crate) frame_memory: Budget,
+    /// The compute slots and the threads that dispatch runs on.
+    pub(crate) execution: Arc<Execution>,
 }
 
 impl<D> Shared<D> {
@@ -35,9 +38,11 @@ impl<D> Shared<D> {
                 config.frame_memory_budget
             );
         }
+        let threads = execution::resolve_threads(config.threads);
         Shared {
             frame_memory: Budget::new(config.frame_memory_budget),
             dispatcher,
+            execution: Arc::new(Execution::new(threads)),
             config,
             in_flight: Arc::default(),
             served: AtomicU64::new(0),

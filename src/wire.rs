@@ -435,6 +435,15 @@ pub struct ProbeInfo {
     pub in_flight: u64,
     /// Requests answered so far, the probe not included.
     pub served: u64,
+    /// Requests waiting for a dispatch thread at the moment of the probe (0 from daemons that
+    /// do not say).
+    #[serde(default)]
+    pub waiting: u64,
+    /// Threads running the daemon's connections and dispatches at the moment of the probe:
+    /// the caller's and those started while dispatches compute (0 from daemons that do not
+    /// say).
+    #[serde(default)]
+    pub threads: u64,
 }
 
 /// Checks a frame header and returns the body length it announces.

@@ -160,6 +160,38 @@ fn help_and_version() {
     let missing = Command::new(KHIVED).arg("call").output().unwrap();
     assert_eq!(missing.status.code(), Some(2));
     assert!(stderr(&missing).contains("missing OPS"));
+    let no_threads = Command::new(KHIVED)
+        .args(["serve", "--threads", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(no_threads.status.code(), Some(2));
+    assert!(stderr(&no_threads).contains("--threads 0 is out of range"));
+}
+
+#[test]
+fn serve_takes_threads_and_a_request_timeout() {
+    let place = Place::new();
+    let mut server = place.serve(&["--threads", "1", "--request-timeout", "30"]);
+    let call = place.call("hi");
+    assert_eq!(stdout(&call), "hi\n", "{}", stderr(&call));
+    let status = place.run("status", &[]);
+    assert!(
+        stdout(&status).contains("threads:    1"),
+        "{}",
+        stdout(&status)
+    );
+    assert!(
+        stdout(&status).contains("waiting:    0"),
+        "{}",
+        stdout(&status)
+    );
+    assert!(
+        server.log().contains("dispatch on up to 1 thread(s)"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(place.run("stop", &[]).status.code(), Some(0));
+    assert!(server.wait().success());
 }
 
 #[test]
@@ -376,6 +408,36 @@ fn serve_workers(place: &Place, extra: &[&str]) -> Server {
 }
 
 #[test]
+fn an_idle_daemon_is_back_to_two_threads() {
+    let place = Place::new();
+    let log = place.dir.path().join("serve.log");
+    let child = place
+        .khived("serve")
+        .env("KHIVED_LOG", "debug")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut server = Server { child, log };
+    common::wait_until_serving(&place.socket);
+    for ops in ["a", "b"] {
+        let call = place.call(ops);
+        assert_eq!(stdout(&call), format!("{ops}\n"), "{}", stderr(&call));
+    }
+    // Dispatching started the watchdog; idle, it leaves, and the caller's thread and the
+    // async-io helper are all there is.
+    wait_for_log(&server, "the dispatch watchdog leaves");
+    let tasks = format!("/proc/{}/task", server.child.id());
+    let count = || std::fs::read_dir(&tasks).unwrap().count();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count() != 2 {
+        assert!(Instant::now() < deadline, "{} threads", count());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(place.run("stop", &[]).status.code(), Some(0));
+    assert!(server.wait().success());
+}
+
+#[test]
 fn worker_pool_answers_and_survives_bad_workers() {
     let place = Place::new();
     let mut server = serve_workers(&place, &["--request-timeout", "2"]);
@@ -402,15 +464,18 @@ fn worker_pool_answers_and_survives_bad_workers() {
         stderr(&garbage)
     );
 
+    // The request's deadline answers the client; the worker stuck on it is killed and
+    // restarted by the pool.
     let started = Instant::now();
     let hang = place.call("hang");
     assert_eq!(hang.status.code(), Some(1));
     assert!(
-        stderr(&hang).contains("did not answer within 2s"),
+        stderr(&hang).contains("request timed out after 2s"),
         "{}",
         stderr(&hang)
     );
     assert!(started.elapsed() < Duration::from_secs(10));
+    wait_for_log(&server, "did not answer within 2s");
 
     // Bytes that are not UTF-8 on a worker's stderr are logged, not fatal.
     assert_eq!(stdout(&place.call("mojibake")), "logged\n");

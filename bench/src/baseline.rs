@@ -1,4 +1,6 @@
 //! The baseline: the same protocol and an echo dispatcher on plain blocking threads.
+//! A request whose `ops` asks for CPU work (`spin:<µs>:`, see `work.rs`) gets it done on the
+//! thread that serves it, as a dispatcher computing inline would.
 //!
 //! A fixed pool of threads (the caller's included) each block in `accept` on the shared
 //! listener and serve the connection they get until the client closes it. No async runtime,
@@ -15,6 +17,7 @@ use std::thread;
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{self, FrameReader};
+use crate::work;
 
 const NAMESPACE: &str = "echo";
 const CONFIG_ID: &str = "";
@@ -127,6 +130,9 @@ fn answer(body: &[u8], out: &mut Vec<u8>) -> bool {
     } else if request.config_id != CONFIG_ID {
         response.config_mismatch = true;
     } else {
+        if let Some(work) = work::requested(&request.ops) {
+            work::burn(work);
+        }
         response.ok = true;
         response.result = Some(&request.ops);
     }

@@ -61,6 +61,7 @@ pub fn run(options: &Options) -> io::Result<()> {
         presentation_per_op: None,
         namespace: "echo",
         config_id: "",
+        probe: false,
     };
     let mut frames = Vec::new();
     for _ in 0..options.frames {

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{self, FrameReader};
+use crate::work;
 
 /// How clients use connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +54,16 @@ pub struct Options {
     pub mode: Mode,
     /// Give up on a run that takes longer than this (a server that hangs must not hang us).
     pub timeout: Duration,
+    /// Microseconds of CPU work each measured request asks for (`spin:<µs>:`, see work.rs).
+    pub work_us: u64,
+    /// The measured clients send probes instead of requests (and check `ok`).
+    pub probe: bool,
+    /// Clients besides the measured ones, each sending requests that ask for
+    /// `background_work_us` of CPU work, one after another, until the measured clients are
+    /// done. Their latencies are not counted: they are the slow requests that others must
+    /// not wait behind.
+    pub background: usize,
+    pub background_work_us: u64,
 }
 
 /// A request as PROTOCOL.md defines it, field for field.
@@ -63,6 +74,32 @@ pub(crate) struct Request<'a> {
     pub(crate) presentation_per_op: Option<&'a [Option<String>]>,
     pub(crate) namespace: &'a str,
     pub(crate) config_id: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) probe: bool,
+}
+
+/// One client's request, encoded once, and what a right answer carries.
+struct Exchange {
+    frame: Vec<u8>,
+    /// The `result` to expect; `None` for a probe, whose result is the daemon's details.
+    result: Option<String>,
+}
+
+impl Exchange {
+    fn new(ops: String, probe: bool) -> io::Result<Self> {
+        let request = Request {
+            ops: &ops,
+            presentation: None,
+            presentation_per_op: None,
+            namespace: "echo",
+            config_id: "",
+            probe,
+        };
+        let mut frame = Vec::new();
+        frame::encode_into(&mut frame, &request)?;
+        let result = (!probe).then_some(ops);
+        Ok(Exchange { frame, result })
+    }
 }
 
 /// The parts of a response a client checks; the rest is ignored.
@@ -94,18 +131,11 @@ impl Tally {
 /// Runs the load and prints a table and, as the last line, the same figures as JSON.
 /// Fails only if no request at all succeeded.
 pub fn run(options: &Options) -> io::Result<()> {
-    let ops: String = (0..options.payload)
+    let payload: String = (0..options.payload)
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect();
-    let request = Request {
-        ops: &ops,
-        presentation: None,
-        presentation_per_op: None,
-        namespace: "echo",
-        config_id: "",
-    };
-    let mut request_frame = Vec::new();
-    frame::encode_into(&mut request_frame, &request)?;
+    let measured = Exchange::new(work::ops(options.work_us, &payload), options.probe)?;
+    let slow = Exchange::new(work::ops(options.background_work_us, &payload), false)?;
 
     let limit = options.timeout;
     thread::spawn(move || {
@@ -118,10 +148,14 @@ pub fn run(options: &Options) -> io::Result<()> {
         Length::Requests(n) => n,
         Length::Duration(_) => 0,
     });
-    let start = Barrier::new(options.concurrency + 1);
+    let start = Barrier::new(options.concurrency + options.background + 1);
+    let done = AtomicBool::new(false);
     let (tallies, elapsed) = thread::scope(|scope| {
         let clients: Vec<_> = (0..options.concurrency)
-            .map(|_| scope.spawn(|| client(options, &request_frame, &ops, &budget, &start)))
+            .map(|_| scope.spawn(|| client(options, &measured, &budget, &start, None)))
+            .collect();
+        let background: Vec<_> = (0..options.background)
+            .map(|_| scope.spawn(|| client(options, &slow, &budget, &start, Some(&done))))
             .collect();
         start.wait();
         let began = Instant::now();
@@ -129,7 +163,15 @@ pub fn run(options: &Options) -> io::Result<()> {
             .into_iter()
             .map(|client| client.join().expect("a client thread panicked"))
             .collect();
-        (tallies, began.elapsed())
+        let elapsed = began.elapsed();
+        done.store(true, Ordering::Relaxed);
+        for client in background {
+            let tally = client.join().expect("a client thread panicked");
+            if let Some(e) = tally.first_error {
+                eprintln!("khived-bench: background client error: {e}");
+            }
+        }
+        (tallies, elapsed)
     });
 
     let mut latencies = Vec::new();
@@ -156,13 +198,14 @@ pub fn run(options: &Options) -> io::Result<()> {
     Ok(())
 }
 
-/// One client's loop, until the duration is over or the shared budget is spent.
+/// One client's loop, until the duration is over or the shared budget is spent; a
+/// background client (with `until`) loops until `until` is set instead.
 fn client(
     options: &Options,
-    request_frame: &[u8],
-    ops: &str,
+    exchange_with: &Exchange,
     budget: &AtomicU64,
     start: &Barrier,
+    until: Option<&AtomicBool>,
 ) -> Tally {
     let mut tally = Tally::default();
     let mut reader = FrameReader::default();
@@ -175,9 +218,10 @@ fn client(
     loop {
         // The shared budget is touched only when counting requests, so that timed runs
         // do not bounce a cache line between the clients.
-        let more = match deadline {
-            Some(deadline) => Instant::now() < deadline,
-            None => budget
+        let more = match (until, deadline) {
+            (Some(done), _) => !done.load(Ordering::Relaxed),
+            (None, Some(deadline)) => Instant::now() < deadline,
+            (None, None) => budget
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                 .is_ok(),
         };
@@ -190,7 +234,7 @@ fn client(
                 let began = Instant::now();
                 reader.clear();
                 UnixStream::connect(&options.socket)
-                    .and_then(|mut stream| exchange(&mut stream, request_frame, &mut reader, ops))
+                    .and_then(|mut stream| exchange(&mut stream, exchange_with, &mut reader))
                     .map(|()| began.elapsed())
             }
             Mode::Persistent => {
@@ -206,7 +250,7 @@ fn client(
                 }
                 let stream = persistent.as_mut().expect("connected above");
                 let began = Instant::now();
-                let outcome = exchange(stream, request_frame, &mut reader, ops);
+                let outcome = exchange(stream, exchange_with, &mut reader);
                 if outcome.is_err() {
                     // The stream's state is unknown after a failure: start over.
                     persistent = None;
@@ -222,14 +266,10 @@ fn client(
     tally
 }
 
-/// Sends the request and checks that the answer is `ok` with `result` equal to `ops`.
-fn exchange(
-    stream: &mut UnixStream,
-    request_frame: &[u8],
-    reader: &mut FrameReader,
-    ops: &str,
-) -> io::Result<()> {
-    stream.write_all(request_frame)?;
+/// Sends the request and checks that the answer is `ok` with `result` equal to `ops` (any
+/// `result` for a probe).
+fn exchange(stream: &mut UnixStream, with: &Exchange, reader: &mut FrameReader) -> io::Result<()> {
+    stream.write_all(&with.frame)?;
     let body = reader.next(stream)?.ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -237,7 +277,12 @@ fn exchange(
         )
     })?;
     match serde_json::from_slice::<Reply<'_>>(body) {
-        Ok(reply) if reply.ok && reply.result.as_deref() == Some(ops) => Ok(()),
+        Ok(reply)
+            if reply.ok
+                && (with.result.is_none() || reply.result.as_deref() == with.result.as_deref()) =>
+        {
+            Ok(())
+        }
         _ => {
             let shown = &body[..body.len().min(200)];
             Err(io::Error::new(
@@ -276,18 +321,30 @@ impl Summary<'_> {
         println!("mode         {}", o.mode.name());
         println!("concurrency  {}", o.concurrency);
         println!("payload      {} bytes", o.payload);
+        println!(
+            "work         {} µs per request{}; {} background client(s) asking for {} µs",
+            o.work_us,
+            if o.probe { " (probes)" } else { "" },
+            o.background,
+            o.background_work_us
+        );
         println!("elapsed      {secs:.3} s");
         println!("requests     {}", self.requests);
         println!("errors       {}", self.errors);
         println!("rps          {rps:.1}");
         println!("latency µs   p50 {p50:.1}  p99 {p99:.1}  p99.9 {p999:.1}  max {max:.1}");
         println!(
-            "{{\"mode\":\"{}\",\"concurrency\":{},\"payload\":{},\"elapsed_s\":{secs:.3},\
+            "{{\"mode\":\"{}\",\"concurrency\":{},\"payload\":{},\"work_us\":{},\"probe\":{},\
+             \"background\":{},\"background_work_us\":{},\"elapsed_s\":{secs:.3},\
              \"requests\":{},\"errors\":{},\"rps\":{rps:.1},\"p50_us\":{p50:.1},\
              \"p99_us\":{p99:.1},\"p999_us\":{p999:.1},\"max_us\":{max:.1}}}",
             o.mode.name(),
             o.concurrency,
             o.payload,
+            o.work_us,
+            o.probe,
+            o.background,
+            o.background_work_us,
             self.requests,
             self.errors,
         );

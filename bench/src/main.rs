@@ -5,6 +5,7 @@ mod baseline;
 mod burst;
 mod frame;
 mod load;
+mod work;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,10 +35,18 @@ then one JSON line (rps and latency quantiles in microseconds).
     --mode MODE          one-shot (a connection per request) or persistent
                          (one connection per client) [default: one-shot]
     --timeout SECS       exit 2 if the run lasts longer [default: duration + 10, or 60]
+    --work-us N          each request asks the server for N µs of CPU work before it
+                         answers (ops \"spin:N:<payload>\") [default: 0]
+    --probe              send probes ({\"probe\":true}) instead, and check only ok
+    --background N       N more clients, not measured, each sending requests that ask
+                         for --background-work-us of CPU work, until the run ends
+                         [default: 0]
+    --background-work-us N  [default: 100000]
 
 baseline: echo server (namespace \"echo\", config_id \"\") on a fixed pool of threads that
 each block in accept and serve one connection at a time, as many requests as the client
-sends. Removes a leftover socket file before binding; runs until killed.
+sends. A request whose ops starts with \"spin:N:\" first burns N µs of the serving thread's
+CPU time. Removes a leftover socket file before binding; runs until killed.
     --socket PATH        where to listen
     --threads N          pool size, the calling thread included [default: 2]
 
@@ -101,6 +110,7 @@ fn load_options(mut parser: lexopt::Parser) -> Result<Options, lexopt::Error> {
     let mut payload = 64;
     let mut mode = Mode::OneShot;
     let mut timeout = None;
+    let (mut work_us, mut probe, mut background, mut background_work_us) = (0, false, 0, 100_000);
     while let Some(arg) = parser.next()? {
         match arg {
             Long("socket") => socket = Some(PathBuf::from(parser.value()?)),
@@ -116,6 +126,10 @@ fn load_options(mut parser: lexopt::Parser) -> Result<Options, lexopt::Error> {
                 }
             }
             Long("timeout") => timeout = Some(seconds(parser.value()?.parse()?)?),
+            Long("work-us") => work_us = parser.value()?.parse()?,
+            Long("probe") => probe = true,
+            Long("background") => background = parser.value()?.parse()?,
+            Long("background-work-us") => background_work_us = parser.value()?.parse()?,
             Long("help") | Short('h') => help_and_exit(),
             _ => return Err(arg.unexpected()),
         }
@@ -134,6 +148,10 @@ fn load_options(mut parser: lexopt::Parser) -> Result<Options, lexopt::Error> {
         payload,
         mode,
         timeout,
+        work_us,
+        probe,
+        background,
+        background_work_us,
     })
 }
 

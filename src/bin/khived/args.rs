@@ -54,6 +54,7 @@ pub(crate) struct Serve {
     pub(crate) workers: usize,
     pub(crate) queue: usize,
     pub(crate) request_timeout: Option<Duration>,
+    pub(crate) threads: Option<usize>,
     pub(crate) warm: Option<String>,
     /// `-v` adds one, `-q` takes one away: log levels above or below `KHIVED_LOG`'s.
     pub(crate) verbosity: i8,
@@ -96,6 +97,8 @@ pub(crate) struct Stop {
 const MAX_SECS: f64 = 365.0 * 86_400.0;
 /// More worker processes than this is a mistake: each is a process of its own.
 const MAX_WORKERS: usize = 1024;
+/// The most dispatch threads `--threads` takes.
+const MAX_THREADS: usize = 1024;
 /// The queue's slots are allocated up front.
 const MAX_QUEUE: usize = 65_536;
 /// Each connection takes a descriptor; the daemon lowers the cap to the open-file limit.
@@ -146,11 +149,16 @@ Options:
       --drain-timeout SECS    Time requests in flight get at shutdown [default: 10]
       --idle-timeout SECS     Stop after SECS without any connection [default: never]
       --max-connections N     Connections open at once, 1 to 1000000 [default: 512]
+      --threads N             Threads that may run dispatch at once, 1 to 1024; 1 runs
+                              everything on one thread [default: $KHIVE_THREADS, or the
+                              number of CPUs]
+      --request-timeout SECS  Answer request_timed_out to a request still running after
+                              SECS and cancel it (a worker stuck on it is killed and
+                              restarted) [default: never]
   -- CMD [ARGS...]            The worker command; everything after -- belongs to it
       --worker CMD [ARGS...]  The same (also --worker -- CMD [ARGS...]); must come last
       --workers N             Worker processes, 1 to 1024 [default: 1]
       --queue N               Requests that may wait for a worker, 1 to 65536 [default: 64]
-      --request-timeout SECS  Kill and restart a worker stuck on a request [default: never]
       --warm OPS              Send OPS to each worker once it starts
   -v, --verbose               Log more: debug, then trace (repeat)
   -q, --quiet                 Log less: warnings, then errors only, then nothing (repeat)
@@ -424,6 +432,7 @@ impl Serve {
             workers: 1,
             queue: 64,
             request_timeout: None,
+            threads: None,
             warm: None,
             verbosity: 0,
         }
@@ -454,6 +463,7 @@ impl Serve {
             "workers" => self.workers = count(&name, parser, MAX_WORKERS)?,
             "queue" => self.queue = count(&name, parser, MAX_QUEUE)?,
             "request-timeout" => self.request_timeout = Some(seconds(&name, parser)?),
+            "threads" => self.threads = Some(count(&name, parser, MAX_THREADS)?),
             "warm" => self.warm = Some(parser.value()?.string()?),
             "worker" => {
                 let command = match after_dashes(parser) {

@@ -484,6 +484,8 @@ fn run_status(options: Status) -> u8 {
             println!("  uptime:     {:.1} s", info.uptime_ms as f64 / 1000.0);
             println!("  in flight:  {}", info.in_flight);
             println!("  served:     {}", info.served);
+            println!("  waiting:    {}", info.waiting);
+            println!("  threads:    {}", info.threads);
         }
         State::Busy(e) => {
             println!("khived is running but busy: it is at its connection cap ({e})");
@@ -688,6 +690,10 @@ fn daemon_config(serve: &Serve) -> Config {
     if let Some(max) = serve.max_connections {
         config.max_connections = max;
     }
+    if let Some(threads) = serve.threads {
+        config.threads = threads;
+    }
+    config.request_timeout = serve.request_timeout;
     config
 }
 
@@ -717,14 +723,17 @@ fn serve_args(serve: &Serve, log: &std::path::Path) -> Vec<OsString> {
     if let Some(max) = serve.max_connections {
         args.extend(["--max-connections".into(), max.to_string().into()]);
     }
+    if let Some(threads) = serve.threads {
+        args.extend(["--threads".into(), threads.to_string().into()]);
+    }
+    if let Some(timeout) = serve.request_timeout {
+        args.extend(["--request-timeout".into(), secs(timeout)]);
+    }
     let flag = if serve.verbosity > 0 { "-v" } else { "-q" };
     args.extend((0..serve.verbosity.unsigned_abs()).map(|_| flag.into()));
     if let Some(worker) = &serve.worker {
         args.extend(["--workers".into(), serve.workers.to_string().into()]);
         args.extend(["--queue".into(), serve.queue.to_string().into()]);
-        if let Some(timeout) = serve.request_timeout {
-            args.extend(["--request-timeout".into(), secs(timeout)]);
-        }
         if let Some(warm) = &serve.warm {
             args.extend(["--warm".into(), warm.into()]);
         }

@@ -1,0 +1,280 @@
+#!/usr/bin/env bash
+# Dispatch on every core: measures khived's examples/compute (a dispatcher that computes
+# inline) against khived-bench's plain-threads baseline doing the same work, the head-of-line
+# figures (short requests and probes beside 100 ms computations), the echo one-shot figures
+# side by side with an earlier commit, and thread counts busy and idle.
+#
+#   bash bench/cores.sh                         # 3 rounds of 5 s per scenario
+#   PREV=main ROUNDS=5 BENCH_OUT=cores.jsonl bash bench/cores.sh
+#
+# Environment: ROUNDS (3), DURATION seconds per round (5), CONCURRENCY (8), WORK_US CPU work
+# per compute request (200), SLOW_US the slow requests of the head-of-line scenarios (100000),
+# BASE_THREADS baseline pool (nproc, the number of cores khived uses by default), PREV a git
+# revision whose examples/echo runs in alternation with this one's (default: HEAD~1 of the
+# checkout; "none" skips it), IDLE_WAIT seconds before idle threads are counted (15),
+# SCENARIOS (a subset of "compute short probes echo idle", all by default), BENCH_OUT (write
+# the summary as JSON lines). Servers run in alternation, each started fresh for a round. Run
+# it on a quiet machine: other work shows in every figure.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+CONCURRENCY=${CONCURRENCY:-8}
+WORK_US=${WORK_US:-200}
+SLOW_US=${SLOW_US:-100000}
+BASE_THREADS=${BASE_THREADS:-$(nproc)}
+PREV=${PREV:-HEAD~1}
+IDLE_WAIT=${IDLE_WAIT:-15}
+SCENARIOS=${SCENARIOS:-compute short probes echo idle}
+BENCH_OUT=${BENCH_OUT:-}
+case $BENCH_OUT in /* | "") ;; *) BENCH_OUT=$PWD/$BENCH_OUT ;; esac
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+target=${CARGO_TARGET_DIR:-$root/target}
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/khived-cores.XXXXXX")
+server_pid=""
+sampler_pid=""
+cleanup() {
+    for pid in $sampler_pid $server_pid; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "== building (release)"
+cargo build --release -p khived --example echo --example compute
+cargo build --release -p khived-bench
+echo_bin=$target/release/examples/echo
+compute_bin=$target/release/examples/compute
+bench=$target/release/khived-bench
+
+# The earlier commit's echo, built from a clean export of it (nothing in this checkout
+# changes), in a target directory of its own that later runs reuse.
+prev_bin=""
+if [ "$PREV" != none ]; then
+    prev_rev=$(git rev-parse --short "$PREV")
+    echo "== building examples/echo of $PREV ($prev_rev)"
+    mkdir -p "$work/prev"
+    git archive "$prev_rev" | tar -x -C "$work/prev"
+    CARGO_TARGET_DIR=$target/prev-echo cargo build -q --release --locked \
+        --manifest-path "$work/prev/Cargo.toml" -p khived --example echo
+    prev_bin=$target/prev-echo/release/examples/echo
+fi
+
+cpu=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git status --porcelain 2>/dev/null)" ]; then commit="$commit (dirty)"; fi
+echo "== machine: $(nproc) cores, ${cpu:-unknown CPU}, kernel $(uname -r); $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+echo "== khived $commit; $ROUNDS rounds x ${DURATION}s, $CONCURRENCY clients, work ${WORK_US} us, slow ${SLOW_US} us"
+
+threads_of() {
+    awk '/^Threads:/ {print $2}' "/proc/$1/status"
+}
+
+# Until killed, keeps the maximum thread count of process $1 in file $2.
+sample_max() {
+    local max=0 now
+    while now=$(threads_of "$1" 2>/dev/null); do
+        ((now > max)) && max=$now
+        echo "$max" >"$2.new" && mv "$2.new" "$2"
+        sleep 0.1
+    done
+}
+
+# Starts server $1 (khived, khived1 = one thread, prev, baseline); sets server_pid, socket, dir.
+start_server() {
+    dir=$(mktemp -d "$work/$1.XXXX")
+    socket=$dir/s.sock
+    case $1 in
+    khived) KHIVE_SOCKET=$socket KHIVE_PID=$dir/s.pid "$compute_bin" 2>"$dir/log" & ;;
+    khived1) KHIVE_THREADS=1 KHIVE_SOCKET=$socket KHIVE_PID=$dir/s.pid "$compute_bin" 2>"$dir/log" & ;;
+    echo) KHIVE_SOCKET=$socket KHIVE_PID=$dir/s.pid "$echo_bin" 2>"$dir/log" & ;;
+    prev) KHIVE_SOCKET=$socket KHIVE_PID=$dir/s.pid "$prev_bin" 2>"$dir/log" & ;;
+    baseline) "$bench" baseline --socket "$socket" --threads "$BASE_THREADS" 2>"$dir/log" & ;;
+    esac
+    server_pid=$!
+    for _ in $(seq 200); do
+        [ -S "$socket" ] && break
+        sleep 0.05
+    done
+    if ! "$bench" load --socket "$socket" --requests 1 --concurrency 1 --timeout 10 >/dev/null; then
+        echo "$1 did not answer on $socket; its log:" >&2
+        cat "$dir/log" >&2
+        exit 1
+    fi
+}
+
+stop_server() {
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" || true
+    server_pid=""
+}
+
+json_field() {
+    sed -n "s/.*\"$1\":\([-0-9.e+]*\).*/\1/p" <<<"$2"
+}
+
+busy() {
+    local comm file compilers=0
+    for file in /proc/[0-9]*/comm; do
+        { read -r comm <"$file"; } 2>/dev/null || continue
+        case $comm in rustc | cargo | cc | ld | ld.lld | collect2) compilers=$((compilers + 1)) ;; esac
+    done
+    echo "load average $(cut -d' ' -f1-3 /proc/loadavg), $compilers compiler process(es) running"
+}
+load_before=$(busy)
+echo "== before the rounds: $load_before"
+
+results=$work/results # scenario server round rps p50 p99 max errors busy_threads
+: >"$results"
+
+# round SCENARIO SERVER ROUND LOAD-ARGS...
+round() {
+    local scenario=$1 server=$2 n=$3
+    shift 3
+    start_server "$server"
+    sleep 0.5
+    echo 0 >"$dir/max"
+    sample_max "$server_pid" "$dir/max" &
+    sampler_pid=$!
+    "$bench" load --socket "$socket" --duration "$DURATION" "$@" >"$dir/load"
+    kill "$sampler_pid"
+    wait "$sampler_pid" 2>/dev/null || true
+    sampler_pid=""
+    local threads
+    threads=$(cat "$dir/max")
+    stop_server
+    local line row
+    line=$(tail -n 1 "$dir/load")
+    row=("$scenario" "$server" "$n")
+    for field in rps p50_us p99_us max_us errors; do
+        row+=("$(json_field "$field" "$line")")
+    done
+    row+=("$threads")
+    echo "${row[*]}" >>"$results"
+    printf '%-10s %-9s round %s: %9s rps  p50 %9s us  p99 %9s us  errors %s  busy threads %s\n' \
+        "$scenario" "$server" "$n" "${row[3]}" "${row[4]}" "${row[5]}" "${row[7]}" "$threads"
+}
+
+wants() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+for n in $(seq "$ROUNDS"); do
+    if wants compute; then
+        for server in khived baseline; do
+            round compute "$server" "$n" --concurrency "$CONCURRENCY" --work-us "$WORK_US"
+        done
+    fi
+    for server in khived khived1; do
+        # Short requests from 7 clients beside one client's long computations.
+        if wants short; then
+            round short "$server" "$n" --concurrency $((CONCURRENCY - 1)) \
+                --background 1 --background-work-us "$SLOW_US"
+        fi
+        # Probes beside two long computations.
+        if wants probes; then
+            round probes "$server" "$n" --concurrency 2 --probe \
+                --background 2 --background-work-us "$SLOW_US"
+        fi
+    done
+    if [ -n "$prev_bin" ] && wants echo; then
+        for server in echo prev; do
+            round echo "$server" "$n" --concurrency "$CONCURRENCY"
+        done
+    fi
+done
+
+# Idle threads: after a burst of compute work, the daemon gives its extra threads back.
+idle_threads=n/a
+if wants idle; then
+    start_server khived
+    "$bench" load --socket "$socket" --duration 2 --concurrency "$CONCURRENCY" \
+        --work-us "$WORK_US" >/dev/null
+    after_load=$(threads_of "$server_pid")
+    sleep "$IDLE_WAIT"
+    idle_threads=$(threads_of "$server_pid")
+    stop_server
+    echo "compute daemon threads: $after_load right after a 2 s burst, $idle_threads after ${IDLE_WAIT}s idle"
+fi
+
+load_after=$(busy)
+echo "== after the rounds: $load_after"
+
+median() { # SCENARIO SERVER COLUMN
+    awk -v s="$1" -v v="$2" -v c="$3" '$1 == s && $2 == v {print $c}' "$results" |
+        sort -g |
+        awk '{v[NR] = $1} END {
+            if (NR == 0) print "n/a"
+            else if (NR % 2) print v[(NR + 1) / 2]
+            else print (v[NR / 2] + v[NR / 2 + 1]) / 2
+        }'
+}
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        if (a == "n/a" || b == "n/a" || b + 0 == 0) print "n/a"; else printf "%.2f\n", a / b
+    }'
+}
+json_value() {
+    case $1 in n/a | "") echo null ;; *) echo "$1" ;; esac
+}
+out() {
+    if [ -n "$BENCH_OUT" ]; then echo "$1" >>"$BENCH_OUT"; fi
+}
+if [ -n "$BENCH_OUT" ]; then : >"$BENCH_OUT"; fi
+out "{\"kind\":\"run\",\"script\":\"cores\",\"date\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\"commit\":\"$commit\",\"prev\":\"${prev_rev:-none}\",\"nproc\":$(nproc),\"rounds\":$ROUNDS,\"duration_s\":$DURATION,\"concurrency\":$CONCURRENCY,\"work_us\":$WORK_US,\"slow_us\":$SLOW_US,\"baseline_threads\":$BASE_THREADS,\"before\":\"$load_before\",\"after\":\"$load_after\"}"
+
+echo
+echo "== summary: medians of $ROUNDS rounds"
+printf '%-34s %12s %12s %8s\n' metric a b "a/b"
+row() { # label a b
+    local r
+    r=$(ratio "$2" "$3")
+    printf '%-34s %12s %12s %8s\n' "$1" "$2" "$3" "$r"
+    out "{\"kind\":\"metric\",\"metric\":\"$1\",\"a\":$(json_value "$2"),\"b\":$(json_value "$3"),\"ratio\":$(json_value "$r")}"
+}
+echo "compute ${WORK_US} us: a = khived, b = baseline ($BASE_THREADS threads)"
+row "compute rps" "$(median compute khived 4)" "$(median compute baseline 4)"
+row "compute p50 us" "$(median compute khived 5)" "$(median compute baseline 5)"
+row "compute p99 us" "$(median compute khived 6)" "$(median compute baseline 6)"
+row "compute busy threads" "$(median compute khived 9)" "$(median compute baseline 9)"
+echo "head-of-line: a = khived, b = khived with KHIVE_THREADS=1"
+row "short beside 1 slow: p99 us" "$(median short khived 6)" "$(median short khived1 6)"
+row "short beside 1 slow: rps" "$(median short khived 4)" "$(median short khived1 4)"
+row "probes beside 2 slow: p99 us" "$(median probes khived 6)" "$(median probes khived1 6)"
+row "probes beside 2 slow: max us" "$(median probes khived 7)" "$(median probes khived1 7)"
+if [ -n "$prev_bin" ]; then
+    echo "echo one-shot: a = this commit, b = $PREV ($prev_rev)"
+    row "echo one-shot rps" "$(median echo echo 4)" "$(median echo prev 4)"
+    row "echo one-shot p99 us" "$(median echo echo 6)" "$(median echo prev 6)"
+    row "echo busy threads" "$(median echo echo 9)" "$(median echo prev 9)"
+fi
+
+echo
+echo "== goals"
+goal() { # label value op target
+    local result
+    result=$(awk -v v="$2" -v op="$3" -v t="$4" 'BEGIN {
+        if (v == "n/a") print "n/a"
+        else if (op == "<=") print (v + 0 <= t + 0 ? "PASS" : "MISS")
+        else print (v + 0 >= t + 0 ? "PASS" : "MISS")
+    }')
+    printf '%-44s %10s %s %-8s %s\n' "$1" "$2" "$3" "$4" "$result"
+    out "{\"kind\":\"goal\",\"goal\":\"$1\",\"value\":$(json_value "$2"),\"op\":\"$3\",\"target\":$4,\"result\":\"$result\"}"
+}
+goal "compute rps, khived / baseline" \
+    "$(ratio "$(median compute khived 4)" "$(median compute baseline 4)")" ">=" 0.95
+goal "compute p99, khived / baseline" \
+    "$(ratio "$(median compute khived 6)" "$(median compute baseline 6)")" "<=" 1.1
+goal "short requests beside a slow one, p99 us" "$(median short khived 6)" "<=" 5000
+goal "probes beside two slow ones, p99 us" "$(median probes khived 6)" "<=" 5000
+if [ -n "$prev_bin" ]; then
+    goal "echo one-shot rps, this / previous" \
+        "$(ratio "$(median echo echo 4)" "$(median echo prev 4)")" ">=" 0.95
+    goal "echo one-shot p99, this / previous" \
+        "$(ratio "$(median echo echo 6)" "$(median echo prev 6)")" "<=" 1.05
+fi
+goal "idle threads after ${IDLE_WAIT}s" "$idle_threads" "<=" 2
+if [ -n "$BENCH_OUT" ]; then echo "(summary written to $BENCH_OUT)"; fi

@@ -1,0 +1,137 @@
+//! Dispatch on several threads: a dispatch that holds its thread does not hold up probes or
+//! other requests, hanging up cancels a request, the request deadline, and the switch that
+//! lets work finish. Nothing here measures time: every wait is for an event, with a generous
+//! deadline.
+
+mod common;
+mod gated;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::{frame, read_response};
+use gated::{Running, WAIT};
+use khived::Request;
+
+#[test]
+fn dispatches_that_hold_their_threads_do_not_hold_up_probes_or_short_requests() {
+    let running = Running::start(|_| {});
+    let mut first = running.send("block:1");
+    running.expect("started 1");
+    // One of the two dispatch threads is taken: a probe and a short request are answered.
+    let info = khived::probe(&running.socket, WAIT).unwrap();
+    assert_eq!(info.namespace, "gated");
+    assert_eq!(running.call("short:a").result.as_deref(), Some("short:a"));
+    running.expect("started a");
+    running.expect("finished a");
+    running.expect("dropped a");
+
+    // Both are taken: probes are still answered; a short request waits for a thread.
+    let mut second = running.send("block:2");
+    running.expect("started 2");
+    for _ in 0..3 {
+        khived::probe(&running.socket, WAIT).unwrap();
+    }
+    let mut waiting = running.send("short:b");
+    running.wait_until_waiting(1);
+    let info = khived::probe(&running.socket, WAIT).unwrap();
+    assert_eq!(info.threads, 3, "two computing, one for the rest: {info:?}");
+
+    running.gated.open_blocking_gate();
+    for (stream, ops) in [(&mut first, "block:1"), (&mut second, "block:2")] {
+        let response = read_response(stream).unwrap();
+        assert_eq!(response.result.as_deref(), Some(ops), "{response:?}");
+    }
+    let response = read_response(&mut waiting).unwrap();
+    assert_eq!(response.result.as_deref(), Some("short:b"), "{response:?}");
+    running.stop();
+}
+
+#[test]
+fn hanging_up_cancels_a_request_being_dispatched_or_waiting_for_a_thread() {
+    let running = Running::start(|_| {});
+    // Being dispatched: its future waits; the client hangs up.
+    let stream = running.send("await:1");
+    running.expect("started 1");
+    drop(stream);
+    running.expect("dropped 1");
+
+    // Waiting for a thread: both are blocked; its client hangs up; when its turn comes it
+    // is dropped without having run.
+    let first = running.send("block:2");
+    running.expect("started 2");
+    let second = running.send("block:3");
+    running.expect("started 3");
+    drop(running.send("short:4"));
+    running.wait_until_waiting(1);
+    running.gated.open_blocking_gate();
+    let mut got: Vec<String> = (0..5)
+        .map(|_| running.events.recv_timeout(WAIT).unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "dropped 2",
+            "dropped 3",
+            "dropped 4",
+            "finished 2",
+            "finished 3"
+        ],
+        "the request whose client left never started"
+    );
+    drop((first, second));
+    running.stop();
+}
+
+#[test]
+fn a_request_past_its_deadline_is_answered_with_a_timeout_and_dropped() {
+    let running =
+        Running::start(|config| config.request_timeout = Some(Duration::from_millis(300)));
+    let mut stream = running.send("await:1");
+    let response = read_response(&mut stream).unwrap();
+    let error = response.error.clone().unwrap_or_default();
+    assert!(error.starts_with("request timed out"), "{error}");
+    assert!(!response.ok);
+    assert_eq!(response.error_code(), Some(khived::code::REQUEST_TIMED_OUT));
+    let detail = response.error_detail.as_ref().unwrap();
+    assert_eq!(detail.disposition, khived::Disposition::Unknown);
+    running.expect("started 1");
+    running.expect("dropped 1");
+    // The connection is still good for the next request.
+    let body = serde_json::to_vec(&Request::new("short:2", "gated", "")).unwrap();
+    stream.write_all(&frame(&body)).unwrap();
+    let response = read_response(&mut stream).unwrap();
+    assert_eq!(response.result.as_deref(), Some("short:2"));
+    running.stop();
+}
+
+#[test]
+fn with_cancel_on_disconnect_off_the_work_completes() {
+    let running = Running::start(|config| config.cancel_on_disconnect = false);
+    let stream = running.send("await:1");
+    running.expect("started 1");
+    drop(stream);
+    // The daemon has seen the hang-up by the time it answers a probe sent after it? Not
+    // necessarily; but whatever it saw, the work must still finish once allowed to.
+    khived::probe(&running.socket, WAIT).unwrap();
+    running.gated.open_async_gate();
+    running.expect("finished 1");
+    running.expect("dropped 1");
+    running.stop();
+}
+
+#[test]
+fn one_thread_serves_as_before() {
+    let running = Running::start(|config| config.threads = 1);
+    assert_eq!(running.call("short:1").result.as_deref(), Some("short:1"));
+    running.expect("started 1");
+    running.expect("finished 1");
+    running.expect("dropped 1");
+    // Cancellation works the same on one thread.
+    let stream = running.send("await:2");
+    running.expect("started 2");
+    drop(stream);
+    running.expect("dropped 2");
+    running.stop();
+}
