@@ -27,7 +27,6 @@
 //!
 //! With `threads == 1` none of this exists: dispatch futures are polled inline, as before.
 
-use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -246,7 +245,6 @@ impl Execution {
             } else if instant - last_needed >= RETIRE_AFTER {
                 last_needed = instant;
                 let surplus = running - wanted;
-                log::debug!("giving back {surplus} dispatch thread(s)");
                 self.retire.fetch_add(surplus, Ordering::SeqCst);
                 self.retire_event.notify(surplus);
             }
@@ -260,7 +258,7 @@ impl Execution {
                 if self.polls.load(Ordering::SeqCst) == polls
                     || self.watching.swap(true, Ordering::SeqCst)
                 {
-                    log::debug!("no dispatch for {LINGER:?}: the dispatch watchdog leaves");
+                    log::debug!("no dispatch for 2 s: the dispatch watchdog leaves");
                     return;
                 }
             }
@@ -396,8 +394,8 @@ struct Slots {
 #[derive(Debug)]
 struct SlotState {
     free: Vec<usize>,
-    /// Waiting polls, oldest first.
-    queue: VecDeque<(u64, Waker)>,
+    /// Waiting polls, oldest first (a `Vec`: there are few, and it keeps the binary smaller).
+    queue: Vec<(u64, Waker)>,
     /// Slots handed to a waiter that has not polled since.
     granted: Vec<(u64, usize)>,
     next_id: u64,
@@ -408,7 +406,7 @@ impl Slots {
         Slots {
             state: Mutex::new(SlotState {
                 free: (0..count).rev().collect(),
-                queue: VecDeque::new(),
+                queue: Vec::new(),
                 granted: Vec::new(),
                 next_id: 0,
             }),
@@ -419,7 +417,7 @@ impl Slots {
     /// Gives `slot` to the oldest waiter, or frees it.
     fn release(&self, slot: usize) {
         let mut state = lock(&self.state);
-        match state.queue.pop_front() {
+        match (!state.queue.is_empty()).then(|| state.queue.remove(0)) {
             Some((id, waker)) => {
                 state.granted.push((id, slot));
                 drop(state);
@@ -459,7 +457,7 @@ impl Ticket<'_> {
         }
         let id = state.next_id;
         state.next_id += 1;
-        state.queue.push_back((id, cx.waker().clone()));
+        state.queue.push((id, cx.waker().clone()));
         self.id = Some(id);
         None
     }
@@ -508,10 +506,7 @@ fn spawn(name: &str, body: Box<dyn FnOnce() + Send>) -> Option<JoinHandle<()>> {
         .name(name.to_owned())
         .spawn(body)
     {
-        Ok(handle) => {
-            log::debug!("started thread {name}");
-            Some(handle)
-        }
+        Ok(handle) => Some(handle),
         Err(e) => {
             log::warn!("cannot start thread {name}: {e}");
             None
