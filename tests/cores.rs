@@ -135,3 +135,20 @@ fn one_thread_serves_as_before() {
     running.expect("dropped 2");
     running.stop();
 }
+
+#[test]
+fn a_client_that_only_shuts_down_writing_is_still_answered() {
+    let running = Running::start(|_| {});
+    let mut stream = running.send("await:1");
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    running.expect("started 1");
+    // The probe gives the daemon the time to see the end of the client's writing side (it
+    // usually has by then; nothing here can tell): it must not take it for a hang-up.
+    khived::probe(&running.socket, WAIT).unwrap();
+    running.gated.open_async_gate();
+    let response = read_response(&mut stream).unwrap();
+    assert_eq!(response.result.as_deref(), Some("await:1"), "{response:?}");
+    running.expect("finished 1");
+    running.expect("dropped 1");
+    running.stop();
+}
