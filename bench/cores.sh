@@ -5,7 +5,7 @@
 # side by side with an earlier commit, and thread counts busy and idle.
 #
 #   bash bench/cores.sh                         # 3 rounds of 5 s per scenario
-#   PREV=main ROUNDS=5 BENCH_OUT=cores.jsonl bash bench/cores.sh
+#   PREV=9de69a8 ROUNDS=5 BENCH_OUT=cores.jsonl bash bench/cores.sh   # against that commit
 #
 # Environment: ROUNDS (3), DURATION seconds per round (5), CONCURRENCY (8), WORK_US CPU work
 # per compute request (200), SLOW_US the slow requests of the head-of-line scenarios (100000),

@@ -10,7 +10,7 @@
 # CORES=0 to skip bench/cores.sh, which runs at the end (compute-bound dispatch, head-of-line,
 # echo against the previous commit PREV, default HEAD~1; see its header).
 #
-#   PREV=main ROUNDS=5 DURATION=5 BENCH_OUT=bench.jsonl bash bench/run.sh   # the full run
+#   ROUNDS=5 DURATION=5 BENCH_OUT=bench.jsonl bash bench/run.sh   # the full run; PREV=HEAD~1
 # Servers run in alternation (khived, baseline, khived, ...), each started fresh for a round,
 # so that drift on the machine (other builds, thermal) hits both alike.
 set -euo pipefail
