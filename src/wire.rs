@@ -941,7 +941,14 @@ pub(crate) fn encode_frame_into<T: Serialize + ?Sized>(
 ) -> io::Result<()> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    if let Err(e) = serde_json::to_writer(&mut *out, message) {
+    // Through the same writer type as `encode_frame_within`, so that a message type is
+    // serialized by one compiled copy of its code.
+    let mut unlimited = Capped {
+        out: &mut *out,
+        limit: usize::MAX,
+        len: start + 4,
+    };
+    if let Err(e) = serde_json::to_writer(&mut unlimited, message) {
         out.truncate(start);
         return Err(e.into());
     }
