@@ -337,7 +337,9 @@ fn not_answering(path: &Path, pid_file: &Path, previous: Option<u32>, e: &io::Er
     io::Error::new(
         io::ErrorKind::AddrInUse,
         format!(
-            "{} accepts connections but does not answer ({e}); {holder}. A daemon that is              hung or stopped still owns it: refusing to take it over. Stop or resume that              process, or remove the socket if you are sure nothing serves it",
+            "{} accepts connections but does not answer ({e}); {holder}. A daemon that is \
+             hung or stopped still owns it: refusing to take it over. Stop or resume that \
+             process, or remove the socket if you are sure nothing serves it",
             path.display()
         ),
     )
