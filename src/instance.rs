@@ -290,9 +290,9 @@ fn clear_leftover_socket(path: &Path, previous: Option<u32>, pid_file: &Path) ->
 }
 
 /// Probes the daemon behind `client`: `Ok` if it answers with a response, with the pid its
-/// answer names. Only the two fields this needs are decoded, not a whole [`Response`] and
-/// [`ProbeInfo`](crate::wire::ProbeInfo): their decoders would be in every daemon's binary
-/// for this one start-up check (a client's binary has them anyway).
+/// answer names. Only what this needs is decoded (`ok`, `result`, and the `pid` in it), not a
+/// whole [`Response`] and [`ProbeInfo`](crate::wire::ProbeInfo): their decoders would be in
+/// every daemon's binary for this one start-up check (a client's binary has them anyway).
 ///
 /// [`Response`]: crate::wire::Response
 fn probe_incumbent(client: &mut Client) -> io::Result<Option<u32>> {
