@@ -7,11 +7,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use futures_lite::io::AssertAsync;
 use rustix::net::{sockopt, SocketAddrUnix};
 
 use crate::sys;
-use crate::wire::{encode_frame, read_frame, Frame, ProbeInfo, Request, Response};
+use crate::wire::{encode_frame, Frame, FrameDecoder, ProbeInfo, Request, Response};
 
 /// A connection to a daemon, for one or several requests under one deadline.
 ///
@@ -110,8 +109,8 @@ impl Client {
     /// # Errors
     ///
     /// [`io::ErrorKind::TimedOut`] once the deadline has passed, naming the socket and what
-    /// was being done; any error of the socket, or of [`read_frame`] (a frame cut short, a
-    /// header above the cap).
+    /// was being done; any error of the socket, or of [`read_frame`](crate::read_frame) (a
+    /// frame cut short, a header above the cap).
     pub fn exchange(&mut self, frame: &Frame) -> io::Result<Vec<u8>> {
         use std::io::Write;
         self.arm_timeouts()?;
@@ -138,9 +137,8 @@ impl Client {
             }
         }
         self.arm_timeouts()?;
-        // The socket blocks, bounded by its timeouts; the async reader just runs to completion.
-        let mut reader = AssertAsync::new(&self.stream);
-        match futures_lite::future::block_on(read_frame(&mut reader)) {
+        // The socket blocks, bounded by its timeouts.
+        match read_frame_blocking(&self.stream) {
             Ok(body) => Ok(body),
             Err(e) => Err(match written {
                 Err(write_error) => write_error,
@@ -167,6 +165,25 @@ impl Client {
         self.stream.set_write_timeout(Some(left))?;
         self.stream.set_read_timeout(Some(left))?;
         Ok(())
+    }
+}
+
+/// [`read_frame`](crate::read_frame) for a blocking socket: the same decoder and errors,
+/// without an executor to run the async reader on (which every daemon's binary would carry
+/// for its start-up probe).
+fn read_frame_blocking(mut stream: &UnixStream) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut decoder = FrameDecoder::new();
+    loop {
+        if decoder.decode()?.is_some() {
+            return Ok(decoder.into_body());
+        }
+        match stream.read(decoder.read_buf_in_frame()) {
+            Ok(0) => return Err(decoder.cut_short()),
+            Ok(n) => decoder.filled(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 

@@ -180,13 +180,10 @@ fn outcome(response: &Response) -> &str {
 }
 
 /// The namespace a frame names, quoted, for the debug line; `-` when it is not a request.
+/// Decoded as a whole [`Request`] again, whose decoder the binary has anyway, rather than
+/// through a decoder of its own for this one field.
 fn namespace_of(body: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct Namespace<'a> {
-        #[serde(borrow)]
-        namespace: std::borrow::Cow<'a, str>,
-    }
-    match serde_json::from_slice::<Namespace<'_>>(body) {
+    match serde_json::from_slice::<Request<'_>>(body) {
         Ok(named) => format!("{:?}", named.namespace),
         Err(_) => "-".to_owned(),
     }

@@ -13,11 +13,13 @@ use std::time::Duration;
 use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::net::SocketAddrUnix;
 
+use crate::client::Client;
 use crate::config::{beside, Config};
 use crate::error::annotate;
 use crate::pidfile::{is_process_running, read_pid, running_pid, wait_for_pid};
 use crate::sys::{self, MAX_SOCKET_PATH};
 use crate::trust::prepare_dir;
+use crate::wire::{encode_frame, Request};
 use crate::Error;
 
 /// How many connections may wait in the kernel's queue before `accept`.
@@ -255,20 +257,16 @@ fn clear_leftover_socket(path: &Path, previous: Option<u32>, pid_file: &Path) ->
     // A second look when the first connection was cut: a daemon closing its listener at that
     // moment drops the connections waiting in its queue, and refuses the next one.
     for attempt in 0..2 {
-        let mut client = match crate::client::Client::connect(path, Duration::from_secs(1)) {
+        let mut client = match Client::connect(path, Duration::from_secs(1)) {
             Ok(client) => client,
             Err(e) if is_nobody_there(&e) => break,
             Err(e) => return Err(not_answering(path, pid_file, previous, &e)),
         };
-        let e = match client.request(&crate::wire::Request::probe()) {
-            Ok(response) => {
-                let info = response.result.as_deref().filter(|_| response.ok);
-                let probed = info
-                    .and_then(|text| serde_json::from_str::<crate::wire::ProbeInfo>(text).ok())
-                    .map(|info| info.pid);
+        let e = match probe_incumbent(&mut client) {
+            Ok(probed) => {
                 return Err(Error::AlreadyRunning {
                     pid: probed.or(previous),
-                });
+                })
             }
             Err(e) => e,
         };
@@ -289,6 +287,30 @@ fn clear_leftover_socket(path: &Path, previous: Option<u32>, pid_file: &Path) ->
         }
         _ => Ok(()),
     }
+}
+
+/// Probes the daemon behind `client`: `Ok` if it answers with a response, with the pid its
+/// answer names. Only what this needs is decoded (`ok`, `result`, and the `pid` in it), not a
+/// whole [`Response`] and [`ProbeInfo`](crate::wire::ProbeInfo): their decoders would be in
+/// every daemon's binary for this one start-up check (a client's binary has them anyway).
+///
+/// [`Response`]: crate::wire::Response
+fn probe_incumbent(client: &mut Client) -> io::Result<Option<u32>> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        ok: bool,
+        #[serde(default)]
+        result: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Pid {
+        pid: u32,
+    }
+    let body = client.exchange(&encode_frame(&Request::probe())?)?;
+    let answer: Answer = serde_json::from_slice(&body)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad response: {e}")))?;
+    let info = answer.result.filter(|_| answer.ok);
+    Ok(info.and_then(|text| Some(serde_json::from_slice::<Pid>(text.as_bytes()).ok()?.pid)))
 }
 
 /// Whether a failed connect says that nothing listens on the socket.
@@ -315,7 +337,9 @@ fn not_answering(path: &Path, pid_file: &Path, previous: Option<u32>, e: &io::Er
     io::Error::new(
         io::ErrorKind::AddrInUse,
         format!(
-            "{} accepts connections but does not answer ({e}); {holder}. A daemon that is              hung or stopped still owns it: refusing to take it over. Stop or resume that              process, or remove the socket if you are sure nothing serves it",
+            "{} accepts connections but does not answer ({e}); {holder}. A daemon that is \
+             hung or stopped still owns it: refusing to take it over. Stop or resume that \
+             process, or remove the socket if you are sure nothing serves it",
             path.display()
         ),
     )

@@ -637,6 +637,18 @@ impl FrameDecoder {
         Err(io::Error::new(io::ErrorKind::UnexpectedEof, message))
     }
 
+    /// The error for a stream that ended before the one frame a reader wanted was whole:
+    /// inside the frame (as [`finish`](Self::finish) says), or before it.
+    pub(crate) fn cut_short(&self) -> io::Error {
+        match self.finish() {
+            Err(e) => e,
+            Ok(()) => io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before a frame",
+            ),
+        }
+    }
+
     /// The bytes the buffer holds room for, read or not.
     pub(crate) fn capacity(&self) -> usize {
         self.buf.capacity()
@@ -695,7 +707,7 @@ impl FrameDecoder {
     }
 
     /// The body of the one whole frame buffered, without copying it when it starts the buffer.
-    fn into_body(mut self) -> Vec<u8> {
+    pub(crate) fn into_body(mut self) -> Vec<u8> {
         let len = self.decode().ok().flatten().map_or(0, <[u8]>::len);
         let body = self.start + 4..self.start + 4 + len;
         if self.start != 0 {
@@ -752,14 +764,7 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(reader: &mut R) -> io::Re
             return Ok(decoder.into_body());
         }
         match reader.read(decoder.read_buf_in_frame()).await {
-            Ok(0) => {
-                // The stream ended inside the frame, or before it.
-                decoder.finish()?;
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed before a frame",
-                ));
-            }
+            Ok(0) => return Err(decoder.cut_short()),
             Ok(n) => decoder.filled(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -950,7 +955,14 @@ pub(crate) fn encode_frame_into<T: Serialize + ?Sized>(
 ) -> io::Result<()> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    if let Err(e) = serde_json::to_writer(&mut *out, message) {
+    // Through the same writer type as `encode_frame_within`, so that a message type is
+    // serialized by one compiled copy of its code.
+    let mut unlimited = Capped {
+        out: &mut *out,
+        limit: usize::MAX,
+        len: start + 4,
+    };
+    if let Err(e) = serde_json::to_writer(&mut unlimited, message) {
         out.truncate(start);
         return Err(e.into());
     }

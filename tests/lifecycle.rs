@@ -356,3 +356,37 @@ fn an_older_daemon_that_does_not_lock_is_left_alone() {
     );
     drop(incumbent.join().unwrap());
 }
+
+#[test]
+fn a_socket_answering_the_probe_with_no_response_is_not_taken_over() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    // Something holds the socket and answers a frame, but not with a response: not a khived
+    // that is running, and not a leftover either.
+    let listener = UnixListener::bind(&socket).unwrap();
+    let incumbent = std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let _ = common::read_response_raw(&mut stream);
+            let _ = std::io::Write::write_all(&mut stream, &common::frame(br#"{"pid":1}"#));
+        }
+        listener
+    });
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&socket).unwrap());
+    let mut newcomer = ChildDaemon::spawn(&socket, &[]);
+    assert_eq!(
+        newcomer.wait(EXIT_WAIT).code(),
+        Some(1),
+        "{}",
+        newcomer.log()
+    );
+    let expected = format!(
+        "{} accepts connections but does not answer (bad response: missing field `ok`",
+        socket.display()
+    );
+    assert!(newcomer.log().contains(&expected), "{}", newcomer.log());
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&socket).unwrap()),
+        inode
+    );
+    drop(incumbent.join().unwrap());
+}
