@@ -28,7 +28,7 @@
 //! With `threads == 1` none of this exists: dispatch futures are polled inline, as before.
 
 use std::future::{poll_fn, Future};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
@@ -370,8 +370,16 @@ impl Watch<'_> {
 ///
 /// Tasks are taken from the executor's shared queue one at a time (`Executor::tick`), never
 /// from a queue of a thread's own as `Executor::run` keeps: a task woken while the thread that
-/// last ran it computes is run by whichever thread is free, and the binary holds one loop.
-pub(crate) async fn run_tasks(executor: &Executor<'static>) {
+/// last ran it computes is run by whichever thread is free, and the binary holds one loop:
+/// it is boxed, so that its poll (with the executor's inlined into it) is compiled once rather
+/// than into each caller.
+pub(crate) fn run_tasks<'a>(
+    executor: &'a Executor<'static>,
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    Box::pin(tasks(executor))
+}
+
+async fn tasks(executor: &Executor<'static>) {
     loop {
         for _ in 0..200 {
             executor.tick().await;
