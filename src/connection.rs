@@ -14,6 +14,7 @@ use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
@@ -292,17 +293,20 @@ async fn dispatch<D: Dispatch>(
 /// with the reactor yet is registered for the time of the watch only, so that a request whose
 /// dispatch waits costs the connection nothing afterwards.
 async fn hung_up(io: &Io) {
-    match io {
-        Io::Registered(registered) => {
-            cancel::watch_hang_up(registered.as_fd(), &|cx| registered.poll_readable(cx)).await
-        }
-        Io::Plain(stream) => match Async::new_nonblocking(stream) {
-            Ok(registered) => {
-                cancel::watch_hang_up(stream.as_fd(), &|cx| registered.poll_readable(cx)).await
-            }
-            Err(_) => future::pending().await,
-        },
-        Io::Closed => future::pending().await,
+    let plain = match io {
+        Io::Plain(stream) => Async::new_nonblocking(stream).ok(),
+        _ => None,
+    };
+    // Never ready, so never done, when the socket could not be registered. One call of the
+    // watch for both kinds of socket, so that its loop is compiled in once.
+    let readable = |cx: &mut Context<'_>| match (io, &plain) {
+        (Io::Registered(registered), _) => registered.poll_readable(cx),
+        (_, Some(registered)) => registered.poll_readable(cx),
+        _ => Poll::Pending,
+    };
+    match io.stream() {
+        Ok(stream) => cancel::watch_hang_up(stream.as_fd(), &readable).await,
+        Err(_) => future::pending().await,
     }
 }
 
