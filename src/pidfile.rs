@@ -128,8 +128,11 @@ pub(crate) fn wait_for_pid(mut file: File) -> Option<u32> {
 }
 
 pub(crate) fn read_pid(file: &mut File) -> Option<u32> {
-    let mut text = String::new();
+    // A PID and its newline fit in a few bytes; one `read` of a small buffer does without
+    // the general read-to-end (1.4 KB of binary). A file longer than that holds no PID.
+    let mut buf = [0; 32];
     file.rewind().ok()?;
-    file.read_to_string(&mut text).ok()?;
+    let len = file.read(&mut buf).ok()?;
+    let text = std::str::from_utf8(buf.get(..len).filter(|_| len < buf.len())?).ok()?;
     text.trim().parse().ok().filter(|&pid| pid != 0)
 }
