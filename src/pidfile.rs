@@ -97,22 +97,30 @@ pub fn running_pid(pid_file: &Path) -> io::Result<Option<u32>> {
             ),
         ));
     }
-    // A shared lock is granted only if no daemon holds its exclusive one. It is held for
-    // two system calls; a daemon starting at this very moment retries past it.
-    match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockShared) {
-        Ok(()) => {
-            let _ = rustix::fs::flock(&fd, FlockOperation::Unlock);
-            Ok(None)
+    let mut file = File::from(fd);
+    // The lock is looked at again each time the PID is not (yet) a live process: a daemon
+    // that is starting has not written its PID yet, and one that is stopping may exit (and
+    // let go of the lock) between the two looks.
+    for _ in 0..200 {
+        // A shared lock is granted only if no daemon holds its exclusive one. It is held for
+        // two system calls; a daemon starting at this very moment retries past it.
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockShared) {
+            Ok(()) => {
+                let _ = rustix::fs::flock(&file, FlockOperation::Unlock);
+                return Ok(None);
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {}
+            Err(e) => return Err(annotate(e.into(), "cannot inspect the lock of", pid_file)),
         }
-        Err(rustix::io::Errno::WOULDBLOCK) => match wait_for_pid(File::from(fd)) {
-            Some(pid) => Ok(Some(pid)),
-            None => Err(io::Error::other(format!(
-                "{} is locked by a daemon, but names no live process",
-                pid_file.display()
-            ))),
-        },
-        Err(e) => Err(annotate(e.into(), "cannot inspect the lock of", pid_file)),
+        if let Some(pid) = read_pid(&mut file).filter(|&pid| is_process_running(pid)) {
+            return Ok(Some(pid));
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
+    Err(io::Error::other(format!(
+        "{} is locked by a daemon, but names no live process",
+        pid_file.display()
+    )))
 }
 
 /// The lock holder writes its PID soon after locking; until then the file may be empty or

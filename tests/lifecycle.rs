@@ -390,3 +390,37 @@ fn a_socket_answering_the_probe_with_no_response_is_not_taken_over() {
     );
     drop(incumbent.join().unwrap());
 }
+
+#[test]
+fn running_pid_sees_a_daemon_that_exits_while_it_looks() {
+    let dir = temp_dir();
+    let pid_file = dir.path().join("k.pid");
+    // A PID no process can have, as the file of a daemon in its last moments may name one
+    // that is already gone while its lock is not yet released.
+    std::fs::write(&pid_file, "2147483648\n").unwrap();
+    // `flock` holds the lock until `cat` sees the end of its input.
+    let mut holder = std::process::Command::new("flock")
+        .arg("-x")
+        .arg(&pid_file)
+        .arg("cat")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = std::fs::File::open(&pid_file).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared).is_ok() {
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::Unlock).unwrap();
+        assert!(Instant::now() < deadline, "flock never took the lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let looked_at = pid_file.clone();
+    let looking = std::thread::spawn(move || khived::running_pid(&looked_at));
+    // Let the look begin while the lock is held (if it starts later, it finds the lock free
+    // at once, which is the same answer).
+    std::thread::sleep(Duration::from_millis(100));
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    // Nobody holds the lock any more: no daemon runs, which is not an error.
+    assert_eq!(looking.join().unwrap().unwrap(), None);
+}
