@@ -15,7 +15,7 @@
 //! bytes is reading, dispatching or writing, each bounded by a deadline.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use async_io::Timer;
@@ -111,7 +111,7 @@ impl Budget {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is consistent between any two statements: a panic cannot break it.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::execution::lock(&self.state)
     }
 
     /// Takes `bytes` (at most the total), waiting in line until they are free or `deadline`

@@ -8,13 +8,14 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_io::Timer;
 use futures_lite::future::{self, FutureExt};
 use rustix::event::{PollFd, PollFlags, Timespec};
 
 use crate::config::Config;
+use crate::connection::after;
 use crate::execution::{Execution, Watch};
 
 /// How a dispatch ended.
@@ -87,11 +88,6 @@ pub(crate) async fn bounded<F: Future, H: Future<Output = ()>>(
         }
     };
     run.or(hung_up).or(timed_out).await
-}
-
-/// The moment `timeout` from now; `None` (never) when that is beyond what `Instant` can hold.
-fn after(timeout: Duration) -> Option<Instant> {
-    Instant::now().checked_add(timeout)
 }
 
 /// What a look at a client's socket tells.

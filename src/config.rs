@@ -51,7 +51,8 @@ pub struct Config {
     /// is left waits for it, first come first served, until its read deadline
     /// ([`first_request_timeout`](Self::first_request_timeout) or
     /// [`idle_connection_timeout`](Self::idle_connection_timeout)) or, for a response, the
-    /// [`write_timeout`](Self::write_timeout); past it the client gets a `daemon_busy` error.
+    /// [`write_timeout`](Self::write_timeout); past it the client gets `daemon_busy` for a
+    /// request (not committed), or `response_too_large` (outcome unknown) for a response.
     /// Buffers up to 64 KiB (every small request and response) never wait. What the
     /// dispatcher allocates itself is not counted.
     pub frame_memory_budget: usize,
@@ -151,7 +152,8 @@ impl Config {
     }
 
     /// A configuration for a daemon on `socket`, with its PID file beside it (the socket's
-    /// path with the extension `pid`) and default limits; the environment is not read.
+    /// path with the extension `pid`, or with `.pid` added should that be the socket itself)
+    /// and default limits; the environment is not read.
     ///
     /// # Examples
     ///

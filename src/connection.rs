@@ -133,7 +133,7 @@ fn no_memory(what: &str, bytes: usize, budget: usize) -> String {
 
 /// The moment `timeout` from now; `None` (no deadline) when that is beyond what `Instant`
 /// can hold, as for `Duration::MAX`.
-fn after(timeout: Duration) -> Option<Instant> {
+pub(crate) fn after(timeout: Duration) -> Option<Instant> {
     Instant::now().checked_add(timeout)
 }
 

@@ -524,7 +524,7 @@ fn spawn(name: &str, body: Box<dyn FnOnce() + Send>) -> Option<JoinHandle<()>> {
 
 /// A mutex's contents, also after a panic elsewhere poisoned it (the data stays valid: every
 /// critical section here leaves it consistent).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 

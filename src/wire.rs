@@ -384,12 +384,13 @@ pub mod code {
     /// The frame's header announces more than [`MAX_FRAME_BYTES`](crate::MAX_FRAME_BYTES);
     /// the body is not read and the connection is closed. Not committed.
     pub const FRAME_TOO_LARGE: &str = "frame_too_large";
-    /// The dispatcher's answer does not fit in a frame. The outcome is unknown.
+    /// The dispatcher's answer does not fit in a frame, or the frame memory budget had no
+    /// room for it before the write deadline. The outcome is unknown.
     pub const RESPONSE_TOO_LARGE: &str = "response_too_large";
     /// The request's `protocol_version` is newer than the daemon's. Not committed.
     pub const VERSION_MISMATCH: &str = "version_mismatch";
-    /// The daemon is at its connection cap, or its queue is full: try again shortly. Not
-    /// committed.
+    /// The daemon is at its connection cap, its queue is full, or the frame memory budget
+    /// had no room for the request in time: try again shortly. Not committed.
     pub const DAEMON_BUSY: &str = "daemon_busy";
     /// The daemon is shutting down and did not start this request: retry (a new daemon may
     /// be starting). Not committed.

@@ -242,6 +242,4 @@ impl Inner {
 }
 
 /// A mutex's contents, also after a panic elsewhere poisoned it (the data stays valid).
-pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(super) use crate::execution::lock;

@@ -253,8 +253,8 @@ Exit status:
      files are reported)
   75 busy: a daemon answered daemon_busy (it is at its connection cap); try again
   7  not_answering: the socket accepts connections or the PID file is held, but no answer
-     came in time (a daemon starting, stopping, stopped with SIGSTOP, or hung)
-  1  the PID file could not be inspected
+     came in time (a daemon starting, stopping, stopped with SIGSTOP, or hung), or the
+     PID file could not be inspected (the reason is printed)
   2  usage error
 ";
 
@@ -269,7 +269,7 @@ Options:
       --pid PATH      PID file of the daemon
       --timeout SECS  How long to wait for the daemon to exit [default: 15]
       --force         Send SIGKILL if it has not exited by then
-      --json          Print one JSON object: stopped, pid, forced, error
+      --json          Print one JSON object: stopped, pid, was_running, forced, message
   -h, --help          Print help
 
 Exit status: 0 when the daemon has stopped or none was running, 1 otherwise.
