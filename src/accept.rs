@@ -15,6 +15,7 @@ use futures_lite::future::FutureExt;
 
 use crate::connection;
 use crate::dispatch::Dispatch;
+use crate::execution;
 use crate::inflight::Flag;
 use crate::shared::Shared;
 use crate::sys;
@@ -100,12 +101,11 @@ impl<D: Dispatch> Gate<D> {
         // Counted before the task exists, so a shutdown that starts now waits for it.
         let guard = shared.in_flight.enter();
         let shared = Arc::clone(shared);
-        self.executor
-            .spawn(async move {
-                connection::serve(&shared, stream).await;
-                drop(guard);
-            })
-            .detach();
+        execution::spawn_task(&self.executor, async move {
+            connection::serve(&shared, stream).await;
+            drop(guard);
+        })
+        .detach();
     }
 }
 

@@ -1,6 +1,7 @@
 //! A minimal logger for daemons that have none: one line per record, on standard error or
 //! into a size-bounded [`RotatingFile`].
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
@@ -81,9 +82,10 @@ impl Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let mut line = format!(
-            "{} {}[{}] {} {}",
-            timestamp(SystemTime::now()),
+        let mut line = timestamp(SystemTime::now());
+        let _ = write!(
+            line,
+            " {}[{}] {} {}",
             program_name(),
             std::process::id(),
             record.level(),

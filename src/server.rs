@@ -291,31 +291,33 @@ async fn supervise<D: Dispatch>(
     mut signals: Option<&mut Signals>,
 ) -> Stopped {
     let closing = Arc::new(Flag::default());
-    let accept = executor.spawn(accept_loop(
-        listener,
-        Arc::clone(shared),
-        Arc::clone(executor),
-        max_connections,
-        Arc::clone(&closing),
-    ));
+    let accept = execution::spawn_task(
+        executor,
+        accept_loop(
+            listener,
+            Arc::clone(shared),
+            Arc::clone(executor),
+            max_connections,
+            Arc::clone(&closing),
+        ),
+    );
     let warm = Arc::clone(shared);
-    executor
-        .spawn(async move {
-            // Warming may compute for long: it takes a compute slot like a dispatch, so that
-            // requests are served by other threads meanwhile.
-            let watch = execution::Watch::none();
-            warm.execution
-                .compute(warm.dispatcher.warm_all(), &watch)
-                .await;
-            log::info!("warm_all finished");
-            if !warm.draining.is_set() {
-                warm.notify("STATUS=serving requests");
-            }
-        })
-        .detach();
+    execution::spawn_task(executor, async move {
+        // Warming may compute for long: it takes a compute slot like a dispatch, so that
+        // requests are served by other threads meanwhile.
+        let watch = execution::Watch::none();
+        warm.execution
+            .compute(warm.dispatcher.warm_all(), &watch)
+            .await;
+        log::info!("warm_all finished");
+        if !warm.draining.is_set() {
+            warm.notify("STATUS=serving requests");
+        }
+    })
+    .detach();
     if let Some(after) = shared.config.idle_shutdown {
         let watch = idle_watch(Arc::clone(&shared.in_flight), after, shutdown.clone());
-        executor.spawn(watch).detach();
+        execution::spawn_task(executor, watch).detach();
     }
 
     let reason = async {

@@ -72,11 +72,10 @@ const INITIAL_BUFFER: usize = 4096;
 /// ).unwrap();
 /// assert_eq!(old.config_id, "");
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct Request<'a> {
     /// The request itself, opaque to the runtime.
-    #[serde(borrow)]
     pub ops: Cow<'a, str>,
     /// How the client wants the result presented, if it cares.
     #[serde(default)]
@@ -85,10 +84,8 @@ pub struct Request<'a> {
     #[serde(default)]
     pub presentation_per_op: Option<Vec<Option<String>>>,
     /// Must equal the daemon's namespace, or nothing is dispatched.
-    #[serde(borrow)]
     pub namespace: Cow<'a, str>,
     /// Fingerprint of the client's resolved configuration; a missing field means `""`.
-    #[serde(borrow, default)]
     pub config_id: Cow<'a, str>,
     /// Ask the daemon who it is instead of dispatching (see [`ProbeInfo`]); missing means false.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -160,6 +157,103 @@ impl<'a> Request<'a> {
             probe: true,
             ..Request::new("", "", "")
         }
+    }
+}
+
+/// Decoded by hand rather than derived: a request is a JSON object (the derived decoder also
+/// takes an array of the field values, which no client sends), and the daemon's binary holds
+/// this one decoder only. Unknown fields are skipped; a missing field takes its default
+/// (PROTOCOL.md, "Requests"); the error messages are serde's own.
+impl<'de: 'a, 'a> Deserialize<'de> for Request<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(RequestVisitor(std::marker::PhantomData))
+    }
+}
+
+struct RequestVisitor<'a>(std::marker::PhantomData<Request<'a>>);
+
+impl<'de: 'a, 'a> serde::de::Visitor<'de> for RequestVisitor<'a> {
+    type Value = Request<'a>;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a request object")
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Request<'a>, M::Error> {
+        use serde::de::Error;
+        let (mut ops, mut namespace) = (None, None);
+        let mut request = Request::new("", "", "");
+        request.protocol_version = 0;
+        // Which fields were seen, by their place in FIELDS, to refuse one given twice.
+        let mut seen = 0u16;
+        while let Some(key) = map.next_key::<Text<'a>>()? {
+            let Some(field) = REQUEST_FIELDS.iter().position(|name| *name == key.0) else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                continue;
+            };
+            if seen & (1 << field) != 0 {
+                return Err(M::Error::duplicate_field(REQUEST_FIELDS[field]));
+            }
+            seen |= 1 << field;
+            match field {
+                0 => ops = Some(map.next_value::<Text<'a>>()?.0),
+                1 => request.presentation = map.next_value::<Option<Text<'a>>>()?.map(|t| t.0),
+                2 => request.presentation_per_op = map.next_value()?,
+                3 => namespace = Some(map.next_value::<Text<'a>>()?.0),
+                4 => request.config_id = map.next_value::<Text<'a>>()?.0,
+                5 => request.probe = map.next_value()?,
+                6 => request.protocol_version = map.next_value()?,
+                7 => request.request_id = map.next_value()?,
+                _ => request.probe_only = map.next_value()?,
+            }
+        }
+        request.ops = ops.ok_or_else(|| M::Error::missing_field("ops"))?;
+        request.namespace = namespace.ok_or_else(|| M::Error::missing_field("namespace"))?;
+        Ok(request)
+    }
+}
+
+/// The fields of a request, by their names on the wire.
+const REQUEST_FIELDS: [&str; 9] = [
+    "ops",
+    "presentation",
+    "presentation_per_op",
+    "namespace",
+    "config_id",
+    "probe",
+    "protocol_version",
+    "request_id",
+    "probe_only",
+];
+
+/// A string that borrows from the frame when JSON allows (no escapes in it).
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(TextVisitor(std::marker::PhantomData))
+    }
+}
+
+struct TextVisitor<'a>(std::marker::PhantomData<Text<'a>>);
+
+impl<'de: 'a, 'a> serde::de::Visitor<'de> for TextVisitor<'a> {
+    type Value = Text<'a>;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Text<'a>, E> {
+        Ok(Text(Cow::Borrowed(text)))
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<Text<'a>, E> {
+        Ok(Text(Cow::Owned(text.to_owned())))
+    }
+
+    fn visit_string<E>(self, text: String) -> Result<Text<'a>, E> {
+        Ok(Text(Cow::Owned(text)))
     }
 }
 
@@ -974,4 +1068,105 @@ pub(crate) fn encode_frame_into<T: Serialize + ?Sized>(
     }
     out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(json: &str) -> Result<Request<'_>, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_request_decodes_every_field_and_borrows_plain_strings() {
+        let json = r#"{"ops":"find x","presentation":"json","presentation_per_op":[null,"t"],
+            "namespace":"ns","config_id":"c1","probe":false,"protocol_version":1,
+            "request_id":7,"probe_only":true,"a_later_field":{"nested":[1,2.5,"s"]}}"#;
+        let request = decode(json).unwrap();
+        let mut expected = Request::new("find x", "ns", "c1");
+        expected.presentation = Some("json".into());
+        expected.presentation_per_op = Some(vec![None, Some("t".to_owned())]);
+        expected.request_id = Some(7);
+        expected.probe_only = true;
+        assert_eq!(request, expected);
+        assert!(matches!(request.ops, Cow::Borrowed(_)));
+        assert!(matches!(request.namespace, Cow::Borrowed(_)));
+        // A string with an escape cannot point into the frame: it is copied, and decoded.
+        let escaped = decode(r#"{"ops":"a\"b\u00e9","namespace":"n\\s"}"#).unwrap();
+        assert_eq!((&*escaped.ops, &*escaped.namespace), ("a\"bé", "n\\s"));
+        assert!(matches!(escaped.ops, Cow::Owned(_)));
+        // And it round-trips through the derived encoder.
+        let again = serde_json::to_string(&request).unwrap();
+        assert_eq!(decode(&again).unwrap(), request);
+    }
+
+    #[test]
+    fn missing_fields_take_their_defaults_and_required_ones_are_named() {
+        let request = decode(r#"{"namespace":"ns","ops":""}"#).unwrap();
+        assert_eq!(
+            (request.protocol_version, request.config_id.as_ref()),
+            (0, "")
+        );
+        assert_eq!(
+            (request.request_id, request.probe, request.probe_only),
+            (None, false, false)
+        );
+        assert_eq!(
+            decode(r#"{"ops":"x"}"#).unwrap_err(),
+            "missing field `namespace` at line 1 column 11"
+        );
+        assert!(decode(r#"{"namespace":"x"}"#)
+            .unwrap_err()
+            .starts_with("missing field `ops`"));
+        assert!(decode(r#"{"namespace":"x","ops":"a","ops":"b"}"#)
+            .unwrap_err()
+            .starts_with("duplicate field `ops`"));
+        assert!(
+            decode(r#"{"ops":"a","namespace":"x","probe":true,"probe":true}"#)
+                .unwrap_err()
+                .starts_with("duplicate field `probe`")
+        );
+    }
+
+    #[test]
+    fn only_an_object_of_the_right_types_is_a_request() {
+        for (json, error) in [
+            (
+                r#"["x",null,null,"ns"]"#,
+                "invalid type: sequence, expected a request object",
+            ),
+            (
+                r#""ops""#,
+                "invalid type: string \"ops\", expected a request object",
+            ),
+            (
+                r#"{"ops":1,"namespace":"x"}"#,
+                "invalid type: integer `1`, expected a string",
+            ),
+            (
+                r#"{"ops":"a","namespace":null}"#,
+                "invalid type: null, expected a string",
+            ),
+            (
+                r#"{"ops":"a","namespace":"x","config_id":null}"#,
+                "invalid type: null",
+            ),
+            (
+                r#"{"ops":"a","namespace":"x","request_id":-1}"#,
+                "invalid value: integer `-1`",
+            ),
+            (
+                r#"{"ops":"a","namespace":"x","probe":"yes"}"#,
+                "invalid type: string \"yes\"",
+            ),
+            (
+                r#"{"ops":"a","namespace":"x"} trailing"#,
+                "trailing characters",
+            ),
+        ] {
+            let got = decode(json).unwrap_err();
+            assert!(got.starts_with(error), "{json}: {got}");
+        }
+    }
 }

@@ -220,6 +220,12 @@ fn each_runtime_error_carries_its_code_and_disposition() {
     let bad = raw_exchange(&mut daemon.connect_raw(), &raw("not json")).unwrap();
     assert_error(&bad, code::BAD_REQUEST, not_committed);
     assert!(bad.error.unwrap().starts_with("bad request: "));
+    // A request is an object: the field values in an array are not one, and are not run.
+    let array = r#"["x",null,null,"test"]"#;
+    let array = raw_exchange(&mut daemon.connect_raw(), &raw(array)).unwrap();
+    assert_error(&array, code::BAD_REQUEST, not_committed);
+    let message = array.error.unwrap();
+    assert!(message.contains("expected a request object"), "{message}");
 
     let mut stream = daemon.connect_raw();
     stream

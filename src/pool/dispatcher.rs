@@ -164,8 +164,7 @@ impl Dispatch for Pool {
     async fn warm_all(&self) {
         let executor = Executor::new();
         for id in 1..=self.inner.options.workers {
-            executor
-                .spawn(worker::run(Arc::clone(&self.inner), id))
+            crate::execution::spawn_task(&executor, worker::run(Arc::clone(&self.inner), id))
                 .detach();
         }
         executor.run(future::pending::<()>()).await
