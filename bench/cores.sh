@@ -13,7 +13,9 @@
 # revision whose examples/echo runs in alternation with this one's (default: HEAD~1 of the
 # checkout; "none" skips it), IDLE_WAIT seconds before idle threads are counted (15),
 # SCENARIOS (a subset of "compute short probes echo idle", all by default), BENCH_OUT (write
-# the summary as JSON lines). Servers run in alternation, each started fresh for a round. Run
+# the summary as JSON lines), TOKIO=1 (also run bench/tokio-ref, the wire format served as the
+# original tokio runtime served it, in the compute and head-of-line scenarios; it is built on
+# first use, from crates.io, in a workspace of its own). Servers run in alternation, each started fresh for a round. Run
 # it on a quiet machine: other work shows in every figure.
 set -euo pipefail
 
@@ -27,6 +29,7 @@ PREV=${PREV:-HEAD~1}
 IDLE_WAIT=${IDLE_WAIT:-15}
 SCENARIOS=${SCENARIOS:-compute short probes echo idle}
 BENCH_OUT=${BENCH_OUT:-}
+TOKIO=${TOKIO:-}
 case $BENCH_OUT in /* | "") ;; *) BENCH_OUT=$PWD/$BENCH_OUT ;; esac
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -52,6 +55,13 @@ cargo build --release -p khived-bench
 echo_bin=$target/release/examples/echo
 compute_bin=$target/release/examples/compute
 bench=$target/release/khived-bench
+tokio_bin=""
+if [ -n "$TOKIO" ]; then
+    echo "== building bench/tokio-ref"
+    CARGO_TARGET_DIR=$target/tokio-ref cargo build -q --release --locked \
+        --manifest-path bench/tokio-ref/Cargo.toml
+    tokio_bin=$target/tokio-ref/release/khived-tokio-ref
+fi
 
 # The earlier commit's echo, built from a clean export of it (nothing in this checkout
 # changes), in a target directory of its own that later runs reuse.
@@ -86,7 +96,7 @@ sample_max() {
     done
 }
 
-# Starts server $1 (khived, khived1 = one thread, prev, baseline); sets server_pid, socket, dir.
+# Starts server $1 (khived, khived1 = one thread, prev, baseline, tokio); sets server_pid, socket, dir.
 start_server() {
     dir=$(mktemp -d "$work/$1.XXXX")
     socket=$dir/s.sock
@@ -96,6 +106,7 @@ start_server() {
     echo) KHIVE_SOCKET=$socket KHIVE_PID=$dir/s.pid "$echo_bin" 2>"$dir/log" & ;;
     prev) KHIVE_SOCKET=$socket KHIVE_PID=$dir/s.pid "$prev_bin" 2>"$dir/log" & ;;
     baseline) "$bench" baseline --socket "$socket" --threads "$BASE_THREADS" 2>"$dir/log" & ;;
+    tokio) KHIVE_SOCKET=$socket "$tokio_bin" 2>"$dir/log" & ;;
     esac
     server_pid=$!
     for _ in $(seq 200); do
@@ -164,11 +175,11 @@ round() {
 wants() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 for n in $(seq "$ROUNDS"); do
     if wants compute; then
-        for server in khived baseline; do
+        for server in khived baseline ${tokio_bin:+tokio}; do
             round compute "$server" "$n" --concurrency "$CONCURRENCY" --work-us "$WORK_US"
         done
     fi
-    for server in khived khived1; do
+    for server in khived khived1 ${tokio_bin:+tokio}; do
         # Short requests from 7 clients beside one client's long computations.
         if wants short; then
             round short "$server" "$n" --concurrency $((CONCURRENCY - 1)) \
@@ -245,6 +256,14 @@ row "short beside 1 slow: p99 us" "$(median short khived 6)" "$(median short khi
 row "short beside 1 slow: rps" "$(median short khived 4)" "$(median short khived1 4)"
 row "probes beside 2 slow: p99 us" "$(median probes khived 6)" "$(median probes khived1 6)"
 row "probes beside 2 slow: max us" "$(median probes khived 7)" "$(median probes khived1 7)"
+if [ -n "$tokio_bin" ]; then
+    echo "the tokio reference: a = khived, b = bench/tokio-ref"
+    row "compute rps" "$(median compute khived 4)" "$(median compute tokio 4)"
+    row "compute p99 us" "$(median compute khived 6)" "$(median compute tokio 6)"
+    row "compute busy threads" "$(median compute khived 9)" "$(median compute tokio 9)"
+    row "short beside 1 slow: p99 us" "$(median short khived 6)" "$(median short tokio 6)"
+    row "probes beside 2 slow: p99 us" "$(median probes khived 6)" "$(median probes tokio 6)"
+fi
 if [ -n "$prev_bin" ]; then
     echo "echo one-shot: a = this commit, b = $PREV ($prev_rev)"
     row "echo one-shot rps" "$(median echo echo 4)" "$(median echo prev 4)"
