@@ -126,11 +126,9 @@ struct Echo;
 impl khived::Dispatch for Echo {
     async fn dispatch(
         &self,
-        ops: &str,
-        _presentation: Option<&str>,
-        _presentation_per_op: Option<&[Option<String>]>,
-    ) -> Result<String, String> {
-        Ok(ops.to_owned())
+        request: &khived::Request<'_>,
+    ) -> Result<String, khived::DispatchError> {
+        Ok(request.ops.to_string())
     }
 
     fn namespace(&self) -> &str {
@@ -144,9 +142,12 @@ impl khived::Dispatch for Echo {
 
 fn main() {
     println!("{}", async_io::block_on(trivial(std::env::args().count())));
-    if let Err(e) = khived::Daemon::new(khived::Config::from_env(), Echo).run_blocking() {
-        eprintln!("{e}");
-        std::process::exit(1);
+    match khived::Daemon::new(khived::Config::from_env(), Echo).run_blocking() {
+        Ok(stopped) => std::process::exit(stopped.exit_code().into()),
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
     }
 }
 EOF

@@ -236,10 +236,24 @@ fn paths_from(socket: Option<PathBuf>, pid_file: Option<PathBuf>) -> (PathBuf, P
     }
 }
 
-/// A file beside `path`: the same directory and stem, the extension `extension`
+/// The file beside `path` with the extension `extension`: the same directory and stem
 /// (`a.sock` -> `a.pid`). Should that name `path` itself (`x.pid` beside `x.pid`), the
 /// extension is added instead (`x.pid.pid`), so that the two never collide.
-pub(crate) fn beside(path: &Path, extension: &str) -> PathBuf {
+///
+/// This is how one of a daemon's paths is derived from another: the PID file from the
+/// socket when only `KHIVE_SOCKET` is set (and the socket from the PID file when only
+/// `KHIVE_PID` is), in [`Config::at`], and the PID file and log of [`Spawn`](crate::Spawn).
+///
+/// # Examples
+///
+/// ```
+/// use std::path::Path;
+///
+/// assert_eq!(khived::beside(Path::new("/run/app/app.sock"), "pid"), Path::new("/run/app/app.pid"));
+/// assert_eq!(khived::beside(Path::new("/run/app/app"), "pid"), Path::new("/run/app/app.pid"));
+/// assert_eq!(khived::beside(Path::new("/run/app/x.pid"), "pid"), Path::new("/run/app/x.pid.pid"));
+/// ```
+pub fn beside(path: &Path, extension: &str) -> PathBuf {
     let derived = path.with_extension(extension);
     if derived != path {
         return derived;

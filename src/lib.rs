@@ -242,7 +242,7 @@ mod wire;
 
 pub use async_client::AsyncClient;
 pub use client::{probe, Client};
-pub use config::{env_truthy, pid_path, socket_path, state_dir, Config};
+pub use config::{beside, env_truthy, pid_path, socket_path, state_dir, Config};
 pub use dispatch::{Dispatch, DispatchError};
 pub use error::Error;
 pub use logfile::RotatingFile;

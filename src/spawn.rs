@@ -64,10 +64,10 @@ pub struct Spawn {
 
 impl Spawn {
     /// Starts `command` (which must serve `socket`) when no daemon answers there. Its output
-    /// is appended to the socket's path with the extension `log` (`khived.log` beside
-    /// `khived.sock`); its PID file is expected
-    /// beside the socket, with the extension `pid`, as [`Config::at`](crate::Config::at)
-    /// puts it; it gets 5 s to answer a probe.
+    /// is appended to the file beside the socket with the extension `log` (`khived.log`
+    /// beside `khived.sock`); its PID file is expected beside the socket, with the extension
+    /// `pid`, where [`Config::at`](crate::Config::at) puts it (see [`beside`](crate::beside));
+    /// it gets 5 s to answer a probe.
     ///
     /// # Examples
     ///
@@ -81,8 +81,8 @@ impl Spawn {
     pub fn new(socket: impl Into<PathBuf>, command: Command) -> Spawn {
         let socket = socket.into();
         Spawn {
-            log: socket.with_extension("log"),
-            pid_file: socket.with_extension("pid"),
+            log: crate::beside(&socket, "log"),
+            pid_file: crate::beside(&socket, "pid"),
             socket,
             command,
             ready_timeout: Duration::from_secs(5),
@@ -321,4 +321,32 @@ fn tail(log: &File, from: u64, lines: usize) -> String {
     let text = String::from_utf8_lossy(&text);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pid_file_and_log_are_where_the_daemon_and_the_cli_put_them() {
+        // Whatever the socket is called, a spawned daemon's PID file is where `Config::at`
+        // (and `KHIVE_SOCKET` alone) puts it, and neither file is the socket itself.
+        for socket in [
+            "/run/app/app.sock",
+            "/run/app/app",
+            "/run/app/x.pid",
+            "/run/app/x.log",
+        ] {
+            let spawn = Spawn::new(socket, Command::new("true"));
+            assert_eq!(
+                spawn.pid_file,
+                crate::Config::at(socket).pid_file,
+                "{socket}"
+            );
+            assert_ne!(spawn.pid_file, Path::new(socket));
+            assert_ne!(spawn.log, Path::new(socket));
+        }
+        let spawn = Spawn::new("/run/app/app.sock", Command::new("true"));
+        assert_eq!(spawn.log, Path::new("/run/app/app.log"));
+    }
 }

@@ -402,14 +402,14 @@ impl Common {
                 self.socket = parser.value()?.into();
                 self.given.0 = true;
                 if !self.given.1 {
-                    self.pid_file = beside(&self.socket, "pid");
+                    self.pid_file = khived::beside(&self.socket, "pid");
                 }
             }
             "pid" => {
                 self.pid_file = parser.value()?.into();
                 self.given.1 = true;
                 if !self.given.0 {
-                    self.socket = beside(&self.pid_file, "sock");
+                    self.socket = khived::beside(&self.pid_file, "sock");
                 }
             }
             _ => return Ok(false),
@@ -687,19 +687,6 @@ fn count(name: &str, parser: &mut lexopt::Parser, max: usize) -> Result<usize, l
 
 fn unknown(name: &str) -> lexopt::Error {
     format!("invalid option '--{name}'").into()
-}
-
-/// The file beside `path` with `extension` (`a.sock` -> `a.pid`), the library's rule for one
-/// of `KHIVE_SOCKET` and `KHIVE_PID` set alone: never `path` itself (`x.pid` -> `x.pid.pid`).
-fn beside(path: &std::path::Path, extension: &str) -> PathBuf {
-    let derived = path.with_extension(extension);
-    if derived != path {
-        return derived;
-    }
-    let mut name = path.as_os_str().to_owned();
-    name.push(".");
-    name.push(extension);
-    PathBuf::from(name)
 }
 
 #[cfg(test)]

@@ -211,6 +211,21 @@ fn run_call(mut call: Call) -> u8 {
             }
         }
     }
+    let mut request = Request::new(
+        call.ops.as_str(),
+        call.serve.namespace.as_str(),
+        call.serve.config_id.as_str(),
+    );
+    request.presentation = call.presentation.as_deref().map(Into::into);
+    // A request that no daemon would take is the caller's mistake, not an unreachable daemon:
+    // said before anything is connected to or started. (Encoded again to be sent: a request
+    // this size costs milliseconds, and a call sends one.)
+    if let Err(e) = khived::encode_frame(&request) {
+        return fail(
+            status::USAGE,
+            format!("cannot send this request: {e}; send less OPS per call"),
+        );
+    }
     let connected = if call.spawn {
         spawner(&call.serve).connect(call.timeout)
     } else {
@@ -220,12 +235,6 @@ fn run_call(mut call: Call) -> u8 {
         Ok(client) => client,
         Err(e) => return fail(status::UNREACHABLE, format!("daemon unreachable: {e}")),
     };
-    let mut request = Request::new(
-        call.ops.as_str(),
-        call.serve.namespace.as_str(),
-        call.serve.config_id.as_str(),
-    );
-    request.presentation = call.presentation.as_deref().map(Into::into);
     let response = match client.request(&request) {
         Ok(response) => response,
         Err(e) => return fail(status::UNREACHABLE, format!("daemon unreachable: {e}")),
@@ -670,7 +679,7 @@ fn spawner(serve: &Serve) -> khived::Spawn {
     let log = serve
         .log_file
         .clone()
-        .unwrap_or_else(|| serve.common.socket.with_extension("log"));
+        .unwrap_or_else(|| khived::beside(&serve.common.socket, "log"));
     let mut command = std::process::Command::new(current_exe());
     command.arg("serve").args(serve_args(serve, &log));
     khived::Spawn::new(&serve.common.socket, command)
