@@ -10,7 +10,7 @@
 //! the frame is answered or written.
 
 use std::any::Any;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
@@ -472,7 +472,7 @@ impl<'a> Connection<'a> {
                 self.frames.reserve_frame();
             }
             let read = match self.io.stream() {
-                Ok(mut stream) => stream.read(self.frames.read_buf()),
+                Ok(stream) => self.frames.read_from(stream),
                 Err(e) => Err(e),
             };
             match read {
@@ -482,7 +482,7 @@ impl<'a> Connection<'a> {
                         Err(e) => Err(ReadError::Truncated(e)),
                     }
                 }
-                Ok(n) => self.frames.filled(n),
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && patience > 0 => {
                     patience -= 1;
                     future::yield_now().await;

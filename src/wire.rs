@@ -691,6 +691,31 @@ impl FrameDecoder {
         &mut self.buf[self.end..frame_end]
     }
 
+    /// Reads once from `fd` into the room for the next read, as [`read_buf`](Self::read_buf)
+    /// gives it, and records what arrived; `Ok(0)` is the end of the stream.
+    ///
+    /// The daemon's way of reading: the kernel writes into the buffer's spare capacity
+    /// directly, so the room is never zeroed first (4 KiB per connection, and up to 64 KiB
+    /// per read of a large frame, otherwise written twice).
+    pub(crate) fn read_from(&mut self, fd: impl std::os::fd::AsFd) -> io::Result<usize> {
+        // The room is the spare capacity; zeroed room left by `read_buf` is given up.
+        self.buf.truncate(self.end);
+        if self.buf.capacity() == self.end {
+            let needed = self.needed();
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.buf.truncate(self.end);
+                self.start = 0;
+            }
+            let target = needed.max(INITIAL_BUFFER).min(self.end + READ_CHUNK);
+            self.buf.reserve_exact(target - self.end);
+        }
+        let read = rustix::io::read(fd, rustix::buffer::spare_capacity(&mut self.buf))?;
+        self.end = self.buf.len();
+        Ok(read)
+    }
+
     /// Records that the last read put `n` bytes at the start of the room it was given.
     ///
     /// # Panics
@@ -758,9 +783,9 @@ impl FrameDecoder {
 
     /// Allocates room for the whole frame at the front at once, for a reader that has paid
     /// for it (the daemon, from its budget). The room is reserved, not written: pages the
-    /// system has not handed out yet are only paid for in memory as bytes arrive, as
-    /// [`read_buf`](Self::read_buf) keeps offering at most 64 KiB beyond them. One
-    /// allocation instead of one per 64 KiB also leaves no trail of freed blocks behind.
+    /// system has not handed out yet are only paid for in memory as bytes arrive, since
+    /// [`read_from`](Self::read_from) lets the kernel write into the reserved room itself.
+    /// One allocation instead of one per 64 KiB also leaves no trail of freed blocks behind.
     pub(crate) fn reserve_frame(&mut self) {
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
@@ -1126,6 +1151,50 @@ mod tests {
             decode(r#"{"ops":"a","namespace":"x","probe":true,"probe":true}"#)
                 .unwrap_err()
                 .starts_with("duplicate field `probe`")
+        );
+    }
+
+    #[test]
+    fn read_from_takes_pipelined_frames_of_any_size_into_unzeroed_room() {
+        use std::io::Write;
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let big = vec![b'x'; 3 * READ_CHUNK + 17];
+        let mut bytes = Vec::new();
+        for body in [&b"{}"[..], &big, b"[]", b"{\"a\":1}"] {
+            bytes.extend((body.len() as u32).to_be_bytes());
+            bytes.extend(body);
+        }
+        // Written in pieces that cut headers and bodies, while the reader reads.
+        let writer = std::thread::spawn(move || {
+            for piece in bytes.chunks(3001) {
+                ours.write_all(piece)?;
+            }
+            Ok::<_, io::Error>(())
+        });
+        let mut decoder = FrameDecoder::new();
+        let mut bodies = Vec::new();
+        loop {
+            if let Some(body) = decoder.decode().unwrap() {
+                bodies.push(body.to_vec());
+                decoder.consume();
+                continue;
+            }
+            let before = decoder.buffered();
+            let read = decoder.read_from(&theirs).unwrap();
+            if read == 0 {
+                decoder.finish().unwrap();
+                break;
+            }
+            assert_eq!(decoder.buffered(), before + read);
+            // Room grows towards the frame, never more than 64 KiB past what has arrived.
+            assert!(decoder.capacity() <= (before + READ_CHUNK).max(INITIAL_BUFFER));
+        }
+        writer.join().unwrap().unwrap();
+        assert_eq!(bodies, [&b"{}"[..], &big, b"[]", b"{\"a\":1}"]);
+        assert_eq!(
+            decoder.capacity(),
+            INITIAL_BUFFER,
+            "the large buffer was let go"
         );
     }
 
