@@ -228,7 +228,7 @@ Exit status:
   0   the request succeeded; the result is on standard output
   1   the request failed: the dispatcher's error, or the daemon's (bad_request,
       frame_too_large, response_too_large, request_timed_out, dispatcher_panicked)
-  2   usage error
+  2   usage error, or a request too large to send (over the 8 MiB frame limit)
   3   no daemon answered (not running, or not in time)
   4   the daemon serves another namespace, configuration or protocol version
   75  the daemon refused the request for now without running it (daemon_busy,
