@@ -709,7 +709,11 @@ impl FrameDecoder {
                 self.start = 0;
             }
             let target = needed.max(INITIAL_BUFFER).min(self.end + READ_CHUNK);
-            self.buf.reserve_exact(target - self.end);
+            // At least one byte of room, even with a whole frame at the front (which the
+            // caller should have taken first): a read into no room would look like the end
+            // of the stream.
+            self.buf
+                .reserve_exact(target.saturating_sub(self.end).max(1));
         }
         let read = rustix::io::read(fd, rustix::buffer::spare_capacity(&mut self.buf))?;
         self.end = self.buf.len();
@@ -1195,6 +1199,37 @@ mod tests {
             decoder.capacity(),
             INITIAL_BUFFER,
             "the large buffer was let go"
+        );
+    }
+
+    #[test]
+    fn read_from_never_mistakes_a_full_buffer_for_the_end_of_the_stream() {
+        use std::io::Write;
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Whole frames fill the first buffer exactly, and one byte more waits behind them:
+        // the reader is not asked to take the frames first.
+        let frame = [0, 0, 0, 4, b'a', b'b', b'c', b'd'];
+        let bytes: Vec<u8> = frame
+            .iter()
+            .copied()
+            .cycle()
+            .take(INITIAL_BUFFER + 1)
+            .collect();
+        ours.write_all(&bytes).unwrap();
+        drop(ours);
+        let mut decoder = FrameDecoder::new();
+        let mut total = 0;
+        loop {
+            let read = decoder.read_from(&theirs).unwrap();
+            if read == 0 {
+                break;
+            }
+            total += read;
+        }
+        assert_eq!(
+            total,
+            INITIAL_BUFFER + 1,
+            "every byte read, none taken for the end"
         );
     }
 
