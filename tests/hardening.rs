@@ -237,11 +237,9 @@ fn client_that_leaves_mid_response_harms_no_one() {
     }
     let mut client = daemon.client();
     assert!(client.request(&request("still here")).unwrap().ok);
-    assert_eq!(
-        client.probe().unwrap().in_flight,
-        0,
-        "the abandoned connections are gone (the probe's own is not counted)"
-    );
+    // Each abandoned connection ends when its write fails, which the daemon finds out in its
+    // own time (on a busy machine, after this request).
+    common::settled_in_flight(&mut client, 0);
 }
 
 #[test]

@@ -171,6 +171,27 @@ pub fn hold_a_slot(socket: &Path) -> UnixStream {
     }
 }
 
+/// Probes on `client`'s connection until the daemon counts `count` other connections open,
+/// and returns its answer. Connections that clients have closed (the readiness probe's,
+/// abandoned ones) end when the daemon reads their close, which on a busy machine may come
+/// after the next request: a count read at once would depend on timing.
+#[allow(dead_code)]
+pub fn settled_in_flight(client: &mut Client, count: u64) -> khived::ProbeInfo {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = client.probe().unwrap();
+        if info.in_flight == count {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} connection(s) open besides this one, expected {count}",
+            info.in_flight
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Waits until a daemon answers a probe on `socket`.
 pub fn wait_until_serving(socket: &Path) -> khived::ProbeInfo {
     let deadline = Instant::now() + Duration::from_secs(20);
