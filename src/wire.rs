@@ -184,7 +184,7 @@ impl<'de: 'a, 'a> serde::de::Visitor<'de> for RequestVisitor<'a> {
         let (mut ops, mut namespace) = (None, None);
         let mut request = Request::new("", "", "");
         request.protocol_version = 0;
-        // Which fields were seen, by their place in FIELDS, to refuse one given twice.
+        // Which fields were seen, by their place in REQUEST_FIELDS, to refuse one given twice.
         let mut seen = 0u16;
         while let Some(key) = map.next_key::<Text<'a>>()? {
             let Some(field) = REQUEST_FIELDS.iter().position(|name| *name == key.0) else {
