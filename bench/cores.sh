@@ -13,10 +13,11 @@
 # revision whose examples/echo runs in alternation with this one's (default: HEAD~1 of the
 # checkout; "none" skips it), IDLE_WAIT seconds before idle threads are counted (15),
 # SCENARIOS (a subset of "compute short probes echo idle", all by default), BENCH_OUT (write
-# the summary as JSON lines), TOKIO=1 (also run bench/tokio-ref, the wire format served as the
-# original tokio runtime served it, in the compute and head-of-line scenarios; it is built on
-# first use, from crates.io, in a workspace of its own). Servers run in alternation, each started fresh for a round. Run
-# it on a quiet machine: other work shows in every figure.
+# the summary as JSON lines), TOKIO=1 (also run bench/tokio-ref, the wire format served as
+# the original tokio runtime served it, in the compute and head-of-line scenarios; built with
+# its own lock file, in a workspace of its own, fetching tokio from crates.io the first
+# time). Servers run in alternation, each started fresh for a round. Run it on a quiet
+# machine: other work shows in every figure.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}

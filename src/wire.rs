@@ -614,7 +614,8 @@ fn too_large(what: &str, len: usize) -> io::Error {
 /// ```
 #[derive(Default)]
 pub struct FrameDecoder {
-    /// Bytes read so far; `start..end` holds those not yet consumed, `end..` is room.
+    /// Bytes read so far; `start..end` holds those not yet consumed. `end..len` is zeroed
+    /// room for `read_buf`; `read_from` reads into the spare capacity beyond `len`.
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -691,12 +692,16 @@ impl FrameDecoder {
         &mut self.buf[self.end..frame_end]
     }
 
-    /// Reads once from `fd` into the room for the next read, as [`read_buf`](Self::read_buf)
-    /// gives it, and records what arrived; `Ok(0)` is the end of the stream.
+    /// Reads once from `fd` into the buffer's spare capacity and records what arrived;
+    /// `Ok(0)` is the end of the stream. For the daemon, which calls it only while the frame
+    /// at the front is incomplete.
     ///
-    /// The daemon's way of reading: the kernel writes into the buffer's spare capacity
-    /// directly, so the room is never zeroed first (4 KiB per connection, and up to 64 KiB
-    /// per read of a large frame, otherwise written twice).
+    /// The kernel writes into the spare capacity directly, so nothing is zeroed first (as
+    /// [`read_buf`](Self::read_buf) must: 4 KiB per connection, up to 64 KiB per read of a
+    /// large frame). The capacity grows as `read_buf`'s room does (4 KiB at first, towards
+    /// the frame being read, at most 64 KiB beyond the bytes buffered), unless
+    /// [`reserve_frame`](Self::reserve_frame) reserved the whole frame: one read may then
+    /// take in as much of it as has arrived.
     pub(crate) fn read_from(&mut self, fd: impl std::os::fd::AsFd) -> io::Result<usize> {
         // The room is the spare capacity; zeroed room left by `read_buf` is given up.
         self.buf.truncate(self.end);
@@ -709,11 +714,13 @@ impl FrameDecoder {
                 self.start = 0;
             }
             let target = needed.max(INITIAL_BUFFER).min(self.end + READ_CHUNK);
-            // At least one byte of room, even with a whole frame at the front (which the
-            // caller should have taken first): a read into no room would look like the end
-            // of the stream.
-            self.buf
-                .reserve_exact(target.saturating_sub(self.end).max(1));
+            // Room even with a whole frame at the front (which the caller should have taken
+            // first): a read into no room would look like the end of the stream.
+            let room = match target.saturating_sub(self.end) {
+                0 => INITIAL_BUFFER,
+                room => room,
+            };
+            self.buf.reserve_exact(room);
         }
         let read = rustix::io::read(fd, rustix::buffer::spare_capacity(&mut self.buf))?;
         self.end = self.buf.len();
@@ -779,8 +786,8 @@ impl FrameDecoder {
     }
 
     /// The most the buffer will hold while the frame at the front is read through
-    /// [`read_buf`](Self::read_buf): the daemon takes this much from its frame memory budget
-    /// before it reads on.
+    /// [`read_buf`](Self::read_buf) or [`read_from`](Self::read_from): the daemon takes
+    /// this much from its frame memory budget before it reads on.
     pub(crate) fn capacity_for_frame(&self) -> usize {
         self.capacity().max(self.needed()).max(INITIAL_BUFFER)
     }

@@ -1087,30 +1087,32 @@ fn debug_level_logs_one_line_per_request() {
 #[test]
 fn a_request_over_the_frame_limit_is_a_usage_error_before_anything_starts() {
     use std::io::Write;
-    let place = Place::new();
-    // --spawn with a worker that would start: nothing may be started for a request that
-    // cannot be sent.
-    let mut call = place
-        .khived("call")
-        .args(["--spawn", "-", "--", "sh", "-c", "exit 9"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let ops = vec![b'x'; khived::MAX_FRAME_BYTES + 1];
-    // The call may exit (having read it all) before the write returns.
-    let _ = call.stdin.take().unwrap().write_all(&ops);
-    let output = call.wait_with_output().unwrap();
-    let text = stderr(&output);
-    assert_eq!(output.status.code(), Some(2), "{text}");
-    assert!(
-        text.contains("cannot send this request: frame too large: "),
-        "{text}"
-    );
-    assert!(text.contains("send less OPS per call"), "{text}");
-    assert!(!place.socket.exists() && !place.pid_file.exists());
-    assert!(
-        !place.dir.path().join("k.log").exists(),
-        "nothing was spawned"
-    );
+    // OPS over the limit, and OPS under it that the request's JSON around it takes over.
+    for ops_len in [khived::MAX_FRAME_BYTES + 1, khived::MAX_FRAME_BYTES - 10] {
+        let place = Place::new();
+        // --spawn with a worker that would start: nothing may be started for a request that
+        // cannot be sent.
+        let mut call = place
+            .khived("call")
+            .args(["--spawn", "-", "--", "sh", "-c", "exit 9"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The call may exit (having read it all) before the write returns.
+        let _ = call.stdin.take().unwrap().write_all(&vec![b'x'; ops_len]);
+        let output = call.wait_with_output().unwrap();
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{text}");
+        assert!(
+            text.contains("cannot send this request: frame too large: "),
+            "{text}"
+        );
+        assert!(text.contains("send less OPS per call"), "{text}");
+        assert!(!place.socket.exists() && !place.pid_file.exists());
+        assert!(
+            !place.dir.path().join("k.log").exists(),
+            "nothing was spawned"
+        );
+    }
 }

@@ -3,7 +3,9 @@
 //! connection, and `dispatch` called inline in that task, so a dispatcher that computes
 //! holds a worker thread until it returns. The dispatcher is the same as khived's
 //! `examples/compute`: `ops` starting with `spin:<µs>:` burns that much of the thread's CPU
-//! time, then `ops` is echoed; a probe is answered with the pid.
+//! time, then `ops` is echoed; a probe is answered with the pid. A reference for measuring,
+//! not a server to use: it trusts its clients (no frame size cap; a frame it cannot parse
+//! closes the connection without an answer).
 //!
 //! ```text
 //! KHIVE_SOCKET=/tmp/ref/r.sock target/release/khived-tokio-ref
