@@ -239,7 +239,9 @@ for mode in one-shot persistent; do
     for round in $(seq "$ROUNDS"); do
         for server in khived baseline; do
             start_server "$server" "$mode"
-            sleep 0.5
+            # Idle means idle: khived's dispatch watchdog, started by the readiness request
+            # (and warm_all), leaves 2 s after the last dispatch.
+            sleep 2.5
             read -r idle_rss idle_threads <<<"$(proc_status "$server_pid")"
             echo "0 0" >"$dir/max"
             sample_max "$server_pid" "$dir/max" &
