@@ -31,24 +31,9 @@ IDLE_WAIT=${IDLE_WAIT:-15}
 SCENARIOS=${SCENARIOS:-compute short probes echo idle}
 BENCH_OUT=${BENCH_OUT:-}
 TOKIO=${TOKIO:-}
-case $BENCH_OUT in /* | "") ;; *) BENCH_OUT=$PWD/$BENCH_OUT ;; esac
-
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-target=${CARGO_TARGET_DIR:-$root/target}
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/khived-cores.XXXXXX")
-server_pid=""
-sampler_pid=""
-cleanup() {
-    for pid in $sampler_pid $server_pid; do
-        kill "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+WORK_NAME=khived-cores
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 echo "== building (release)"
 cargo build --release -p khived --example echo --example compute
@@ -77,10 +62,7 @@ if [ "$PREV" != none ]; then
     prev_bin=$target/prev-echo/release/examples/echo
 fi
 
-cpu=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo)
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ -n "$(git status --porcelain 2>/dev/null)" ]; then commit="$commit (dirty)"; fi
-echo "== machine: $(nproc) cores, ${cpu:-unknown CPU}, kernel $(uname -r); $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+describe_machine
 echo "== khived $commit; $ROUNDS rounds x ${DURATION}s, $CONCURRENCY clients, work ${WORK_US} us, slow ${SLOW_US} us"
 
 threads_of() {
@@ -121,24 +103,8 @@ start_server() {
     fi
 }
 
-stop_server() {
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" || true
-    server_pid=""
-}
 
-json_field() {
-    sed -n "s/.*\"$1\":\([-0-9.e+]*\).*/\1/p" <<<"$2"
-}
 
-busy() {
-    local comm file compilers=0
-    for file in /proc/[0-9]*/comm; do
-        { read -r comm <"$file"; } 2>/dev/null || continue
-        case $comm in rustc | cargo | cc | ld | ld.lld | collect2) compilers=$((compilers + 1)) ;; esac
-    done
-    echo "load average $(cut -d' ' -f1-3 /proc/loadavg), $compilers compiler process(es) running"
-}
 load_before=$(busy)
 echo "== before the rounds: $load_before"
 
@@ -224,17 +190,6 @@ median() { # SCENARIO SERVER COLUMN
             else print (v[NR / 2] + v[NR / 2 + 1]) / 2
         }'
 }
-ratio() {
-    awk -v a="$1" -v b="$2" 'BEGIN {
-        if (a == "n/a" || b == "n/a" || b + 0 == 0) print "n/a"; else printf "%.2f\n", a / b
-    }'
-}
-json_value() {
-    case $1 in n/a | "") echo null ;; *) echo "$1" ;; esac
-}
-out() {
-    if [ -n "$BENCH_OUT" ]; then echo "$1" >>"$BENCH_OUT"; fi
-}
 if [ -n "$BENCH_OUT" ]; then : >"$BENCH_OUT"; fi
 out "{\"kind\":\"run\",\"script\":\"cores\",\"date\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\"commit\":\"$commit\",\"prev\":\"${prev_rev:-none}\",\"nproc\":$(nproc),\"rounds\":$ROUNDS,\"duration_s\":$DURATION,\"concurrency\":$CONCURRENCY,\"work_us\":$WORK_US,\"slow_us\":$SLOW_US,\"baseline_threads\":$BASE_THREADS,\"before\":\"$load_before\",\"after\":\"$load_after\"}"
 
@@ -274,16 +229,6 @@ fi
 
 echo
 echo "== goals"
-goal() { # label value op target
-    local result
-    result=$(awk -v v="$2" -v op="$3" -v t="$4" 'BEGIN {
-        if (v == "n/a") print "n/a"
-        else if (op == "<=") print (v + 0 <= t + 0 ? "PASS" : "MISS")
-        else print (v + 0 >= t + 0 ? "PASS" : "MISS")
-    }')
-    printf '%-44s %10s %s %-8s %s\n' "$1" "$2" "$3" "$4" "$result"
-    out "{\"kind\":\"goal\",\"goal\":\"$1\",\"value\":$(json_value "$2"),\"op\":\"$3\",\"target\":$4,\"result\":\"$result\"}"
-}
 goal "compute rps, khived / baseline" \
     "$(ratio "$(median compute khived 4)" "$(median compute baseline 4)")" ">=" 0.95
 goal "compute p99, khived / baseline" \

@@ -10,7 +10,9 @@
 # CORES=0 to skip bench/cores.sh, which runs at the end (compute-bound dispatch, head-of-line,
 # echo against the previous commit PREV, default HEAD~1; see its header).
 #
-#   ROUNDS=5 DURATION=5 BENCH_OUT=bench.jsonl bash bench/run.sh   # the full run; PREV=HEAD~1
+#   TOKIO=1 PREV=b27ae51 ROUNDS=5 DURATION=5 BENCH_OUT=bench.jsonl bash bench/run.sh
+#                                      # the last recorded run (BENCHMARKS.md); TOKIO and PREV
+#                                      # are cores.sh's
 # Servers run in alternation (khived, baseline, khived, ...), each started fresh for a round,
 # so that drift on the machine (other builds, thermal) hits both alike.
 set -euo pipefail
@@ -24,24 +26,9 @@ BASE_THREADS=${BASE_THREADS:-2}
 # clients, the others would wait for the whole round. So persistent mode gets one per client.
 BASE_THREADS_PERSISTENT=$CONCURRENCY
 BENCH_OUT=${BENCH_OUT:-}
-case $BENCH_OUT in /* | "") ;; *) BENCH_OUT=$PWD/$BENCH_OUT ;; esac
-
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-target=${CARGO_TARGET_DIR:-$root/target}
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/khived-bench.XXXXXX")
-server_pid=""
-sampler_pid=""
-cleanup() {
-    for pid in $sampler_pid $server_pid; do
-        kill "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+WORK_NAME=khived-bench
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------------------- build
 echo "== building (release)"
@@ -52,10 +39,7 @@ cargo build --release -p khived --bin khived || khived_built=no
 echo_bin=$target/release/examples/echo
 bench=$target/release/khived-bench
 
-cpu=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo)
-commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ -n "$(git -C "$root" status --porcelain 2>/dev/null)" ]; then commit="$commit (dirty)"; fi
-echo "== machine: $(nproc) cores, ${cpu:-unknown CPU}, kernel $(uname -r); $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+describe_machine
 echo "== khived $commit; $ROUNDS rounds x ${DURATION}s, $CONCURRENCY clients, $PAYLOAD-byte payload"
 
 # ---------------------------------------------------------------------------- sizes
@@ -182,13 +166,10 @@ sample_max() {
         read -r rss threads <<<"$status"
         ((rss > max_rss)) && max_rss=$rss
         ((threads > max_threads)) && max_threads=$threads
-        echo "$max_rss $max_threads" >"$2"
+        # Replaced whole, so that a reader never sees a half-written file.
+        echo "$max_rss $max_threads" >"$2.new" && mv "$2.new" "$2"
         sleep 0.1
     done
-}
-
-json_field() {
-    sed -n "s/.*\"$1\":\([-0-9.e+]*\).*/\1/p" <<<"$2"
 }
 
 # Starts server $1 (khived or baseline) for mode $2; sets server_pid, socket and dir.
@@ -215,21 +196,7 @@ start_server() {
     fi
 }
 
-stop_server() {
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" || true # the baseline dies of the signal; khived drains and exits 0
-    server_pid=""
-}
 
-# Other work on the machine (a compile, say) shows up in the numbers: say how busy it was.
-busy() {
-    local comm file compilers=0
-    for file in /proc/[0-9]*/comm; do
-        { read -r comm <"$file"; } 2>/dev/null || continue
-        case $comm in rustc | cargo | cc | ld | ld.lld | collect2) compilers=$((compilers + 1)) ;; esac
-    done
-    echo "load average $(cut -d' ' -f1-3 /proc/loadavg), $compilers compiler process(es) running"
-}
 load_before=$(busy)
 echo "== before the rounds: $load_before"
 
@@ -284,17 +251,6 @@ median() {
 total() {
     awk -v s="$1" -v m="$2" -v c="$3" '$1 == s && $2 == m {t += $c} END {print t + 0}' "$results"
 }
-ratio() {
-    awk -v a="$1" -v b="$2" 'BEGIN {
-        if (a == "n/a" || b == "n/a" || b + 0 == 0) print "n/a"; else printf "%.2f\n", a / b
-    }'
-}
-json_value() {
-    case $1 in n/a | "") echo null ;; *) echo "$1" ;; esac
-}
-out() {
-    if [ -n "$BENCH_OUT" ]; then echo "$1" >>"$BENCH_OUT"; fi
-}
 if [ -n "$BENCH_OUT" ]; then : >"$BENCH_OUT"; fi
 
 out "{\"kind\":\"run\",\"date\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\"commit\":\"$commit\",\"nproc\":$(nproc),\"cpu\":\"$cpu\",\"kernel\":\"$(uname -r)\",\"rounds\":$ROUNDS,\"duration_s\":$DURATION,\"concurrency\":$CONCURRENCY,\"payload\":$PAYLOAD,\"baseline_threads\":{\"one-shot\":$BASE_THREADS,\"persistent\":$BASE_THREADS_PERSISTENT},\"before\":\"$load_before\",\"after\":\"$load_after\"}"
@@ -339,16 +295,6 @@ fact "what an embedder pays" "$(awk -v a="$embed_served" -v b="$embed_plain" \
 
 echo
 echo "== goals"
-goal() { # label value op target
-    local result
-    result=$(awk -v v="$2" -v op="$3" -v t="$4" 'BEGIN {
-        if (v == "n/a") print "n/a"
-        else if (op == "<=") print (v + 0 <= t + 0 ? "PASS" : "MISS")
-        else print (v + 0 >= t + 0 ? "PASS" : "MISS")
-    }')
-    printf '%-44s %10s %s %-8s %s\n' "$1" "$2" "$3" "$4" "$result"
-    out "{\"kind\":\"goal\",\"goal\":\"$1\",\"value\":$(json_value "$2"),\"op\":\"$3\",\"target\":$4,\"result\":\"$result\"}"
-}
 oneshot_rps=$(median khived one-shot 4)
 load_rss=$(median khived one-shot 12)
 persistent_rss=$(median khived persistent 12)

@@ -25,8 +25,8 @@ use crate::wire::{code, encode_frame, Disposition, ErrorDetail, Response};
 const FD_RESERVE: u64 = 32;
 
 /// Accepts connections and spawns a task for each, until `closing` is set. Runs as a task of
-/// its own, not as the future given to `Executor::run`, which is polled again on every
-/// wake-up of the executor.
+/// its own, not inside the supervisor's future, which is polled again whenever the executor's
+/// loop is woken.
 pub(crate) async fn accept_loop<D: Dispatch>(
     listener: Async<UnixListener>,
     shared: Arc<Shared<D>>,

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use async_io::Timer;
 use event_listener::Event;
-use futures_lite::future::{self, FutureExt};
+use futures_lite::future::FutureExt;
 
 use crate::wire::{MAX_FRAME_BYTES, READ_CHUNK};
 
@@ -154,10 +154,7 @@ impl Budget {
             }
         };
         let timed_out = async {
-            match deadline {
-                Some(deadline) => Timer::at(deadline).await,
-                None => future::pending().await,
-            };
+            deadline.map_or_else(Timer::never, Timer::at).await;
             false
         };
         taken.or(timed_out).await

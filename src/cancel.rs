@@ -41,9 +41,9 @@ pub(crate) struct Cut<'a, H> {
 /// in the two last cases the dispatch future is dropped.
 ///
 /// Nothing is set up for a dispatch that finishes in its first poll: a request answered at
-/// once costs no timer and no reactor registration. A request that waits for a slot is
-/// looked at when its turn comes and dropped, never having run, if its client has gone; the
-/// client is watched for only while the dispatch itself waits.
+/// once costs no timer and no reactor registration. A dispatch that waited for a slot, before
+/// or between its polls, is looked at when its turn comes and dropped if its client has gone;
+/// the client is watched for only while the dispatch itself waits.
 pub(crate) async fn bounded<F: Future, H: Future<Output = ()>>(
     execution: &Arc<Execution>,
     config: &Config,

@@ -49,8 +49,8 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
     let mut idle_stop = None;
     loop {
         match conn.read_frame(deadline, idle_stop).await {
-            Ok(Some(_)) => {}
-            Ok(None) => return,
+            Ok(true) => {}
+            Ok(false) => return,
             Err(e) => {
                 if let Some(error) = closing_reply(e, idle_stop.is_none(), config) {
                     conn.reply_and_close(shared, error);
@@ -436,20 +436,19 @@ impl<'a> Connection<'a> {
         charged(self.frames.capacity()) + charged(self.out.capacity())
     }
 
-    /// Reads until a whole frame is buffered and returns its body, which stays buffered until
-    /// `frames.consume()`. `Ok(None)` is a clean end: the client closed between frames, or
-    /// `idle_stop` was set while no byte of a next frame had arrived.
+    /// Reads until a whole frame is buffered (`Ok(true)`; it stays buffered until
+    /// `frames.consume()`, and [`request`](Self::request) gives its body). `Ok(false)` is a
+    /// clean end: the client closed between frames, or `idle_stop` was set while no byte of a
+    /// next frame had arrived.
     async fn read_frame(
         &mut self,
         deadline: Option<Instant>,
         idle_stop: Option<&Flag>,
-    ) -> Result<Option<&[u8]>, ReadError> {
+    ) -> Result<bool, ReadError> {
         let mut patience = PATIENCE;
         loop {
-            // A whole frame ends the loop and its body is taken after it: a borrow returned
-            // from inside the loop would keep `frames` borrowed for the reads below.
             match self.frames.decode() {
-                Ok(Some(_)) => break,
+                Ok(Some(_)) => return Ok(true),
                 Ok(None) => {}
                 Err(e) => return Err(ReadError::TooLarge(e)),
             }
@@ -478,7 +477,7 @@ impl<'a> Connection<'a> {
             match read {
                 Ok(0) => {
                     return match self.frames.finish() {
-                        Ok(()) => Ok(None),
+                        Ok(()) => Ok(false),
                         Err(e) => Err(ReadError::Truncated(e)),
                     }
                 }
@@ -491,7 +490,7 @@ impl<'a> Connection<'a> {
                     let stop = if buffered == 0 { idle_stop } else { None };
                     match self.wait(true, deadline, stop).await {
                         Ok(Wake::Ready) => {}
-                        Ok(Wake::Stopped) => return Ok(None),
+                        Ok(Wake::Stopped) => return Ok(false),
                         Ok(Wake::TimedOut) => return Err(ReadError::TimedOut),
                         Err(e) => return Err(ReadError::Io(e)),
                     }
@@ -500,7 +499,6 @@ impl<'a> Connection<'a> {
                 Err(e) => return Err(ReadError::Io(e)),
             }
         }
-        self.frames.decode().map_err(ReadError::TooLarge)
     }
 
     /// Encodes `response` into `out`. A response above 64 KiB is paid for from the budget
@@ -612,10 +610,7 @@ impl<'a> Connection<'a> {
             Ok(Wake::Stopped)
         };
         let timed_out = async {
-            match deadline {
-                Some(deadline) => Timer::at(deadline).await,
-                None => future::pending().await,
-            };
+            deadline.map_or_else(Timer::never, Timer::at).await;
             Ok(Wake::TimedOut)
         };
         ready.or(stopped).or(timed_out).await

@@ -52,11 +52,11 @@ const QUIET_TICK: Duration = Duration::from_millis(5);
 /// for it. Long enough that the kernel preempting a thread in the middle of a short poll, on a
 /// busy machine, is not taken for one: a spare thread that is not needed costs every task a
 /// wake-up.
-pub(crate) const LONG_POLL: Duration = Duration::from_millis(10);
+const LONG_POLL: Duration = Duration::from_millis(10);
 /// Runners are given back once fewer have been needed for this long.
-pub(crate) const RETIRE_AFTER: Duration = Duration::from_secs(2);
+const RETIRE_AFTER: Duration = Duration::from_secs(2);
 /// The watchdog leaves after this long without a dispatch and without runners.
-pub(crate) const LINGER: Duration = Duration::from_secs(2);
+const LINGER: Duration = Duration::from_secs(2);
 /// How long closing waits for runners still inside a poll (after a drain that timed out).
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -233,7 +233,7 @@ impl Execution {
             // Runners asked to leave that have not yet are not counted: when more are wanted
             // again, they stay instead of new ones being started.
             let leaving = self.retire.load(Ordering::SeqCst);
-            let running = (self.runners.get() + 1).saturating_sub(leaving).max(1);
+            let running = self.running().saturating_sub(leaving).max(1);
             let instant = Instant::now();
             if wanted >= running {
                 last_needed = instant;
@@ -258,7 +258,7 @@ impl Execution {
                 if self.polls.load(Ordering::SeqCst) == polls
                     || self.watching.swap(true, Ordering::SeqCst)
                 {
-                    log::debug!("no dispatch for 2 s: the dispatch watchdog leaves");
+                    log::debug!("no dispatch for {LINGER:?}: the dispatch watchdog leaves");
                     return;
                 }
             }
@@ -425,14 +425,14 @@ impl Slots {
     /// Gives `slot` to the oldest waiter, or frees it.
     fn release(&self, slot: usize) {
         let mut state = lock(&self.state);
-        match (!state.queue.is_empty()).then(|| state.queue.remove(0)) {
-            Some((id, waker)) => {
-                state.granted.push((id, slot));
-                drop(state);
-                waker.wake();
-            }
-            None => state.free.push(slot),
+        if state.queue.is_empty() {
+            state.free.push(slot);
+            return;
         }
+        let (id, waker) = state.queue.remove(0);
+        state.granted.push((id, slot));
+        drop(state);
+        waker.wake();
     }
 }
 

@@ -207,7 +207,9 @@ fn open_pid_file(path: &Path) -> io::Result<OwnedFd> {
             annotate(e.into(), "cannot open PID file", path)
         }
     })?;
-    if rustix::fs::fstat(&fd)?.st_mode & 0o170000 != 0o100000 {
+    if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode)
+        != rustix::fs::FileType::RegularFile
+    {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("PID file {} is not a regular file", path.display()),
@@ -356,7 +358,8 @@ fn bind_private(path: &Path) -> io::Result<(UnixListener, (u64, u64))> {
     let _ = rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600));
     let addr = SocketAddrUnix::new(path)?;
     rustix::net::bind(&fd, &addr).map_err(|e| annotate(e.into(), "cannot bind", path))?;
-    let mode = fs::symlink_metadata(path)?.mode() & 0o777;
+    let meta = fs::symlink_metadata(path)?;
+    let mode = meta.mode() & 0o777;
     if mode != 0o600 {
         log::warn!(
             "{} was created with mode {mode:03o}, fixed to 600: this platform leaves a moment \
@@ -366,6 +369,6 @@ fn bind_private(path: &Path) -> io::Result<(UnixListener, (u64, u64))> {
         fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
     }
     rustix::net::listen(&fd, LISTEN_BACKLOG)?;
-    let meta = fs::symlink_metadata(path)?;
+    // Changing the mode kept the inode.
     Ok((UnixListener::from(fd), (meta.dev(), meta.ino())))
 }

@@ -196,10 +196,11 @@
 //! ```
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
-// Four `unsafe` blocks exist: `pre_exec` in `spawn`, to put a started daemon in a session of
+// Five `unsafe` blocks exist: `pre_exec` in `spawn`, to put a started daemon in a session of
 // its own, `pre_exec` in `pool`, to give a worker PDEATHSIG (Linux), taking descriptor 3 from
-// a service manager in `systemd` (Linux), and `getpeereid` in `sys` (not Linux: rustix lacks
-// it). Everything else goes through rustix.
+// a service manager in `systemd` (Linux), `getpeereid` in `sys` (not Linux: rustix lacks
+// it), and `madvise` in `pages`, on the pages of a buffer about to be freed. Everything else
+// goes through rustix.
 #![deny(unsafe_code)]
 
 // The path of a request: accept -> connection (read frame, decide, dispatch, write frame).

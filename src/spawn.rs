@@ -167,7 +167,7 @@ impl Spawn {
         if self.log.parent() != self.socket.parent() {
             prepare_dir(&self.log)?;
         }
-        let mut log = open_log(&self.log)?;
+        let mut log = open_private(&self.log, "daemon log")?;
         let log_start = log.seek(SeekFrom::End(0))?;
         self.command
             .stdin(Stdio::null())
@@ -235,10 +235,10 @@ impl Spawn {
             return false;
         }
         while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
             if matches!(running_pid(&self.pid_file), Ok(None)) {
                 return true;
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
         false
     }
@@ -251,20 +251,15 @@ fn lock_path(socket: &Path) -> PathBuf {
     socket.with_file_name(name)
 }
 
-/// Opens the log a started daemon appends to: created mode 0600 if missing, appended to,
-/// readable (the last lines of a failed start are read back through it), close-on-exec.
+/// Opens `path` (described as `what` in errors: the daemon's log, the spawn lock) read-write
+/// for appending, created mode 0600 if missing, close-on-exec; the log's last lines are read
+/// back through it after a failed start.
 ///
-/// The log's directory must have passed the daemon's own check first; even then, the name
-/// is opened without following a symbolic link (a planted link would make us append to a
-/// file elsewhere) and without blocking (a planted FIFO would hang the open while we hold
-/// the spawn lock), and only a regular file is accepted. The file is returned in blocking
-/// mode, ready to be handed to whatever writes the log.
-pub(crate) fn open_log(path: &Path) -> io::Result<File> {
-    open_private(path, "daemon log")
-}
-
-/// Opens `path` (described as `what` in errors) read-write for appending, as [`open_log`]
-/// says: never through a symbolic link, never blocking, a regular file only.
+/// The directory must have passed the daemon's own check first; even then, the name is
+/// opened without following a symbolic link (a planted link would make us append to a file
+/// elsewhere) and without blocking (a planted FIFO would hang the open while we hold the
+/// spawn lock), and only a regular file is accepted. The file is returned in blocking mode,
+/// ready to be handed to whatever writes the log.
 fn open_private(path: &Path, what: &str) -> io::Result<File> {
     let flags = OFlags::RDWR
         | OFlags::APPEND

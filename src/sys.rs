@@ -47,7 +47,10 @@ pub(crate) fn send(socket: impl AsFd, bytes: &[u8]) -> rustix::io::Result<usize>
 
 /// Makes [`send`] on `socket` safe from `SIGPIPE` where the flag that [`send`] passes does
 /// not exist (Apple platforms); does nothing elsewhere.
-#[cfg(any(feature = "__fuzzing", not(any(target_os = "linux", target_os = "android"))))]
+#[cfg(any(
+    feature = "__fuzzing",
+    not(any(target_os = "linux", target_os = "android"))
+))]
 pub(crate) fn no_sigpipe(socket: impl AsFd) -> io::Result<()> {
     #[cfg(target_vendor = "apple")]
     rustix::net::sockopt::set_socket_nosigpipe(socket, true)?;

@@ -614,8 +614,9 @@ fn too_large(what: &str, len: usize) -> io::Error {
 /// ```
 #[derive(Default)]
 pub struct FrameDecoder {
-    /// Bytes read so far; `start..end` holds those not yet consumed. `end..len` is zeroed
-    /// room for `read_buf`; `read_from` reads into the spare capacity beyond `len`.
+    /// Bytes read so far; `start..end` holds those not yet consumed. `end..len` is room for
+    /// `read_buf`, initialized (zeroed when it grew); `read_from` reads into the spare
+    /// capacity beyond `len`.
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -707,12 +708,8 @@ impl FrameDecoder {
         self.buf.truncate(self.end);
         if self.buf.capacity() == self.end {
             let needed = self.needed();
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.buf.truncate(self.end);
-                self.start = 0;
-            }
+            self.compact();
+            self.buf.truncate(self.end);
             let target = needed.max(INITIAL_BUFFER).min(self.end + READ_CHUNK);
             // Room even with a whole frame at the front (which the caller should have taken
             // first): a read into no room would look like the end of the stream.
@@ -799,14 +796,21 @@ impl FrameDecoder {
     /// One allocation instead of one per 64 KiB also leaves no trail of freed blocks behind.
     pub(crate) fn reserve_frame(&mut self) {
         if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.buf.truncate(self.end - self.start);
-            self.end -= self.start;
-            self.start = 0;
+            self.compact();
+            self.buf.truncate(self.end);
         }
         let needed = self.needed();
         if needed > self.buf.capacity() {
             self.buf.reserve_exact(needed - self.buf.len());
+        }
+    }
+
+    /// Moves the bytes not yet consumed to the front of the buffer.
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
         }
     }
 
@@ -825,11 +829,7 @@ impl FrameDecoder {
         if self.end < self.buf.len() {
             return;
         }
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
+        self.compact();
         let target = needed.max(minimum).min(self.end + READ_CHUNK);
         if target > self.buf.len() {
             self.buf.reserve_exact(target - self.buf.len());

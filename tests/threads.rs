@@ -15,9 +15,12 @@ fn threads() -> usize {
     std::fs::read_dir("/proc/self/task").unwrap().count()
 }
 
-/// Waits until this process has `count` threads, failing after a generous deadline.
-fn wait_for_threads(count: usize, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// Long enough for anything on a busy machine.
+const GENEROUS: Duration = Duration::from_secs(60);
+
+/// Waits until this process has `count` threads, failing after `within`.
+fn wait_for_threads(count: usize, what: &str, within: Duration) {
+    let deadline = Instant::now() + within;
     while threads() != count {
         assert!(
             Instant::now() < deadline,
@@ -36,7 +39,7 @@ fn extra_threads_are_given_back_after_idling_and_none_outlive_a_drain() {
 
     let running = Running::start(|config| config.drain_timeout = Duration::from_secs(1));
     // The daemon's thread (the "caller's thread" of run_blocking).
-    wait_for_threads(before + 1, "serving, before any dispatch");
+    wait_for_threads(before + 1, "serving, before any dispatch", GENEROUS);
 
     // A dispatch holds its thread: another one is started to answer probes.
     let mut blocked = running.send("block:1");
@@ -53,7 +56,7 @@ fn extra_threads_are_given_back_after_idling_and_none_outlive_a_drain() {
     running.expect("dropped 1");
 
     // Idle: the runner and the watchdog leave.
-    wait_for_threads(before + 1, "after idling");
+    wait_for_threads(before + 1, "after idling", GENEROUS);
     assert_eq!(khived::probe(&running.socket, WAIT).unwrap().threads, 1);
 
     // A request still waiting when the drain times out is dropped with its task, and every
@@ -62,5 +65,11 @@ fn extra_threads_are_given_back_after_idling_and_none_outlive_a_drain() {
     running.expect("started 2");
     running.stop_and_expect("dropped 2");
     drop(pending);
-    assert_eq!(threads(), before, "threads outlived the daemon");
+    // Joined, but a thread that has let its joiner go may still be listed for a moment while
+    // it leaves the kernel: far less than the 2 s an unjoined idle runner would take.
+    wait_for_threads(
+        before,
+        "threads outlived the daemon",
+        Duration::from_millis(500),
+    );
 }

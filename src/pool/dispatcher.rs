@@ -91,7 +91,8 @@ impl Pool {
     /// # Errors
     ///
     /// [`io::ErrorKind::InvalidInput`] when the options cannot run a pool: no command, no
-    /// workers, or a queue that holds no request. The message names the option to fix.
+    /// workers, a queue that holds no request, or no stderr line let through per second. The
+    /// message names the option to fix.
     pub fn new(options: PoolOptions) -> io::Result<Pool> {
         options.check()?;
         let (jobs, queued) = async_channel::bounded(options.queue);

@@ -28,7 +28,7 @@
 //!   doubling up to 10 s, back to 100 ms after 30 s of health) and the request it held gets
 //!   an error naming its exit status at once: the exit is seen from the process itself, not
 //!   from the end of its stdout, which a process it started may hold. One that exits while
-//!   idle is restarted at once. One that hangs past [`PoolOptions::request_timeout`]
+//!   idle is noticed at once and restarted after the same backoff. One that hangs past [`PoolOptions::request_timeout`]
 //!   is killed and restarted; one that prints something that is not a reply (or a line
 //!   longer than [`MAX_FRAME_BYTES`](crate::MAX_FRAME_BYTES)) is a worker error, not a
 //!   daemon crash. While no worker can start, requests fail at once with the reason.

@@ -40,7 +40,10 @@ pub struct PoolOptions {
     /// request is answered at once with an error starting `daemon_busy:`.
     pub queue: usize,
     /// How long a worker may take to answer one request before it is killed and restarted,
-    /// and the request answered with an error (default: no limit).
+    /// and the request answered with an error (default: no limit). Under a daemon whose
+    /// [`Config::request_timeout`](crate::Config::request_timeout) is no longer, the runtime
+    /// answers the client first (its clock starts when the request is read, this one when a
+    /// worker takes it), and this limit is what kills and restarts the worker.
     pub request_timeout: Option<Duration>,
     /// Ops sent to each worker once it starts, before it takes requests, so that it loads
     /// what it needs (default: none). A failed warm request is logged; a worker that dies or

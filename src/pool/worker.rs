@@ -161,8 +161,8 @@ fn start(
     Ok((pipes, exited))
 }
 
-/// The signal `reap` kills with (its number on every Linux architecture).
-const SIGKILL: i32 = 9;
+/// The signal `reap` kills with.
+const SIGKILL: i32 = rustix::process::Signal::KILL.as_raw();
 
 /// Kills worker `id` if it still runs, with every process left in its group, and waits
 /// for it; returns how it ended, and whether it had exited on its own (not by SIGKILL).

@@ -174,8 +174,8 @@ Exit status: 0 after a clean stop, 5 if a daemon already runs on the socket, 1 o
 
 const START_HELP: &str = "\
 Start the daemon in the background (in a session of its own, its output appended to the
-socket's path with the extension .log, e.g. ~/.khive/khived.log), wait until it answers,
-and print its pid.
+--log-file, by default the socket's path with the extension .log, e.g. ~/.khive/khived.log),
+wait until it answers, and print its pid.
 
 Usage: khived start [SERVE OPTIONS] [--timeout SECS] [-- CMD [ARGS...]]
 
@@ -251,7 +251,8 @@ Exit status:
   0  answering: a daemon answered the probe
   3  not_running: nothing listens on the socket and no process holds the PID file (stale
      files are reported)
-  75 busy: a daemon answered daemon_busy (it is at its connection cap); try again
+  75 busy: a daemon answered daemon_busy (at its connection cap, or its frame memory
+     in use); try again
   7  not_answering: the socket accepts connections or the PID file is held, but no answer
      came in time (a daemon starting, stopping, stopped with SIGSTOP, or hung), or the
      PID file could not be inspected (the reason is printed)
@@ -420,17 +421,19 @@ impl Common {
 
 impl Serve {
     fn new() -> Self {
+        // The pool's own defaults, also when no pool is asked for (the echo dispatcher).
+        let pool = khived::pool::PoolOptions::default();
         Serve {
             common: Common::new(),
             log_file: None,
-            namespace: "khive".to_owned(),
+            namespace: pool.namespace,
             config_id: String::new(),
             drain_timeout: None,
             idle_timeout: None,
             max_connections: None,
             worker: None,
-            workers: 1,
-            queue: 64,
+            workers: pool.workers,
+            queue: pool.queue,
             request_timeout: None,
             threads: None,
             warm: None,

@@ -30,7 +30,8 @@ mod status {
     pub(crate) const NOT_ANSWERING: u8 = 7;
     /// `call`: the daemon refused the request for now without running it (`daemon_busy`,
     /// `daemon_draining`); the same call may be made again. `status`: the daemon answered
-    /// `daemon_busy` (it is at its connection cap). `EX_TEMPFAIL` of sysexits.h.
+    /// `daemon_busy` (at its connection cap, or its frame memory in use). `EX_TEMPFAIL` of
+    /// sysexits.h.
     pub(crate) const RETRY: u8 = 75;
 }
 
@@ -300,10 +301,8 @@ fn report(call: &Call, client: &mut Client, response: Response) -> u8 {
 /// The exit status for a response (see `khived call --help`): 0 ok, 4 the daemon is not the
 /// one this call needs, 75 refused for now (retry), 1 any other error.
 fn call_status(response: &Response) -> u8 {
-    if response.version_mismatch || response.namespace_mismatch {
-        return status::MISMATCH;
-    }
-    if response.config_mismatch || response.served_config_id.is_none() {
+    let mismatch = response.version_mismatch || response.namespace_mismatch;
+    if mismatch || response.config_mismatch || response.served_config_id.is_none() {
         return status::MISMATCH;
     }
     if response.ok {
@@ -497,7 +496,7 @@ fn run_status(options: Status) -> u8 {
             println!("  threads:    {}", info.threads);
         }
         State::Busy(e) => {
-            println!("khived is running but busy: it is at its connection cap ({e})");
+            println!("khived is running but busy ({e})");
             print_pid(pid, common);
         }
         State::NotAnswering(e) => {
@@ -522,7 +521,8 @@ fn print_pid(pid: Option<u32>, common: &Common) {
     println!("  socket:     {}", common.socket.display());
 }
 
-/// What a daemon that is not running left behind.
+/// What a daemon that is not running left behind; for callers that found no daemon holding
+/// the PID file (`running_pid` said `Ok(None)`).
 fn stale_files(common: &Common) -> Vec<String> {
     let mut notes = Vec::new();
     if std::fs::symlink_metadata(&common.socket).is_ok() {
@@ -531,17 +531,11 @@ fn stale_files(common: &Common) -> Vec<String> {
             common.socket.display()
         ));
     }
-    match khived::running_pid(&common.pid_file) {
-        Ok(Some(pid)) => notes.push(format!(
-            "PID file {} is held by pid {pid}, which does not answer (starting, or hung?)",
-            common.pid_file.display()
-        )),
-        Ok(None) if common.pid_file.exists() => notes.push(format!(
+    if common.pid_file.exists() {
+        notes.push(format!(
             "stale PID file {} (no daemon holds it)",
             common.pid_file.display()
-        )),
-        Ok(None) => {}
-        Err(e) => notes.push(e.to_string()),
+        ));
     }
     notes
 }
@@ -666,6 +660,9 @@ fn pool_options(serve: &Serve) -> Option<PoolOptions> {
         .queue(serve.queue)
         .namespace(&serve.namespace)
         .config_id(&serve.config_id);
+    // The same limit as the runtime's (`daemon_config`): the runtime, counting from when the
+    // request was read, answers the client first; the pool's, counting from when a worker
+    // took the job, is then what kills and restarts that worker.
     options.request_timeout = serve.request_timeout;
     options.warm = serve.warm.clone();
     Some(options)
