@@ -35,7 +35,7 @@ fn wait_for_connections(daemon: &ChildDaemon, n: u64) {
         assert!(
             Instant::now() < deadline,
             "{} connections open, waiting for {n}; log:\n{}",
-            info.in_flight,
+            info.in_flight + 1,
             daemon.log()
         );
         std::thread::sleep(Duration::from_millis(20));

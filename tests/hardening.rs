@@ -8,17 +8,12 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::{frame, read_response, request, temp_dir, ChildDaemon, InProcess};
-use khived::{Config, Daemon, MAX_FRAME_BYTES};
+use khived::{Config, MAX_FRAME_BYTES};
 
 /// Entry point of the child daemons; does nothing in a normal test run.
 #[test]
 fn child_daemon() {
     common::child_main();
-}
-
-fn start_error(config: Config) -> String {
-    let daemon = Daemon::new(config, common::TestDispatch::default());
-    daemon.run_blocking().unwrap_err().to_string()
 }
 
 // Linux only: other systems have no per-thread setuid to connect as a stranger with.
@@ -60,7 +55,7 @@ fn group_writable_directory_is_refused_with_the_fix() {
     let shared = dir.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o775)).unwrap();
-    let error = start_error(Config::at(shared.join("k.sock")));
+    let error = common::start_error(Config::at(shared.join("k.sock")));
     assert!(
         error.contains("writable by group or others (mode 0775)"),
         "{error}"
@@ -79,7 +74,7 @@ fn symlinked_pid_file_is_refused() {
     std::fs::write(&target, "precious").unwrap();
     let socket = dir.path().join("k.sock");
     std::os::unix::fs::symlink(&target, socket.with_extension("pid")).unwrap();
-    let error = start_error(Config::at(&socket));
+    let error = common::start_error(Config::at(&socket));
     assert!(
         error.contains("is a symbolic link; refusing to follow it"),
         "{error}"
@@ -92,7 +87,7 @@ fn symlinked_pid_file_is_refused() {
 fn overlong_socket_path_is_refused() {
     let dir = temp_dir();
     let socket = dir.path().join("s".repeat(120));
-    let error = start_error(Config::at(&socket));
+    let error = common::start_error(Config::at(&socket));
     let len = socket.as_os_str().len();
     assert!(
         error.contains(&format!("is {len} bytes long; the limit here is 107 bytes")),
@@ -147,13 +142,9 @@ fn thousand_connections_against_a_cap_of_64() {
     let daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
     // The readiness probe's connection must be gone before the holders come, or it would
     // take a slot that frees up in the middle of the test.
-    while khived::probe(&daemon.socket, Duration::from_secs(5))
-        .unwrap()
-        .in_flight
-        > 0
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_in_flight(&daemon.socket, "the readiness probe's connection", |n| {
+        n == 0
+    });
     std::thread::sleep(Duration::from_millis(200));
     // 64 clients hold every slot without sending anything...
     let holders: Vec<UnixStream> = (0..64)
@@ -206,15 +197,9 @@ fn rss_stays_bounded_while_200_peers_announce_8_mib() {
             stream
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while khived::probe(&daemon.socket, Duration::from_secs(5))
-        .unwrap()
-        .in_flight
-        < 200
-    {
-        assert!(Instant::now() < deadline, "the peers were not all accepted");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_in_flight(&daemon.socket, "the peers were not all accepted", |n| {
+        n >= 200
+    });
     std::thread::sleep(Duration::from_millis(200));
     let grown = common::rss_kib(daemon.pid()).saturating_sub(before);
     // Allocating what was announced would be 1.6 GiB; reading ahead 64 KiB each is 12.5 MiB.

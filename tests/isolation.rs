@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{request, temp_dir, ChildDaemon, InProcess};
-use khived::{Config, Daemon};
+use khived::Config;
 use rustix::process::Signal;
 
 const KHIVED: &str = env!("CARGO_BIN_EXE_khived");
@@ -67,24 +67,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// The error of a daemon that must refuse to start; one that starts anyway is stopped and
-/// fails the test.
-fn start_error(mut config: Config) -> String {
-    config.handle_signals = false;
-    let daemon = Daemon::new(config, common::TestDispatch::default());
-    let stop = daemon.shutdown_handle();
-    let run = std::thread::spawn(move || daemon.run_blocking());
-    let deadline = Instant::now() + GUARD;
-    while !run.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    stop.shutdown();
-    match run.join().unwrap() {
-        Err(e) => e.to_string(),
-        Ok(stopped) => panic!("the daemon started and ran until stopped ({stopped:?})"),
-    }
-}
-
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -99,6 +81,17 @@ struct StopOnDrop {
     home: PathBuf,
     socket: PathBuf,
     pid_file: PathBuf,
+}
+
+impl StopOnDrop {
+    /// For a daemon on `socket` with its PID file beside it, started with `home` as HOME.
+    fn new(home: &Path, socket: &Path) -> Self {
+        StopOnDrop {
+            home: home.to_owned(),
+            socket: socket.to_owned(),
+            pid_file: socket.with_extension("pid"),
+        }
+    }
 }
 
 impl Drop for StopOnDrop {
@@ -130,11 +123,7 @@ fn spawn_call(home: &Path, socket: &Path) -> Command {
 fn spawn_refuses_a_symlinked_log_and_leaves_its_target_alone() {
     let dir = temp_dir();
     let socket = dir.path().join("k.sock");
-    let _stop = StopOnDrop {
-        home: dir.path().to_owned(),
-        socket: socket.clone(),
-        pid_file: socket.with_extension("pid"),
-    };
+    let _stop = StopOnDrop::new(dir.path(), &socket);
     let target = dir.path().join("elsewhere");
     std::fs::write(&target, "precious").unwrap();
     std::os::unix::fs::symlink(&target, socket.with_extension("log")).unwrap();
@@ -151,11 +140,7 @@ fn spawn_refuses_a_symlinked_log_and_leaves_its_target_alone() {
 fn spawn_does_not_hang_on_a_fifo_log() {
     let dir = temp_dir();
     let socket = dir.path().join("k.sock");
-    let _stop = StopOnDrop {
-        home: dir.path().to_owned(),
-        socket: socket.clone(),
-        pid_file: socket.with_extension("pid"),
-    };
+    let _stop = StopOnDrop::new(dir.path(), &socket);
     let fifo = socket.with_extension("log");
     let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(made.success());
@@ -196,11 +181,7 @@ fn spawn_creates_nothing_in_a_directory_the_daemon_would_refuse() {
     // but the daemon would not run there, so nothing may be created there either.
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
     let socket = shared.join("k.sock");
-    let _stop = StopOnDrop {
-        home: dir.path().to_owned(),
-        socket: socket.clone(),
-        pid_file: socket.with_extension("pid"),
-    };
+    let _stop = StopOnDrop::new(dir.path(), &socket);
     let output = run_guarded(spawn_call(dir.path(), &socket));
     let text = stderr(&output);
     assert_eq!(output.status.code(), Some(3), "{text}");
@@ -224,16 +205,8 @@ fn only_one_of_the_variables_set_keeps_daemons_apart() {
     let home = dir.path().join("home");
     std::fs::create_dir(&home).unwrap();
     let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
-    let _stop_a = StopOnDrop {
-        home: home.clone(),
-        socket: a.clone(),
-        pid_file: a.with_extension("pid"),
-    };
-    let _stop_b = StopOnDrop {
-        home: home.clone(),
-        socket: b.clone(),
-        pid_file: b.with_extension("pid"),
-    };
+    let _stop_a = StopOnDrop::new(&home, &a);
+    let _stop_b = StopOnDrop::new(&home, &b);
     let serve = |socket: &Path| {
         let mut serve = khived(&home, "serve");
         serve
@@ -436,7 +409,7 @@ fn a_writable_ancestor_is_refused_by_daemon_and_client() {
     std::fs::create_dir(&ancestor).unwrap();
     std::fs::set_permissions(&ancestor, std::fs::Permissions::from_mode(0o775)).unwrap();
     let socket = ancestor.join("run").join("k.sock");
-    let error = start_error(Config::at(&socket));
+    let error = common::start_error(Config::at(&socket));
     assert!(error.contains("writable by group or others"), "{error}");
     assert!(
         error.contains(&format!("chmod go-w {}", ancestor.display())),
@@ -447,7 +420,7 @@ fn a_writable_ancestor_is_refused_by_daemon_and_client() {
     // Nor through a symbolic link whose target lies below it.
     let link = dir.path().join("link");
     std::os::unix::fs::symlink(ancestor.join("run"), &link).unwrap();
-    let error = start_error(Config::at(link.join("k.sock")));
+    let error = common::start_error(Config::at(link.join("k.sock")));
     assert!(
         error.contains(&format!("chmod go-w {}", ancestor.display())),
         "{error}"
@@ -556,7 +529,7 @@ fn a_failed_start_removes_its_pid_file() {
     let start = |socket: PathBuf| {
         let mut config = Config::at(&socket);
         config.pid_file = pid_file.clone();
-        start_error(config)
+        common::start_error(config)
     };
     // Something that is not a socket is in the way.
     let occupied = dir.path().join("k.sock");

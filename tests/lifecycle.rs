@@ -5,6 +5,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{request, temp_dir, ChildDaemon};
@@ -193,9 +194,6 @@ fn a_later_daemon_names_the_running_one_and_touches_nothing() {
     let dir = temp_dir();
     let socket = dir.path().join("k.sock");
     let first = ChildDaemon::start(&socket, &[]);
-    let inode = |path: &std::path::Path| {
-        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
-    };
     let (socket_inode, pid_inode) = (inode(&socket), inode(&first.pid_file));
     let mut second = ChildDaemon::spawn(&socket, &[]);
     assert_eq!(second.wait(EXIT_WAIT).code(), Some(3));
@@ -318,23 +316,33 @@ fn clients_queued_at_the_moment_of_sigterm_are_answered() {
     assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
 }
 
+fn inode(path: &std::path::Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+}
+
+/// Something other than a khived of this version on `socket`: it answers the first frame it
+/// gets with `answer`, then keeps the socket bound until the thread is joined.
+fn answer_once(socket: &std::path::Path, answer: &'static [u8]) -> JoinHandle<UnixListener> {
+    let listener = UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let _ = common::read_response_raw(&mut stream);
+            let _ = std::io::Write::write_all(&mut stream, &common::frame(answer));
+        }
+        listener
+    })
+}
+
 #[test]
 fn an_older_daemon_that_does_not_lock_is_left_alone() {
     let dir = temp_dir();
     let socket = dir.path().join("k.sock");
     // An original-version daemon: no flock, answers every frame with a namespace mismatch
     // (it knows no probe), and its PID file names a live process (this one).
-    let listener = UnixListener::bind(&socket).unwrap();
-    let incumbent = std::thread::spawn(move || {
-        if let Ok((mut stream, _)) = listener.accept() {
-            let _ = common::read_response_raw(&mut stream);
-            let answer = br#"{"ok":false,"result":null,"error":null,"namespace_mismatch":true}"#;
-            let _ = std::io::Write::write_all(&mut stream, &common::frame(answer));
-        }
-        listener
-    });
+    let answer = br#"{"ok":false,"result":null,"error":null,"namespace_mismatch":true}"#;
+    let incumbent = answer_once(&socket, answer);
     std::fs::write(socket.with_extension("pid"), std::process::id().to_string()).unwrap();
-    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&socket).unwrap());
+    let before = inode(&socket);
     let mut newcomer = ChildDaemon::spawn(&socket, &[]);
     assert_eq!(
         newcomer.wait(EXIT_WAIT).code(),
@@ -344,10 +352,7 @@ fn an_older_daemon_that_does_not_lock_is_left_alone() {
     );
     let expected = format!("already running as pid {}", std::process::id());
     assert!(newcomer.log().contains(&expected), "{}", newcomer.log());
-    assert_eq!(
-        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&socket).unwrap()),
-        inode
-    );
+    assert_eq!(inode(&socket), before);
     let pid = std::fs::read_to_string(socket.with_extension("pid")).unwrap();
     assert_eq!(
         pid,
@@ -363,15 +368,8 @@ fn a_socket_answering_the_probe_with_no_response_is_not_taken_over() {
     let socket = dir.path().join("k.sock");
     // Something holds the socket and answers a frame, but not with a response: not a khived
     // that is running, and not a leftover either.
-    let listener = UnixListener::bind(&socket).unwrap();
-    let incumbent = std::thread::spawn(move || {
-        if let Ok((mut stream, _)) = listener.accept() {
-            let _ = common::read_response_raw(&mut stream);
-            let _ = std::io::Write::write_all(&mut stream, &common::frame(br#"{"pid":1}"#));
-        }
-        listener
-    });
-    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&socket).unwrap());
+    let incumbent = answer_once(&socket, br#"{"pid":1}"#);
+    let before = inode(&socket);
     let mut newcomer = ChildDaemon::spawn(&socket, &[]);
     assert_eq!(
         newcomer.wait(EXIT_WAIT).code(),
@@ -384,10 +382,7 @@ fn a_socket_answering_the_probe_with_no_response_is_not_taken_over() {
         socket.display()
     );
     assert!(newcomer.log().contains(&expected), "{}", newcomer.log());
-    assert_eq!(
-        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&socket).unwrap()),
-        inode
-    );
+    assert_eq!(inode(&socket), before);
     drop(incumbent.join().unwrap());
 }
 

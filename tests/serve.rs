@@ -329,15 +329,7 @@ fn run_says_when_the_drain_timed_out() {
         client.request(&request("sleep:60000"))
     });
     // The slow request is in flight once a probe counts one connection (not its own).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while khived::probe(&daemon.socket, Duration::from_secs(5))
-        .unwrap()
-        .in_flight
-        < 1
-    {
-        assert!(Instant::now() < deadline, "the slow request never arrived");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_in_flight(&daemon.socket, "the slow request never arrived", |n| n >= 1);
     let stopped = daemon.shutdown().unwrap();
     assert_eq!(stopped, khived::Stopped::DrainTimedOut);
     assert_eq!(stopped.exit_code(), 0);

@@ -192,6 +192,46 @@ pub fn settled_in_flight(client: &mut Client, count: u64) -> khived::ProbeInfo {
     }
 }
 
+/// The error of a daemon that must refuse to start; one that starts anyway is stopped after
+/// a minute and fails the test (rather than hanging it).
+#[allow(dead_code)]
+pub fn start_error(mut config: Config) -> String {
+    config.handle_signals = false;
+    let daemon = Daemon::new(config, TestDispatch::default());
+    let stop = daemon.shutdown_handle();
+    let run = std::thread::spawn(move || daemon.run_blocking());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !run.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.shutdown();
+    match run.join().unwrap() {
+        Err(e) => e.to_string(),
+        Ok(stopped) => panic!("the daemon started and ran until stopped ({stopped:?})"),
+    }
+}
+
+/// Probes `socket`, each time on a new connection (which the probe does not count), until
+/// the number of other connections open satisfies `wanted`; fails after a minute, naming
+/// `what` was waited for.
+#[allow(dead_code)]
+pub fn wait_for_in_flight(socket: &Path, what: &str, wanted: impl Fn(u64) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let in_flight = khived::probe(socket, Duration::from_secs(5))
+            .unwrap()
+            .in_flight;
+        if wanted(in_flight) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {in_flight} connection(s) open"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Waits until a daemon answers a probe on `socket`.
 pub fn wait_until_serving(socket: &Path) -> khived::ProbeInfo {
     let deadline = Instant::now() + Duration::from_secs(20);
