@@ -15,7 +15,9 @@ use futures_lite::future::{self, FutureExt};
 use futures_lite::io::{AsyncWriteExt, BufReader};
 use rustix::net::SocketAddrUnix;
 
-use crate::client::{check_echo, connect_error, decode_response, probe_info};
+use crate::client::{
+    check_echo, connect_error, decode_response, peer_closed, probe_info, timed_out,
+};
 use crate::sys;
 use crate::wire::{encode_frame, read_frame, Frame, ProbeInfo, Request, Response};
 
@@ -380,23 +382,4 @@ async fn within<T>(
             Err(timed_out())
         })
         .await
-}
-
-fn timed_out(path: &Path, timeout: Duration, doing: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::TimedOut,
-        format!(
-            "no answer from {} within {timeout:?} ({doing})",
-            path.display()
-        ),
-    )
-}
-
-/// A write failed because the daemon closed its end: it may have answered first (a busy
-/// reply), so the answer is still read.
-fn peer_closed(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
-    )
 }

@@ -115,24 +115,16 @@ impl Client {
         use std::io::Write;
         self.arm_timeouts()?;
         let timed_out = |e: io::Error, doing: &str| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "no answer from {} within {:?} ({doing})",
-                    self.path.display(),
-                    self.timeout
-                ),
-            ),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                timed_out(&self.path, self.timeout, doing)
+            }
             _ => e,
         };
         // A daemon over its connection cap answers `daemon_busy` and closes before reading:
         // our write may then fail while that answer waits to be read, so read it anyway.
         let written = (&self.stream).write_all(frame.as_bytes());
         if let Err(e) = &written {
-            if !matches!(
-                e.kind(),
-                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
-            ) {
+            if !peer_closed(e) {
                 return Err(timed_out(written.unwrap_err(), "writing the request"));
             }
         }
@@ -271,4 +263,24 @@ pub(crate) fn probe_info(response: Response, path: &Path) -> io::Result<ProbeInf
             format!("{} answered a probe with {text:?}: {e}", path.display()),
         )
     })
+}
+
+/// The error for a daemon that did not answer in time, saying what was being done.
+pub(crate) fn timed_out(path: &Path, timeout: Duration, doing: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "no answer from {} within {timeout:?} ({doing})",
+            path.display()
+        ),
+    )
+}
+
+/// A write failed because the daemon closed its end: it may have answered first (a busy
+/// reply), so the answer is still read.
+pub(crate) fn peer_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
 }
