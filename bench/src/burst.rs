@@ -55,14 +55,7 @@ pub fn run(options: &Options) -> io::Result<()> {
     let ops: String = (0..options.size)
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect();
-    let request = Request {
-        ops: &ops,
-        presentation: None,
-        presentation_per_op: None,
-        namespace: "echo",
-        config_id: "",
-        probe: false,
-    };
+    let request = Request::echo(&ops, false);
     let mut frames = Vec::new();
     for _ in 0..options.frames {
         frame::encode_into(&mut frames, &request)?;

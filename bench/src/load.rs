@@ -78,6 +78,20 @@ pub(crate) struct Request<'a> {
     pub(crate) probe: bool,
 }
 
+impl<'a> Request<'a> {
+    /// A request of the echo servers' namespace and configuration (or a probe).
+    pub(crate) fn echo(ops: &'a str, probe: bool) -> Self {
+        Request {
+            ops,
+            presentation: None,
+            presentation_per_op: None,
+            namespace: "echo",
+            config_id: "",
+            probe,
+        }
+    }
+}
+
 /// One client's request, encoded once, and what a right answer carries.
 struct Exchange {
     frame: Vec<u8>,
@@ -87,14 +101,7 @@ struct Exchange {
 
 impl Exchange {
     fn new(ops: String, probe: bool) -> io::Result<Self> {
-        let request = Request {
-            ops: &ops,
-            presentation: None,
-            presentation_per_op: None,
-            namespace: "echo",
-            config_id: "",
-            probe,
-        };
+        let request = Request::echo(&ops, probe);
         let mut frame = Vec::new();
         frame::encode_into(&mut frame, &request)?;
         let result = (!probe).then_some(ops);
