@@ -160,12 +160,28 @@ impl Budget {
         taken.or(timed_out).await
     }
 
-    fn give_back(&self, bytes: usize) {
+    /// Returns `bytes` to the budget; says whether that left nothing taken.
+    fn give_back(&self, bytes: usize) -> bool {
         if bytes == 0 {
-            return;
+            return false;
         }
-        self.lock().free += bytes;
+        let emptied = {
+            let mut state = self.lock();
+            state.free += bytes;
+            state.free == self.total
+        };
         self.returned.notify(usize::MAX);
+        emptied
+    }
+
+    /// Gives back bytes a connection is done with. When that leaves nothing taken, a burst of
+    /// large frames is over: the allocator is asked to return the free memory it kept (see
+    /// `pages::trim`), which buffers outside the budget (a worker's reply being read, the
+    /// growth steps of an encoded line) may have left behind.
+    fn release(&self, bytes: usize) {
+        if self.give_back(bytes) {
+            crate::pages::trim();
+        }
     }
 }
 
@@ -226,7 +242,7 @@ impl<'a> Held<'a> {
     /// Gives back what is held beyond `bytes`.
     pub(crate) fn shrink_to(&mut self, bytes: usize) {
         if bytes < self.bytes {
-            self.budget.give_back(self.bytes - bytes);
+            self.budget.release(self.bytes - bytes);
             self.bytes = bytes;
         }
     }
@@ -259,7 +275,7 @@ impl<'a> Held<'a> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.budget.give_back(self.bytes);
+        self.budget.release(self.bytes);
     }
 }
 

@@ -196,11 +196,11 @@
 //! ```
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
-// Five `unsafe` blocks exist: `pre_exec` in `spawn`, to put a started daemon in a session of
+// Six `unsafe` blocks exist: `pre_exec` in `spawn`, to put a started daemon in a session of
 // its own, `pre_exec` in `pool`, to give a worker PDEATHSIG (Linux), taking descriptor 3 from
 // a service manager in `systemd` (Linux), `getpeereid` in `sys` (not Linux: rustix lacks
-// it), and `madvise` in `pages`, on the pages of a buffer about to be freed. Everything else
-// goes through rustix.
+// it), `madvise` in `pages`, on the pages of a buffer about to be freed, and glibc's
+// `malloc_trim` in `pages`, once a burst is over. Everything else goes through rustix.
 #![deny(unsafe_code)]
 
 // The path of a request: accept -> connection (read frame, decide, dispatch, write frame).

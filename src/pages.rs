@@ -7,6 +7,12 @@
 //! buffer above 64 KiB is freed, the whole pages inside it are handed back with
 //! `madvise(MADV_DONTNEED)`: whatever the allocator does with the block, those pages no
 //! longer count, and the next use of them starts from fresh zeroed pages.
+//!
+//! Not every large buffer passes through here: a worker's reply read line by line grows by
+//! doubling, and each step's old block is freed by the allocator alone. So once a burst is
+//! over (the frame memory budget has nothing taken any more), [`trim`] asks glibc to return
+//! every whole free page it holds, in every arena: without it, the pool's path kept about
+//! 100 MiB after a burst of 4 MiB requests (BENCHMARKS.md, "Large-frame burst").
 
 use crate::wire::READ_CHUNK;
 
@@ -50,6 +56,22 @@ fn discard_pages(buf: &mut Vec<u8>) {
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn discard_pages(_buf: &mut Vec<u8>) {}
 
+/// Returns the allocator's free memory to the system, where the allocator keeps it (glibc).
+/// Costs a walk over its free blocks, so it is called once a burst is over, not per buffer.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub(crate) fn trim() {
+    // SAFETY: `malloc_trim` takes no pointers and only changes which free pages of the heap
+    // are backed by memory; it is thread-safe (it takes each arena's lock).
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Other allocators (musl's, macOS's) return freed memory on their own.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub(crate) fn trim() {}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -59,5 +81,6 @@ mod tests {
             buf.truncate(len / 2);
             super::release(buf);
         }
+        super::trim();
     }
 }

@@ -84,6 +84,13 @@ impl Job {
     }
 }
 
+impl Drop for Job {
+    /// A large request's copy goes back to the system, whether it ran or was skipped.
+    fn drop(&mut self) {
+        crate::pages::release(std::mem::take(&mut self.ops).into_bytes());
+    }
+}
+
 impl Pool {
     /// A pool that will run workers as `options` say. No process starts yet: the daemon
     /// starts them once its socket is bound.

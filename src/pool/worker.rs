@@ -252,8 +252,10 @@ async fn serve(
             &line,
             *last_request,
             timeout,
-        );
-        match answer.await {
+        )
+        .await;
+        crate::pages::release(line);
+        match answer {
             Ok(answer) => {
                 let _ = job.reply.send(answer).await;
             }
@@ -342,7 +344,9 @@ async fn exchange(
             Ok(None) => return Err(CLOSED_STDOUT.to_owned()),
             Err(why) => return Err(why),
         };
-        let reply = line::parse_reply_with_id(&reply)?;
+        let parsed = line::parse_reply_with_id(&reply);
+        crate::pages::release(reply);
+        let reply = parsed?;
         match reply.id {
             Some(echoed) if echoed != id => Err(format!(
                 "is out of sync: it answered request {echoed} while request {id} was \
