@@ -322,14 +322,23 @@ fn idle_shutdown_stops_a_daemon_nobody_uses() {
 
 #[test]
 fn run_says_when_the_drain_timed_out() {
-    let daemon = InProcess::start(|config, _| config.drain_timeout = Duration::from_millis(300));
+    let mut dispatched = None;
+    let daemon = InProcess::start(|config, dispatch| {
+        config.drain_timeout = Duration::from_millis(300);
+        dispatched = Some(dispatch.dispatched.clone());
+    });
+    let dispatched = dispatched.unwrap();
     let socket = daemon.socket.clone();
     let _slow = std::thread::spawn(move || {
         let mut client = khived::Client::connect(&socket, Duration::from_secs(120)).unwrap();
         client.request(&request("sleep:60000"))
     });
-    // The slow request is in flight once a probe counts one connection (not its own).
-    common::wait_for_in_flight(&daemon.socket, "the slow request never arrived", |n| n >= 1);
+    // The slow request is in flight once the dispatcher has it: a probe's count of open
+    // connections could still include the readiness probe's, and the shutdown would then
+    // race the slow client's connect.
+    common::wait_until("the slow request never reached the dispatcher", || {
+        dispatched.load(std::sync::atomic::Ordering::SeqCst) == 1
+    });
     let stopped = daemon.shutdown().unwrap();
     assert_eq!(stopped, khived::Stopped::DrainTimedOut);
     assert_eq!(stopped.exit_code(), 0);

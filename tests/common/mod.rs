@@ -458,9 +458,20 @@ pub fn wait_exit(child: &mut Child, timeout: Duration, log: impl Fn() -> String)
     }
 }
 
-/// Waits until `log()` contains `needle`, failing the test after 20 s.
+/// Waits until `done()` holds, looking every 10 ms; fails the test after a minute, naming
+/// `what` was waited for. The minute only keeps a regression from hanging the test: the
+/// verdict never depends on how soon `done` holds.
+pub fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until `log()` contains `needle`, failing the test after a minute.
 pub fn wait_for_text(needle: &str, log: impl Fn() -> String) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let text = log();
         if text.contains(needle) {
