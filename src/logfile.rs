@@ -48,6 +48,8 @@ pub struct RotatingFile {
     file: File,
     /// Bytes in the current file, counted from its size at open.
     written: u64,
+    /// Whether standard error follows the current file (see `redirect_stderr`).
+    stderr: bool,
 }
 
 impl RotatingFile {
@@ -74,7 +76,22 @@ impl RotatingFile {
             keep: Self::DEFAULT_KEEP,
             file,
             written,
+            stderr: false,
         })
+    }
+
+    /// Points the process's standard error (file descriptor 2) at the current file, now and
+    /// after every rotation, so what is written to standard error and is not a log record
+    /// (a panic's message, a library's `eprintln!`) lands in the newest file beside the
+    /// records instead of in a terminal nobody reads or in a renamed `PATH.1`.
+    ///
+    /// # Errors
+    ///
+    /// Standard error cannot be replaced (`dup2` fails).
+    pub fn redirect_stderr(mut self) -> io::Result<RotatingFile> {
+        rustix::stdio::dup2_stderr(&self.file)?;
+        self.stderr = true;
+        Ok(self)
     }
 
     /// Sets the size at which the file is rotated (at least 1 byte).
@@ -119,6 +136,10 @@ impl RotatingFile {
         }
         self.file = open_regular(&self.path)?;
         self.written = 0;
+        if self.stderr {
+            // Without this, standard error would keep writing into the renamed file.
+            rustix::stdio::dup2_stderr(&self.file)?;
+        }
         Ok(())
     }
 }
@@ -153,6 +174,7 @@ impl fmt::Debug for RotatingFile {
             .field("max_bytes", &self.max_bytes)
             .field("keep", &self.keep)
             .field("written", &self.written)
+            .field("stderr", &self.stderr)
             .finish()
     }
 }

@@ -356,7 +356,7 @@ fn clients_refuse_a_socket_served_by_another_user() {
         rustix::net::listen(&fd, 8).unwrap();
         listening.send(()).unwrap();
         let mut received = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..4 {
             let conn = rustix::net::accept(&fd).unwrap();
             let mut stream = UnixStream::from(conn);
             stream.set_read_timeout(Some(GUARD)).unwrap();
@@ -394,6 +394,19 @@ fn clients_refuse_a_socket_served_by_another_user() {
         stderr(&call).contains("runs as uid 65534"),
         "{}",
         stderr(&call)
+    );
+    let status = khived(dir.path(), "status")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--pid")
+        .arg(socket.with_extension("pid"))
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(77), "{}", stdout(&status));
+    assert!(
+        stdout(&status).contains("runs as uid 65534"),
+        "{}",
+        stdout(&status)
     );
     assert_eq!(
         stranger.join().unwrap(),
@@ -434,7 +447,26 @@ fn a_writable_ancestor_is_refused_by_daemon_and_client() {
     let error = khived::Client::connect(&daemon.socket, GUARD).unwrap_err();
     // Nor the PID file, which says whom `khived stop` signals.
     let pid_error = khived::running_pid(&daemon.pid_file).unwrap_err();
+    // `khived status` names the case, with a state and an exit status of its own.
+    let status = run_guarded({
+        let mut status = khived(&root, "status");
+        status
+            .arg("--json")
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .arg("--pid")
+            .arg(&daemon.pid_file);
+        status
+    });
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(status.status.code(), Some(77), "{}", stdout(&status));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&status)).unwrap();
+    assert_eq!(report["state"], "untrusted", "{report}");
+    let why = report["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&format!("chmod go-w {}", root.display())),
+        "{report}"
+    );
     assert_eq!(
         pid_error.kind(),
         std::io::ErrorKind::PermissionDenied,

@@ -461,3 +461,51 @@ fn queued_requests_whose_client_is_gone_are_skipped() {
     assert_eq!(seen(), "block\nnext\n");
     future::block_on(pool.shut_down());
 }
+
+/// Fails its first five starts (exit status 77), so that the pool waits 1.6 s before the
+/// sixth; then runs `COUNTING_WORKER`.
+const FAILS_FIVE_STARTS: &str = r#"
+echo start >> "$STARTS"
+[ "$(wc -l < "$STARTS")" -le 5 ] && exit 77
+exec python3 -c "$COUNTING_WORKER"
+"#;
+
+#[test]
+fn a_request_whose_time_runs_out_in_the_queue_is_answered_without_running() {
+    capture_logs();
+    let dir = temp_dir();
+    let requests = dir.path().join("requests");
+    let pool = Pool::new(
+        options(&["sh", "-c", FAILS_FIVE_STARTS])
+            .env("STARTS", dir.path().join("starts"))
+            .env("COUNTING_WORKER", COUNTING_WORKER)
+            .env("REQUESTS", &requests)
+            .env("RELEASE", dir.path().join("release"))
+            .request_timeout(Duration::from_millis(200)),
+    )
+    .unwrap();
+    let executor = async_executor::Executor::new();
+    future::block_on(executor.run(async {
+        let _workers = executor.spawn(pool.warm_all());
+        // The fifth failure is logged before the pool waits 1.6 s to start the worker again:
+        // a request sent now waits in the queue far past its 200 ms.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while logged("exit status: 77").len() < 5 {
+            assert!(
+                Instant::now() < deadline,
+                "the worker did not fail five times"
+            );
+            Timer::after(Duration::from_millis(20)).await;
+        }
+        let late = pool.dispatch(&Request::new("late", "khive", "")).await;
+        let error = late.unwrap_err();
+        assert_eq!(error.code(), khived::code::REQUEST_TIMED_OUT, "{error}");
+        assert!(error.to_string().contains("in the queue"), "{error}");
+        let next = pool.dispatch(&Request::new("next", "khive", "")).await;
+        assert_eq!(next.map_err(|e| e.to_string()), Ok("next".to_owned()));
+    }));
+    // The worker never saw the request whose time had run out.
+    let seen = std::fs::read_to_string(&requests).unwrap();
+    assert_eq!(seen, "next\n");
+    future::block_on(pool.shut_down());
+}

@@ -62,9 +62,12 @@ pub(super) struct Job {
     pub(super) ops: String,
     pub(super) presentation: Option<String>,
     pub(super) presentation_per_op: Option<Vec<Option<String>>>,
+    /// When the request's time is up: [`PoolOptions::request_timeout`] after it reached
+    /// the pool, so time spent waiting in the queue counts.
+    pub(super) deadline: Option<Instant>,
     /// Closed once the request's dispatch future is dropped (its client is gone): the job is
     /// then skipped instead of run.
-    pub(super) reply: Sender<Result<String, String>>,
+    pub(super) reply: Sender<Result<String, DispatchError>>,
 }
 
 impl Job {
@@ -81,6 +84,11 @@ impl Job {
     /// Whether nobody waits for the answer any more.
     pub(super) fn abandoned(&self) -> bool {
         self.reply.is_closed()
+    }
+
+    /// Whether the request's time ran out before a worker took it.
+    pub(super) fn expired(&self) -> bool {
+        self.deadline.is_some_and(|at| Instant::now() >= at)
     }
 }
 
@@ -142,6 +150,11 @@ impl Dispatch for Pool {
             ops: request.ops.clone().into_owned(),
             presentation: request.presentation.as_deref().map(str::to_owned),
             presentation_per_op: request.presentation_per_op.clone(),
+            deadline: self
+                .inner
+                .options
+                .request_timeout
+                .map(|t| Instant::now() + t),
             reply,
         };
         // Should this future be dropped (its client gone), `answer` goes with it and the
@@ -163,8 +176,8 @@ impl Dispatch for Pool {
         let answered = answer
             .recv()
             .await
-            .unwrap_or_else(|_| Err("the worker pool stopped before answering".to_owned()));
-        answered.map_err(DispatchError::from)
+            .unwrap_or_else(|_| Err("the worker pool stopped before answering".into()));
+        answered
     }
 
     /// Starts the workers and keeps them running (restarting them as needed) for as long as
@@ -242,7 +255,7 @@ impl Inner {
             }
             let _ = job
                 .reply
-                .send(Err(format!("no worker is running: {why}")))
+                .send(Err(format!("no worker is running: {why}").into()))
                 .await;
         }
     }

@@ -39,11 +39,14 @@ pub struct PoolOptions {
     /// How many requests may wait for a free worker (default 64). When the queue is full a
     /// request is answered at once with an error starting `daemon_busy:`.
     pub queue: usize,
-    /// How long a worker may take to answer one request before it is killed and restarted,
-    /// and the request answered with an error (default: no limit). Under a daemon whose
-    /// [`Config::request_timeout`](crate::Config::request_timeout) is no longer, the runtime
-    /// answers the client first (its clock starts when the request is read, this one when a
-    /// worker takes it), and this limit is what kills and restarts the worker.
+    /// How long one request may take, counted from when it reaches the pool (default: no
+    /// limit). A worker still on it when the time is up is killed and restarted, and the
+    /// request answered with an error; a request whose time ran out while it waited in the
+    /// queue is answered with `request_timed_out` (not committed) without running. Both
+    /// clocks start together under a daemon with the same
+    /// [`Config::request_timeout`](crate::Config::request_timeout): the runtime answers the
+    /// client, and the worker still on that request is killed right after, instead of
+    /// running on for nobody.
     pub request_timeout: Option<Duration>,
     /// Ops sent to each worker once it starts, before it takes requests, so that it loads
     /// what it needs (default: none). A failed warm request is logged; a worker that dies or

@@ -17,7 +17,7 @@ use futures_lite::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use super::dispatcher::{lock, Inner, Job};
 use super::line;
-use crate::MAX_FRAME_BYTES;
+use crate::{code, DispatchError, MAX_FRAME_BYTES};
 
 /// Restart delays grow from the first to the last after each failure in a row.
 const FIRST_RESTART_DELAY: Duration = Duration::from_millis(100);
@@ -84,7 +84,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                 if let Some(job) = job {
                     let _ = job
                         .reply
-                        .send(Err(format!("worker {id} {why} ({status})")))
+                        .send(Err(format!("worker {id} {why} ({status})").into()))
                         .await;
                 }
             }
@@ -212,13 +212,14 @@ async fn serve(
     if let Some(ops) = &inner.options.warm {
         *last_request += 1;
         let line = line::encode_request_with_id(*last_request, ops, None, None);
+        let deadline = timeout.map(|limit| (Instant::now() + limit, limit));
         let warmed = exchange(
             &mut stdin,
             &mut stdout,
             exited.as_mut(),
             &line,
             *last_request,
-            timeout,
+            deadline,
         );
         match warmed.await {
             Ok(Ok(_)) => log::info!("worker {id}: warmed"),
@@ -236,6 +237,19 @@ async fn serve(
             log::debug!("worker {id}: skipped a request whose client is gone");
             continue;
         }
+        if let (true, Some(limit)) = (job.expired(), timeout) {
+            // Its time ran out in the queue: running it now would answer nobody in time.
+            let message = format!(
+                "request timed out: waited {limit:?} in the queue; the pool's {} worker(s) \
+                 were busy or restarting, so try again or raise the request timeout",
+                inner.options.workers
+            );
+            let error = DispatchError::new(message)
+                .with_code(code::REQUEST_TIMED_OUT)
+                .not_committed();
+            let _ = job.reply.send(Err(error)).await;
+            continue;
+        }
         // Output that came in with the job, after `idle` last looked, is just as stray.
         if let Some(why) = stray_output(&mut stdout).await {
             return Ended::Failed {
@@ -245,19 +259,20 @@ async fn serve(
         }
         *last_request += 1;
         let line = job.line(*last_request);
+        let deadline = job.deadline.zip(timeout);
         let answer = exchange(
             &mut stdin,
             &mut stdout,
             exited.as_mut(),
             &line,
             *last_request,
-            timeout,
+            deadline,
         )
         .await;
         crate::pages::release(line);
         match answer {
             Ok(answer) => {
-                let _ = job.reply.send(answer).await;
+                let _ = job.reply.send(answer.map_err(DispatchError::from)).await;
             }
             Err(why) => {
                 return Ended::Failed {
@@ -311,16 +326,17 @@ fn stray(buf: &[u8]) -> String {
     }
 }
 
-/// Sends request `id` and reads one reply line, racing the worker's exit. `Err` means the
-/// worker cannot be trusted any more (it died, hung, answered another request or broke the
-/// protocol) and must be restarted.
+/// Sends request `id` and reads one reply line, racing the worker's exit and the request's
+/// `deadline` (when its time is up, and the limit it had). `Err` means the worker cannot be
+/// trusted any more (it died, hung, answered another request or broke the protocol) and
+/// must be restarted.
 async fn exchange(
     stdin: &mut ChildStdin,
     stdout: &mut BufReader<ChildStdout>,
     exited: Pin<&mut impl Future<Output = io::Result<ExitStatus>>>,
     line: &[u8],
     id: u64,
-    timeout: Option<Duration>,
+    deadline: Option<(Instant, Duration)>,
 ) -> Result<Result<String, String>, String> {
     let talk = async {
         stdin
@@ -355,12 +371,15 @@ async fn exchange(
             _ => Ok(reply.answer),
         }
     };
-    match timeout {
+    match deadline {
         None => talk.await,
-        Some(limit) => {
+        Some((at, limit)) => {
             talk.or(async {
-                Timer::after(limit).await;
-                Err(format!("did not answer within {limit:?}; restarting it"))
+                Timer::at(at).await;
+                Err(format!(
+                    "did not answer within {limit:?} of the request reaching the pool; \
+                     restarting it"
+                ))
             })
             .await
         }

@@ -256,6 +256,9 @@ Exit status:
   7  not_answering: the socket accepts connections or the PID file is held, but no answer
      came in time (a daemon starting, stopping, stopped with SIGSTOP, or hung), or the
      PID file could not be inspected (the reason is printed)
+  77 untrusted: the socket is not this user's to trust (a directory on its way belongs
+     to another user or is writable by others, or the process serving it runs as another
+     user); nothing was sent, and the reason names the fix
   2  usage error
 ";
 

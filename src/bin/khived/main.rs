@@ -33,6 +33,8 @@ mod status {
     /// `daemon_busy` (at its connection cap, or its frame memory in use). `EX_TEMPFAIL` of
     /// sysexits.h.
     pub(crate) const RETRY: u8 = 75;
+    /// `status`: the socket is not this user's to trust (`EX_NOPERM` of sysexits.h).
+    pub(crate) const UNTRUSTED: u8 = 77;
 }
 
 fn main() -> ExitCode {
@@ -92,16 +94,13 @@ fn run_serve(serve: Serve) -> u8 {
     let (level, unknown) = log_level(std::env::var("KHIVED_LOG").ok().as_deref(), serve.verbosity);
     match &serve.log_file {
         // Log records go through a file that rotates at its size limit, so a chatty daemon
-        // (or worker) cannot fill the disk; standard error goes to the same file for what
-        // is not a record (a panic's message).
+        // (or worker) cannot fill the disk; standard error follows the current file for what
+        // is not a record (a panic's message), also after a rotation.
         Some(path) => {
-            let file = match khived::RotatingFile::open(path) {
+            let file = match khived::RotatingFile::open(path).and_then(|f| f.redirect_stderr()) {
                 Ok(file) => file,
                 Err(e) => return fail(status::FAILED, e),
             };
-            if let Err(e) = redirect_stderr(path) {
-                return fail(status::FAILED, e);
-            }
             khived::init_file_logger(file, level);
         }
         None => {
@@ -179,23 +178,6 @@ fn log_level(env: Option<&str>, verbosity: i8) -> (log::LevelFilter, Option<Stri
     let index = levels.iter().position(|&level| level == base).unwrap_or(3) as i32;
     let moved = (index + i32::from(verbosity)).clamp(0, levels.len() as i32 - 1);
     (levels[moved as usize], unknown)
-}
-
-/// Sends our standard error, and with it every log line and panic message, to `path`.
-fn redirect_stderr(path: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // Never through a symbolic link (`RotatingFile::open` has checked the file already).
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-        .map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
-        })?;
-    rustix::stdio::dup2_stderr(&file)?;
-    Ok(())
 }
 
 // ---- call ---------------------------------------------------------------------------------
@@ -391,6 +373,9 @@ enum State {
     NotAnswering(String),
     /// Why nothing answered; nothing holds the PID file.
     NotRunning(String),
+    /// Why the socket was not probed: a directory on its way, or the process serving it,
+    /// is not this user's to trust (or the socket refuses this user).
+    Untrusted(String),
 }
 
 impl State {
@@ -400,6 +385,7 @@ impl State {
             State::Busy(_) => "busy",
             State::NotAnswering(_) => "not_answering",
             State::NotRunning(_) => "not_running",
+            State::Untrusted(_) => "untrusted",
         }
     }
 
@@ -409,6 +395,7 @@ impl State {
             State::Busy(_) => status::RETRY,
             State::NotAnswering(_) => status::NOT_ANSWERING,
             State::NotRunning(_) => status::UNREACHABLE,
+            State::Untrusted(_) => status::UNTRUSTED,
         }
     }
 }
@@ -437,6 +424,10 @@ fn inspect(common: &Common, timeout: Duration, holder: &std::io::Result<Option<u
         Ok(Err(e)) => return State::NotAnswering(e.to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
             return State::NotAnswering(e.to_string())
+        }
+        // Nothing was sent: whoever serves there, if anyone, is not to be talked to.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return State::Untrusted(e.to_string())
         }
         Err(e) => e,
     };
@@ -471,7 +462,10 @@ fn run_status(options: Status) -> u8 {
         value["pid_file"] = common.pid_file.display().to_string().into();
         match &state {
             State::Answering(_) => {}
-            State::Busy(e) | State::NotAnswering(e) | State::NotRunning(e) => {
+            State::Busy(e)
+            | State::NotAnswering(e)
+            | State::NotRunning(e)
+            | State::Untrusted(e) => {
                 value["error"] = e.as_str().into();
             }
         }
@@ -509,6 +503,10 @@ fn run_status(options: Status) -> u8 {
             for note in &stale {
                 println!("  {note}");
             }
+        }
+        State::Untrusted(e) => {
+            println!("khived's socket is not to be trusted; nothing was sent ({e})");
+            print_pid(pid, common);
         }
     }
     state.exit_status()
@@ -660,9 +658,9 @@ fn pool_options(serve: &Serve) -> Option<PoolOptions> {
         .queue(serve.queue)
         .namespace(&serve.namespace)
         .config_id(&serve.config_id);
-    // The same limit as the runtime's (`daemon_config`): the runtime, counting from when the
-    // request was read, answers the client first; the pool's, counting from when a worker
-    // took the job, is then what kills and restarts that worker.
+    // The same limit as the runtime's (`daemon_config`), and both count from when the request
+    // was read: the runtime answers the client, and the pool kills the worker still on it
+    // right after, instead of letting it run on for nobody.
     options.request_timeout = serve.request_timeout;
     options.warm = serve.warm.clone();
     Some(options)
