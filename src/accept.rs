@@ -59,7 +59,11 @@ pub(crate) async fn accept_loop<D: Dispatch>(
         }
     }
     // Clients the kernel queued before the shutdown have connected and may have sent their
-    // request: take them in (they are drained like the rest), then close the listener.
+    // request: take them in (they are drained like the rest), then close the listener. After
+    // a handover they are the successor's: it accepts them from the same socket.
+    if gate.shared.handed_over.is_set() {
+        return;
+    }
     while let Ok(fd) = sys::accept(listener.get_ref()) {
         gate.admit(UnixStream::from(fd));
     }

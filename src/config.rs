@@ -71,6 +71,20 @@ pub struct Config {
     /// embedding application handles signals itself and stops the daemon with a
     /// [`ShutdownHandle`](crate::ShutdownHandle).
     pub handle_signals: bool,
+    /// Whether a successor may take this daemon over (default true): the daemon listens on a
+    /// handover socket beside its PID file (the PID file's path with the extension
+    /// `handover`), where a daemon started with [`replace`](Self::replace) for the same
+    /// socket and PID file, run by the same user, is given the listening socket and the PID
+    /// file. This daemon then stops accepting, finishes what it holds and exits without
+    /// removing them (PROTOCOL.md, "Handover"). Off under socket activation: the service
+    /// manager keeps the socket across restarts itself.
+    pub handover: bool,
+    /// Whether to take over from the daemon running on this socket instead of failing with
+    /// [`Error::AlreadyRunning`](crate::Error::AlreadyRunning) (default false;
+    /// `KHIVE_REPLACE`, which [`Spawn::replace`](crate::Spawn::replace) sets). The running
+    /// daemon serves until this one is ready; if this one fails before that, nothing
+    /// changes for the clients. With no daemon running, this one starts as usual.
+    pub replace: bool,
     /// How many threads may run dispatch at once (default 0: as many as there are CPUs the
     /// process may run on, by its affinity mask on Linux, so set it under a CPU quota;
     /// `KHIVE_THREADS`). Threads beyond the caller's are started only while dispatches
@@ -109,6 +123,8 @@ impl Default for Config {
             allow_root: false,
             socket_activation: true,
             handle_signals: true,
+            handover: true,
+            replace: false,
             threads: 0,
             request_timeout: None,
             cancel_on_disconnect: true,
@@ -118,8 +134,9 @@ impl Default for Config {
 
 impl Config {
     /// The defaults, with `KHIVE_SOCKET`, `KHIVE_PID`, `KHIVE_DRAIN_TIMEOUT_SECS`,
-    /// `KHIVE_FRAME_MEMORY_MIB` ([`frame_memory_budget`](Self::frame_memory_budget) in MiB)
-    /// and `KHIVE_THREADS` applied where they are set (empty paths and unparsable numbers are
+    /// `KHIVE_FRAME_MEMORY_MIB` ([`frame_memory_budget`](Self::frame_memory_budget) in MiB),
+    /// `KHIVE_THREADS` and `KHIVE_REPLACE` ([`replace`](Self::replace)) applied where they
+    /// are set (empty paths and unparsable numbers are
     /// ignored). With only one of the two paths set, the other is beside it (see
     /// [`socket_path`] and [`pid_path`]).
     ///
@@ -148,6 +165,7 @@ impl Config {
         if let Some(threads) = env_number("KHIVE_THREADS") {
             config.threads = usize::try_from(threads).unwrap_or(usize::MAX);
         }
+        config.replace = env_truthy("KHIVE_REPLACE");
         config
     }
 

@@ -59,8 +59,10 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
             }
         };
         // Past the first request, a draining daemon starts nothing new: frames that are here
-        // already are answered `daemon_draining` (PROTOCOL.md, "Pipelining").
-        let draining = idle_stop.is_some() && shared.draining.is_set();
+        // already are answered `daemon_draining` (PROTOCOL.md, "Pipelining"). After a
+        // handover they are served: the client's next connection reaches the successor.
+        let draining =
+            idle_stop.is_some() && shared.draining.is_set() && !shared.handed_over.is_set();
         let (body, io) = conn.request();
         let Some((response, keep_open)) = answer(shared, body, draining, io).await else {
             // The client hung up while its request waited or ran: it was cancelled.

@@ -77,6 +77,37 @@ impl Instance {
         ))
     }
 
+    /// What a predecessor handed over (see `handover`): its socket, which stays where it is,
+    /// and its PID file, whose lock came with the descriptor. Our PID goes in with
+    /// [`write_our_pid`](Self::write_our_pid) once the predecessor has stopped accepting.
+    pub(crate) fn taken_over(config: &Config, pid_file: File) -> Instance {
+        let socket_id = fs::symlink_metadata(&config.socket)
+            .ok()
+            .map(|meta| (meta.dev(), meta.ino()));
+        Instance {
+            pid_file,
+            pid_path: config.pid_file.clone(),
+            socket_path: config.socket.clone(),
+            socket_id,
+            cleaned: false,
+        }
+    }
+
+    /// Writes our PID into the PID file, whose lock we hold.
+    pub(crate) fn write_our_pid(&mut self) -> io::Result<()> {
+        write_pid(&mut self.pid_file)
+    }
+
+    /// The open PID file, whose descriptor carries the lock to a successor.
+    pub(crate) fn pid_file(&self) -> &File {
+        &self.pid_file
+    }
+
+    /// The files are a successor's now: they stay when this daemon stops.
+    pub(crate) fn handed_over(&mut self) {
+        self.cleaned = true;
+    }
+
     /// Removes the socket and the PID file, each only if it is still ours.
     pub(crate) fn cleanup(&mut self) {
         if std::mem::replace(&mut self.cleaned, true) {
@@ -352,7 +383,7 @@ fn not_answering(path: &Path, pid_file: &Path, previous: Option<u32>, e: &io::Er
 ///
 /// On Linux the file created by `bind` takes the socket's own inode mode (less the umask), so
 /// setting that mode before `bind` leaves no window in which the umask decides who may connect.
-fn bind_private(path: &Path) -> io::Result<(UnixListener, (u64, u64))> {
+pub(crate) fn bind_private(path: &Path) -> io::Result<(UnixListener, (u64, u64))> {
     let fd = sys::unix_socket(true)?;
     // Not every platform lets a socket be chmod-ed; the check after bind covers those.
     let _ = rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600));

@@ -217,6 +217,7 @@ mod connection;
 mod dispatch;
 mod error;
 mod execution;
+mod handover;
 // The fuzz targets' way in to the per-connection handler; not part of the API (see
 // Cargo.toml's `__fuzzing` feature).
 #[cfg(feature = "__fuzzing")]

@@ -3,6 +3,7 @@
 //! in `accept` and `connection`.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use crate::accept::{accept_loop, connection_cap};
 use crate::config::Config;
 use crate::dispatch::Dispatch;
 use crate::execution;
+use crate::handover;
 use crate::inflight::{Flag, InFlight};
 use crate::instance::Instance;
 use crate::shared::Shared;
@@ -234,8 +236,26 @@ impl<D: Dispatch> Daemon<D> {
             false => None,
         };
         let activated = inherited.is_some();
-        let (mut instance, listener) = Instance::start(&config, inherited)?;
-        let listener = Async::new_nonblocking(listener)?;
+        let taken = match config.replace && !activated {
+            true => handover::take_over(&config)?,
+            false => None,
+        };
+        let (mut instance, listener, handshake) = match taken {
+            Some((listener, pid_file, handshake)) => {
+                log::info!(
+                    "taking over from pid {} on {}",
+                    handshake.from,
+                    config.socket.display()
+                );
+                let instance = Instance::taken_over(&config, pid_file);
+                (instance, listener, Some(handshake))
+            }
+            None => {
+                let (instance, listener) = Instance::start(&config, inherited)?;
+                (instance, listener, None)
+            }
+        };
+        let offer_handover = offers_handover(&config, activated);
         let notifier = systemd::Notifier::from_env();
         let max_connections = connection_cap(config.max_connections);
         let mut shared = Shared::new(dispatcher, config);
@@ -259,12 +279,17 @@ impl<D: Dispatch> Daemon<D> {
         let supervise = supervise(
             &executor,
             &shared,
-            listener,
-            max_connections,
+            Listening {
+                listener,
+                max_connections,
+                handshake,
+                offer_handover,
+            },
+            &mut instance,
             &shutdown,
             signals.as_mut(),
         );
-        let mut stopped = Stopped::Drained;
+        let mut stopped = Ok(Stopped::Drained);
         async { stopped = supervise.await }
             .or(execution::run_tasks(&executor))
             .await;
@@ -272,35 +297,48 @@ impl<D: Dispatch> Daemon<D> {
         // connections still open.
         shared.execution.close().await;
         drop(executor);
-        if !matches!(stopped, Stopped::Forced { .. }) {
+        if !matches!(stopped, Ok(Stopped::Forced { .. })) {
             shared.dispatcher.shut_down().await;
         }
         instance.cleanup();
+        let stopped = stopped?;
         log::info!("stopped");
         Ok(stopped)
     }
 }
 
-/// Starts the accept loop and the background tasks, waits for a reason to stop, then drains.
+/// Whether this daemon offers a handover to a successor: not under socket activation, where
+/// the service manager keeps the socket across restarts.
+fn offers_handover(config: &Config, activated: bool) -> bool {
+    config.handover && !activated
+}
+
+/// The listening side of a daemon as `supervise` sets it up.
+struct Listening {
+    listener: UnixListener,
+    max_connections: usize,
+    /// A predecessor waiting to hear that we are ready.
+    handshake: Option<handover::Handshake>,
+    offer_handover: bool,
+}
+
+/// Why the daemon stops.
+enum Reason {
+    Asked(String),
+    HandedOver(handover::Successor),
+}
+
+/// Starts warming, takes over from a predecessor if there is one, starts the accept loop and
+/// the background tasks, waits for a reason to stop (a successor taking over is one), then
+/// drains.
 async fn supervise<D: Dispatch>(
     executor: &Arc<Executor<'static>>,
     shared: &Arc<Shared<D>>,
-    listener: Async<UnixListener>,
-    max_connections: usize,
+    listening: Listening,
+    instance: &mut Instance,
     shutdown: &ShutdownHandle,
     mut signals: Option<&mut Signals>,
-) -> Stopped {
-    let closing = Arc::new(Flag::default());
-    let accept = execution::spawn_task(
-        executor,
-        accept_loop(
-            listener,
-            Arc::clone(shared),
-            Arc::clone(executor),
-            max_connections,
-            Arc::clone(&closing),
-        ),
-    );
+) -> io::Result<Stopped> {
     let warm = Arc::clone(shared);
     execution::spawn_task(executor, async move {
         // Warming may compute for long: it takes a compute slot like a dispatch, so that
@@ -315,6 +353,41 @@ async fn supervise<D: Dispatch>(
         }
     })
     .detach();
+    // Ready, warming: the predecessor stops accepting, and only then do we start, so that
+    // one daemon accepts at a time and the connections queued meanwhile wait in the backlog.
+    if let Some(handshake) = listening.handshake {
+        let from = handshake.from;
+        if let Err(e) = handshake.ready().await {
+            // The files are still the predecessor's, which goes on serving.
+            instance.handed_over();
+            return Err(e);
+        }
+        instance.write_our_pid()?;
+        log::info!("took over from pid {from}");
+    }
+    // A copy of the listener for a successor, dropped with the accept loop's.
+    let listener_fd = listening.listener.as_fd().try_clone_to_owned()?;
+    let offer = match listening.offer_handover {
+        true => match handover::Offer::bind(&shared.config) {
+            Ok(offer) => Some(offer),
+            Err(e) => {
+                log::warn!("no handover to a successor: {e}");
+                None
+            }
+        },
+        false => None,
+    };
+    let closing = Arc::new(Flag::default());
+    let accept = execution::spawn_task(
+        executor,
+        accept_loop(
+            Async::new_nonblocking(listening.listener)?,
+            Arc::clone(shared),
+            Arc::clone(executor),
+            listening.max_connections,
+            Arc::clone(&closing),
+        ),
+    );
     if let Some(after) = shared.config.idle_shutdown {
         let watch = idle_watch(Arc::clone(&shared.in_flight), after, shutdown.clone());
         execution::spawn_task(executor, watch).detach();
@@ -322,20 +395,46 @@ async fn supervise<D: Dispatch>(
 
     let reason = async {
         shutdown.requested.wait().await;
-        "shutdown requested".to_owned()
+        Reason::Asked("shutdown requested".to_owned())
     }
     .or(async {
         match next_signal(signals.as_deref_mut()).await {
-            Some(signal) => format!("{} received", signal_name(signal)),
+            Some(signal) => Reason::Asked(format!("{} received", signal_name(signal))),
+            None => future::pending().await,
+        }
+    })
+    .or(async {
+        match &offer {
+            Some(offer) => {
+                let successor = offer
+                    .successor(listener_fd.as_fd(), instance.pid_file())
+                    .await;
+                Reason::HandedOver(successor)
+            }
             None => future::pending().await,
         }
     })
     .await;
 
     // Close the listener before anything else, so that no new client connects to a daemon
-    // that will not answer it.
+    // that will not answer it; after a handover, so that the successor alone accepts.
+    if matches!(reason, Reason::HandedOver(_)) {
+        shared.handed_over.set();
+    }
     closing.set();
     accept.await;
+    drop(listener_fd);
+    // A successor binds its own handover socket once told that we stopped accepting.
+    drop(offer);
+    let reason = match reason {
+        Reason::Asked(reason) => reason,
+        Reason::HandedOver(successor) => {
+            let pid = successor.pid;
+            successor.stopped_accepting().await;
+            instance.handed_over();
+            format!("handed over to pid {pid}")
+        }
+    };
     shared.draining.set();
     let drain = shared.config.drain_timeout;
     shared.notify(&format!(
@@ -377,7 +476,7 @@ async fn supervise<D: Dispatch>(
             shared.in_flight.get()
         );
     }
-    drained
+    Ok(drained)
 }
 
 async fn next_signal(signals: Option<&mut Signals>) -> Option<Signal> {

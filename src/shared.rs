@@ -22,6 +22,10 @@ pub(crate) struct Shared<D> {
     pub(crate) started: Instant,
     /// Set once the listener is closed: idle connections close, busy ones finish.
     pub(crate) draining: Flag,
+    /// Set before `draining` when a successor took over the listener: requests that arrived
+    /// are still served (nothing is answered `daemon_draining`), and the connections queued
+    /// in the listener's backlog are left to the successor.
+    pub(crate) handed_over: Flag,
     pub(crate) notifier: Option<systemd::Notifier>,
     /// What connections may hold in large frame buffers (`Config::frame_memory_budget`).
     pub(crate) frame_memory: Budget,
@@ -48,6 +52,7 @@ impl<D> Shared<D> {
             served: AtomicU64::new(0),
             started: Instant::now(),
             draining: Flag::default(),
+            handed_over: Flag::default(),
             notifier: None,
         }
     }

@@ -60,6 +60,19 @@ pub struct Spawn {
     log: PathBuf,
     pid_file: PathBuf,
     ready_timeout: Duration,
+    replace: Replace,
+}
+
+/// When [`Spawn::connect`] replaces a daemon that answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Replace {
+    Never,
+    Always,
+    /// Unless it serves this namespace and config id, at this protocol version or newer.
+    Unless {
+        namespace: String,
+        config_id: String,
+    },
 }
 
 impl Spawn {
@@ -86,7 +99,38 @@ impl Spawn {
             socket,
             command,
             ready_timeout: Duration::from_secs(5),
+            replace: Replace::Never,
         }
+    }
+
+    /// Replaces the daemon that answers on the socket, if one does: the command is started
+    /// with `KHIVE_REPLACE=1`, so that its daemon ([`Config::replace`](crate::Config::replace),
+    /// read by [`Config::from_env`](crate::Config::from_env)) takes over the running one's
+    /// socket (PROTOCOL.md, "Handover"). [`connect`](Spawn::connect) returns once the new
+    /// daemon answers; clients of the old one are not cut off mid-request. If the new one
+    /// fails before it is ready, the old one goes on serving and `connect` fails with the new
+    /// one's error.
+    #[must_use = "a builder method returns the changed Spawn"]
+    pub fn replace(mut self) -> Spawn {
+        self.replace = Replace::Always;
+        self
+    }
+
+    /// Replaces, as [`replace`](Spawn::replace) does, a daemon that answers with another
+    /// namespace or config id than these, or with an older protocol version than this
+    /// crate's: the daemon of an older build of the application. A daemon that serves them
+    /// is connected to as usual.
+    #[must_use = "a builder method returns the changed Spawn"]
+    pub fn replace_unless(
+        mut self,
+        namespace: impl Into<String>,
+        config_id: impl Into<String>,
+    ) -> Spawn {
+        self.replace = Replace::Unless {
+            namespace: namespace.into(),
+            config_id: config_id.into(),
+        };
+        self
     }
 
     /// Where the daemon's standard output and error are appended. Its directory must pass
@@ -129,19 +173,43 @@ impl Spawn {
     /// lines of its log) or does not answer within the ready timeout; or, once started, the
     /// daemon cannot be connected to (as [`Client::connect`]).
     pub fn connect(mut self, timeout: Duration) -> io::Result<Client> {
-        match Client::connect(&self.socket, timeout) {
-            Ok(client) => return Ok(client),
+        match self.usable(timeout) {
+            Ok(Some(client)) => return Ok(client),
             // Someone else's socket or directory: starting a daemon would not help.
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(e),
-            Err(_) => {}
+            _ => {}
         }
         let _lock = self.lock()?;
-        // Another client may have started a daemon while we waited for the lock.
-        if let Ok(client) = Client::connect(&self.socket, timeout) {
+        // Another client may have started (or replaced) a daemon while we waited for the lock.
+        if let Ok(Some(client)) = self.usable(timeout) {
             return Ok(client);
         }
-        self.start()?;
+        // Whether a daemon answers that ours is to take over from.
+        let replacing =
+            self.replace != Replace::Never && crate::client::probe(&self.socket, timeout).is_ok();
+        self.start(replacing)?;
         Client::connect(&self.socket, timeout)
+    }
+
+    /// A connection to a daemon that needs no replacing; `Ok(None)` if none answers, or one
+    /// that is to be replaced does.
+    fn usable(&self, timeout: Duration) -> io::Result<Option<Client>> {
+        let mut client = Client::connect(&self.socket, timeout)?;
+        let (namespace, config_id) = match &self.replace {
+            Replace::Never => return Ok(Some(client)),
+            Replace::Always => return Ok(None),
+            Replace::Unless {
+                namespace,
+                config_id,
+            } => (namespace, config_id),
+        };
+        let response = client.request(&crate::Request::probe())?;
+        let same = response.daemon_protocol_version >= crate::PROTOCOL_VERSION
+            && response.result.as_deref().is_some_and(|info| {
+                serde_json::from_str::<crate::ProbeInfo>(info)
+                    .is_ok_and(|info| info.namespace == *namespace && info.config_id == *config_id)
+            });
+        Ok(same.then_some(client))
     }
 
     fn lock(&self) -> io::Result<File> {
@@ -163,7 +231,7 @@ impl Spawn {
         }
     }
 
-    fn start(&mut self) -> io::Result<()> {
+    fn start(&mut self, replacing: bool) -> io::Result<()> {
         if self.log.parent() != self.socket.parent() {
             prepare_dir(&self.log)?;
         }
@@ -183,25 +251,34 @@ impl Spawn {
                 Ok(())
             });
         }
+        if replacing {
+            self.command.env("KHIVE_REPLACE", "1");
+        }
         let mut child = self
             .command
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start the daemon: {e}")))?;
         let deadline = Instant::now() + self.ready_timeout;
         let mut pause = Duration::from_millis(2);
+        // While the old daemon answers, only an answer from ours says it is ready.
+        let ours = |child: &std::process::Child| {
+            crate::client::probe(&self.socket, Duration::from_secs(1))
+                .is_ok_and(|info| !replacing || info.pid == child.id())
+        };
         loop {
-            if crate::client::probe(&self.socket, Duration::from_secs(1)).is_ok() {
+            if ours(&child) {
                 // The daemon outlives us; a thread reaps it if it exits while we still run.
                 std::thread::spawn(move || child.wait());
                 return Ok(());
             }
             if let Some(status) = child.try_wait()? {
                 // It may have lost a race to a daemon started without the spawn lock.
-                if crate::client::probe(&self.socket, Duration::from_secs(1)).is_ok() {
+                if !replacing && crate::client::probe(&self.socket, Duration::from_secs(1)).is_ok()
+                {
                     return Ok(());
                 }
                 // Or to a daemon that is draining: once that one is gone, start ours again.
-                if self.wait_for_previous(deadline) {
+                if !replacing && self.wait_for_previous(deadline) {
                     child = self.command.spawn()?;
                     continue;
                 }

@@ -5,6 +5,7 @@ mod baseline;
 mod burst;
 mod frame;
 mod load;
+mod restart;
 mod work;
 
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ USAGE:
     khived-bench load --socket PATH [OPTIONS]
     khived-bench baseline --socket PATH [--threads N]
     khived-bench burst --socket PATH --pid PID [OPTIONS]
+    khived-bench restart --khived PATH [OPTIONS]
 
 load: closed-loop clients on blocking threads, each sending an echo request
 ({\"ops\":\"<payload>\",...,\"namespace\":\"echo\",\"config_id\":\"\"}) and checking that
@@ -66,6 +68,19 @@ or missing (without --leave).
     --settle SECS        how long to watch memory afterwards [default: 5]
     --timeout SECS       exit 2 if the run lasts longer [default: 120]
 
+restart: starts `khived start --namespace echo` in a private temporary directory, runs
+--clients threads looping one-shot echo requests, and runs `khived restart` --restarts
+times, --interval apart. Prints each restart's outcome, failed requests by error, the
+slowest request during a swap (one that began while a restart ran, or up to 100 ms after)
+and overall, and how long each restart took until the new daemon answered; then one JSON
+line. Exits non-zero if any request failed.
+    --khived PATH        the khived binary [default: target/release/khived]
+    --clients N          looping clients [default: 4]
+    --restarts N         restarts [default: 5]
+    --interval SECS      pause before, between and after the restarts [default: 1]
+    --fail               restart with a --log-file below a regular file: each restart
+                         must fail, and the running daemon go on serving
+
 EXAMPLE:
     khived-bench baseline --socket /tmp/b/echo.sock &
     khived-bench load --socket /tmp/b/echo.sock --mode persistent --duration 3
@@ -94,6 +109,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     match command.as_str() {
         "load" => load::run(&load_options(parser)?)?,
         "burst" => burst::run(&burst_options(parser)?)?,
+        "restart" => restart::run(&restart_options(parser)?)?,
         "baseline" => {
             let (socket, threads) = baseline_options(parser)?;
             baseline::run(&socket, threads)?;
@@ -189,6 +205,28 @@ fn burst_options(mut parser: lexopt::Parser) -> Result<burst::Options, lexopt::E
     }
     options.socket = socket.ok_or("--socket PATH is required")?;
     options.pid = pid.ok_or("--pid PID is required")?;
+    Ok(options)
+}
+
+fn restart_options(mut parser: lexopt::Parser) -> Result<restart::Options, lexopt::Error> {
+    let mut options = restart::Options {
+        khived: PathBuf::from("target/release/khived"),
+        clients: 4,
+        restarts: 5,
+        interval: Duration::from_secs(1),
+        fail: false,
+    };
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("khived") => options.khived = PathBuf::from(parser.value()?),
+            Long("clients") => options.clients = parser.value()?.parse()?,
+            Long("restarts") => options.restarts = parser.value()?.parse()?,
+            Long("interval") => options.interval = seconds(parser.value()?.parse()?)?,
+            Long("fail") => options.fail = true,
+            Long("help") | Short('h') => help_and_exit(),
+            _ => return Err(arg.unexpected()),
+        }
+    }
     Ok(options)
 }
 

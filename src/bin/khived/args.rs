@@ -58,6 +58,9 @@ pub(crate) struct Serve {
     pub(crate) warm: Option<String>,
     /// `-v` adds one, `-q` takes one away: log levels above or below `KHIVED_LOG`'s.
     pub(crate) verbosity: i8,
+    /// Take over from the daemon running on the socket (`call`: one that serves another
+    /// namespace, config id or an older protocol).
+    pub(crate) replace: bool,
 }
 
 /// `start` and `restart`: the serve options, and how long to wait.
@@ -160,6 +163,10 @@ Options:
       --workers N             Worker processes, 1 to 1024 [default: 1]
       --queue N               Requests that may wait for a worker, 1 to 65536 [default: 64]
       --warm OPS              Send OPS to each worker once it starts
+      --replace               Take over from the daemon running on the socket: it serves
+                              until this one is ready, then stops accepting, finishes what
+                              it holds and exits; no request fails. If this one fails
+                              first, the running one goes on as before
   -v, --verbose               Log more: debug, then trace (repeat)
   -q, --quiet                 Log less: warnings, then errors only, then nothing (repeat)
   -h, --help                  Print help
@@ -183,13 +190,19 @@ Takes every option of 'khived serve' (see 'khived serve --help'), and:
       --timeout SECS  How long the daemon may take to answer [default: 30]
   -h, --help          Print help
 
+With --replace, a running daemon is replaced as 'khived restart' does.
+
 Exit status: 0 once the daemon answers, 5 if a daemon already runs (or still holds the
 PID file), 1 if it could not be started, 2 on a usage error.
 ";
 
 const RESTART_HELP: &str = "\
-Stop the daemon if one runs (as 'khived stop' does), then start it as 'khived start' does
-and print the new pid.
+Replace the running daemon without a failed request, and print the new pid: the new daemon
+is started with --replace and is handed the running one's socket; the old one serves until
+the new one is ready, then finishes what it holds and exits. If the new one fails before it
+is ready, the old one goes on serving and restart exits 1 with the new one's error. With no
+daemon running (or one without a handover socket), it stops what holds the PID file and
+starts the daemon as 'khived start' does.
 
 Usage: khived restart [SERVE OPTIONS] [--timeout SECS] [-- CMD [ARGS...]]
 
@@ -199,7 +212,7 @@ Takes every option of 'khived serve' (see 'khived serve --help'), and:
   -h, --help          Print help
 
 Exit status: 0 once the new daemon answers, 1 if the old one did not stop or the new one
-could not be started, 2 on a usage error.
+could not be started (the old one, if replaced, still serving), 2 on a usage error.
 ";
 
 const CALL_HELP: &str = "\
@@ -222,6 +235,10 @@ Options:
                              given here (see 'khived serve --help'); the worker command
                              comes after --, e.g.
                                khived call --spawn 'upper hi' -- python3 examples/worker.py
+      --replace              With --spawn: replace a daemon that serves another namespace,
+                             config id or an older protocol version (an older build)
+                             with one started from these options; its clients are not
+                             cut off
   -h, --help                 Print help
 
 Exit status:
@@ -441,6 +458,7 @@ impl Serve {
             threads: None,
             warm: None,
             verbosity: 0,
+            replace: false,
         }
     }
 
@@ -471,6 +489,7 @@ impl Serve {
             "request-timeout" => self.request_timeout = Some(seconds(&name, parser)?),
             "threads" => self.threads = Some(count(&name, parser, MAX_THREADS)?),
             "warm" => self.warm = Some(parser.value()?.string()?),
+            "replace" => self.replace = true,
             "worker" => {
                 let command = match after_dashes(parser) {
                     Some(command) => command,

@@ -304,6 +304,9 @@ fn current_exe() -> std::path::PathBuf {
 
 fn run_start(start: Start) -> u8 {
     let common = &start.serve.common;
+    if start.serve.replace {
+        return replace(&start);
+    }
     if let Ok(info) = khived::probe(&common.socket, Duration::from_secs(2)) {
         return already_running(Some(info.pid));
     }
@@ -335,8 +338,36 @@ fn run_start(start: Start) -> u8 {
     }
 }
 
-fn run_restart(start: Start) -> u8 {
+/// Starts a daemon that takes over from the running one (or starts as usual if none runs),
+/// and prints its pid once it answers.
+fn replace(start: &Start) -> u8 {
+    let spawned = spawner(&start.serve)
+        .replace()
+        .ready_timeout(start.timeout)
+        .connect(start.timeout)
+        .and_then(|mut client| client.probe());
+    match spawned {
+        Ok(info) => {
+            println!("{}", info.pid);
+            status::OK
+        }
+        Err(e) => fail(
+            status::FAILED,
+            format!("cannot replace the daemon (the running one, if any, goes on): {e}"),
+        ),
+    }
+}
+
+fn run_restart(mut start: Start) -> u8 {
     let common = &start.serve.common;
+    // A daemon that offers a handover is replaced without a gap.
+    let offered = khived::beside(&common.pid_file, "handover");
+    if std::fs::symlink_metadata(&offered).is_ok()
+        && khived::probe(&common.socket, Duration::from_secs(2)).is_ok()
+    {
+        start.serve.replace = true;
+        return replace(&start);
+    }
     match khived::running_pid(&common.pid_file) {
         Ok(Some(pid)) => {
             if let Err(e) = terminate(pid, &common.pid_file, start.timeout) {
@@ -677,9 +708,15 @@ fn spawner(serve: &Serve) -> khived::Spawn {
         .unwrap_or_else(|| khived::beside(&serve.common.socket, "log"));
     let mut command = std::process::Command::new(current_exe());
     command.arg("serve").args(serve_args(serve, &log));
-    khived::Spawn::new(&serve.common.socket, command)
+    let spawn = khived::Spawn::new(&serve.common.socket, command)
         .pid_file(&serve.common.pid_file)
-        .log_file(log)
+        .log_file(log);
+    // `call --spawn --replace`: an older build's daemon is replaced; `start --replace` and
+    // `restart` replace whatever runs (see `replace`).
+    match serve.replace {
+        true => spawn.replace_unless(&serve.namespace, &serve.config_id),
+        false => spawn,
+    }
 }
 
 /// The daemon's configuration for these serve options.
@@ -698,6 +735,7 @@ fn daemon_config(serve: &Serve) -> Config {
         config.threads = threads;
     }
     config.request_timeout = serve.request_timeout;
+    config.replace |= serve.replace;
     config
 }
 

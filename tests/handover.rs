@@ -1,0 +1,300 @@
+//! Replacing a running daemon: `khived restart` hands the listening socket over without a
+//! failed request, a replacement that fails leaves the running daemon serving, and
+//! `call --spawn --replace` replaces a daemon of another config id.
+
+mod common;
+
+use std::io::{IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use common::{temp_dir, wait_until};
+use khived::{Client, Request};
+
+const KHIVED: &str = env!("CARGO_BIN_EXE_khived");
+
+struct Place {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    pid_file: PathBuf,
+}
+
+impl Place {
+    fn new() -> Place {
+        let dir = temp_dir();
+        Place {
+            socket: dir.path().join("k.sock"),
+            pid_file: dir.path().join("k.pid"),
+            dir,
+        }
+    }
+
+    fn run(&self, command: &str, args: &[&str]) -> Output {
+        Command::new(KHIVED)
+            .arg(command)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--pid")
+            .arg(&self.pid_file)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs `start` or `restart` and returns the pid it printed.
+    fn started(&self, command: &str, args: &[&str]) -> u32 {
+        let out = self.run(command, args);
+        assert!(out.status.success(), "{command}: {}", text(&out.stderr));
+        text(&out.stdout).trim().parse().unwrap()
+    }
+
+    fn pid_of_answer(&self, namespace: &str) -> u32 {
+        let mut client = Client::connect(&self.socket, Duration::from_secs(10)).unwrap();
+        let request = Request::new("x", namespace, "");
+        let response = client.request(&request).unwrap();
+        assert!(response.ok, "{:?}", response.error);
+        khived::probe(&self.socket, Duration::from_secs(10))
+            .unwrap()
+            .pid
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let _ = self.run("stop", &["--force", "--timeout", "5"]);
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Whether process `pid` has exited (gone, or a zombie nobody has reaped yet).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => !khived::is_process_running(pid),
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+    }
+}
+
+/// `clients` threads sending one-shot requests in a loop until stopped; each returns the
+/// errors it saw.
+struct Looping {
+    done: Arc<AtomicBool>,
+    /// Requests made so far, by all clients.
+    answered: Arc<AtomicU64>,
+    threads: Vec<thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Looping {
+    fn start(socket: &Path, clients: usize) -> Looping {
+        let done = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let threads = (0..clients)
+            .map(|i| {
+                let (done, socket) = (Arc::clone(&done), socket.to_owned());
+                let answered = Arc::clone(&answered);
+                thread::spawn(move || {
+                    let ops = format!("client {i}");
+                    let (mut sent, mut errors) = (0, Vec::new());
+                    while !done.load(Ordering::Relaxed) {
+                        sent += 1;
+                        answered.fetch_add(1, Ordering::Relaxed);
+                        let answer = Client::connect(&socket, Duration::from_secs(30))
+                            .and_then(|mut c| c.request(&Request::new(&ops, "echo", "")));
+                        match answer {
+                            Ok(response) if response.ok => {}
+                            Ok(response) => errors.push(format!("{:?}", response.error)),
+                            Err(e) => errors.push(e.to_string()),
+                        }
+                    }
+                    (sent, errors)
+                })
+            })
+            .collect();
+        Looping {
+            done,
+            answered,
+            threads,
+        }
+    }
+
+    /// Waits until the clients have made `n` more requests: they are busy around what
+    /// comes next.
+    fn wait_for(&self, n: u64) {
+        let from = self.answered.load(Ordering::Relaxed);
+        wait_until("the clients to make requests", || {
+            self.answered.load(Ordering::Relaxed) >= from + n
+        });
+    }
+
+    /// Stops the clients; how many requests they sent, and every error.
+    fn stop(self) -> (u64, Vec<String>) {
+        self.done.store(true, Ordering::Relaxed);
+        let mut all = (0, Vec::new());
+        for thread in self.threads {
+            let (sent, errors) = thread.join().unwrap();
+            all.0 += sent;
+            all.1.extend(errors);
+        }
+        all
+    }
+}
+
+#[test]
+fn restarts_under_load_fail_no_request() {
+    let place = Place::new();
+    let serve = ["--namespace", "echo"];
+    let mut pid = place.started("start", &serve);
+    let clients = Looping::start(&place.socket, 4);
+    let mut old = Vec::new();
+    for _ in 0..5 {
+        clients.wait_for(8);
+        let new = place.started("restart", &serve);
+        assert_ne!(new, pid, "a new daemon answers");
+        old.push(pid);
+        pid = new;
+        // The PID file names the new daemon, which answers.
+        assert_eq!(khived::running_pid(&place.pid_file).unwrap(), Some(new));
+        assert_eq!(place.pid_of_answer("echo"), new);
+    }
+    clients.wait_for(8);
+    let (sent, errors) = clients.stop();
+    assert!(
+        errors.is_empty(),
+        "{} of {sent} failed: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    // Each old daemon drained and exited, leaving the files to its successor.
+    for pid in old {
+        wait_until(&format!("pid {pid} to exit"), || exited(pid));
+    }
+    let handover = place.dir.path().join("k.handover");
+    assert!(place.socket.exists() && handover.exists());
+    let stop = place.run("stop", &[]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    assert!(!place.socket.exists() && !place.pid_file.exists() && !handover.exists());
+}
+
+#[test]
+fn a_replacement_that_fails_leaves_the_running_daemon_serving() {
+    let place = Place::new();
+    let pid = place.started("start", &["--namespace", "echo"]);
+    let clients = Looping::start(&place.socket, 2);
+    clients.wait_for(4);
+    // A log file that cannot be opened: below a regular file.
+    let blocker = place.dir.path().join("file");
+    std::fs::write(&blocker, "").unwrap();
+    let log = blocker.join("k.log");
+    let out = place.run(
+        "restart",
+        &["--namespace", "echo", "--log-file", log.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("not a directory"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(place.pid_of_answer("echo"), pid);
+
+    // A successor that takes the descriptors and dies before it is ready changes nothing.
+    clients.wait_for(4);
+    crashing_successor(&place.dir.path().join("k.handover"));
+    assert_eq!(place.pid_of_answer("echo"), pid);
+    assert_eq!(khived::running_pid(&place.pid_file).unwrap(), Some(pid));
+
+    clients.wait_for(8);
+    let (sent, errors) = clients.stop();
+    assert!(
+        errors.is_empty(),
+        "{} of {sent} failed: {errors:?}",
+        errors.len()
+    );
+    // And the next replacement works.
+    let new = place.started("restart", &["--namespace", "echo"]);
+    assert_ne!(new, pid);
+    assert_eq!(place.pid_of_answer("echo"), new);
+}
+
+/// Speaks the successor's side of the handover (PROTOCOL.md) up to the descriptors, then
+/// hangs up instead of saying it is ready, as a successor that crashes would.
+fn crashing_successor(handover: &Path) {
+    let mut stream = UnixStream::connect(handover).unwrap();
+    let body = format!("{{\"step\":\"take\",\"pid\":{}}}", std::process::id());
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body.as_bytes());
+    stream.write_all(&frame).unwrap();
+    let mut buf = [0; 4096];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        &stream,
+        &mut [IoSliceMut::new(&mut buf)],
+        &mut control,
+        rustix::net::RecvFlags::empty(),
+    )
+    .unwrap();
+    let fds: usize = control
+        .drain()
+        .map(|message| match message {
+            rustix::net::RecvAncillaryMessage::ScmRights(fds) => fds.count(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(fds, 2, "the listener and the PID file");
+    assert!(text(&buf[4..got.bytes]).contains("\"given\""));
+    drop(stream);
+    // The daemon has seen the hang-up once a new connection to the handover socket is
+    // accepted and answered: it serves one successor at a time.
+    let mut next = UnixStream::connect(handover).unwrap();
+    next.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let bad = b"\x00\x00\x00\x02{}";
+    next.write_all(bad).unwrap();
+    let mut rest = Vec::new();
+    // A message that is not `take` ends that attempt too: the connection is closed.
+    let _ = next.read_to_end(&mut rest);
+}
+
+#[test]
+fn call_spawn_replace_takes_over_from_a_daemon_of_another_config_id() {
+    let place = Place::new();
+    let old = place.started("start", &["--namespace", "echo", "--config-id", "v1"]);
+    let call = |extra: &[&str]| {
+        let mut args = vec!["--namespace", "echo", "--config-id", "v2", "--spawn"];
+        args.extend_from_slice(extra);
+        args.push("hello");
+        place.run("call", &args)
+    };
+    // Without --replace the mismatch is reported.
+    assert_eq!(call(&[]).status.code(), Some(4));
+    let replaced = call(&["--replace"]);
+    assert!(replaced.status.success(), "{}", text(&replaced.stderr));
+    assert_eq!(text(&replaced.stdout), "hello\n");
+    let info = khived::probe(&place.socket, Duration::from_secs(10)).unwrap();
+    assert_eq!(info.config_id, "v2");
+    assert_ne!(info.pid, old);
+    wait_until("the old daemon to exit", || exited(old));
+    // A daemon that already serves v2 is used as it is.
+    assert!(call(&["--replace"]).status.success());
+    assert_eq!(
+        khived::probe(&place.socket, Duration::from_secs(10))
+            .unwrap()
+            .pid,
+        info.pid
+    );
+}
