@@ -8,25 +8,23 @@
 //! connections queued in the socket's backlog are left to the successor), drain and exit
 //! without removing the files, which are now the successor's.
 
-use std::ffi::OsStr;
 use std::fs::{self, File};
+use std::future::Future;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_io::{Async, Timer};
 use futures_lite::future::FutureExt;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, SocketAddrUnix,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::config::{beside, Config};
 use crate::error::annotate;
@@ -35,68 +33,50 @@ use crate::error::annotate;
 const MAX_MESSAGE: usize = 4096;
 /// How long either side waits for the other's next message before it gives up. The successor
 /// says it is ready once it has started warming, which does not wait for the warming itself.
+/// (The messages say "30 s".)
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `future` behind a pointer: the handover's steps stay out of the supervisor's state
+/// machine, which every daemon's binary carries, and are polled through one vtable.
+pub(crate) fn out_of_line<'a, T>(
+    future: impl Future<Output = T> + 'a,
+) -> Pin<Box<dyn Future<Output = T> + 'a>> {
+    Box::pin(future)
+}
 
 /// The handover socket of the daemon whose PID file is `pid_file`.
 pub(crate) fn path(pid_file: &Path) -> PathBuf {
     beside(pid_file, "handover")
 }
 
-/// One message of the handover, in a frame like the daemon's (a 4-byte big-endian length,
-/// then JSON).
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Step {
-    /// `take` (successor), `given` or `refused` (running daemon), `ready` (successor),
-    /// `stopped` (running daemon: it accepts no more connections).
-    step: String,
-    /// The sender's process id.
-    #[serde(default)]
-    pid: u32,
-    /// Why the handover was refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+/// One message of the handover is a frame like the daemon's (a 4-byte big-endian length,
+/// then JSON): `{"step":"…","pid":N}`, where the step is `take` (successor), `given`
+/// (running daemon), `ready` (successor) or `stopped` (running daemon: it accepts no more
+/// connections), and N the sender's process id. Both ends are khived, so the object is
+/// written and read in exactly this form.
+/// The frame of step `step`, from this process. Written by hand: the steps are fixed words.
+fn frame(step: &str) -> Vec<u8> {
+    let body = format!("{{\"step\":\"{step}\",\"pid\":{}}}", std::process::id());
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body.as_bytes());
+    frame
 }
 
-impl Step {
-    fn new(step: &str) -> Step {
-        Step {
-            step: step.to_owned(),
-            pid: std::process::id(),
-            error: None,
-        }
-    }
-
-    fn frame(&self) -> Vec<u8> {
-        let body = serde_json::to_vec(self).unwrap_or_default();
-        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(&body);
-        frame
-    }
-
-    /// The message in `body`, if it is the step `expected`.
-    fn parse(body: &[u8], expected: &str) -> io::Result<Step> {
-        let step: Step = serde_json::from_slice(body).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad handover message: {e}"),
-            )
-        })?;
-        match step.step == expected {
-            true => Ok(step),
-            false if step.step == "refused" => Err(io::Error::other(format!(
-                "the running daemon (pid {}) refused the handover: {}",
-                step.pid,
-                step.error.as_deref().unwrap_or("no reason given")
-            ))),
-            false => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "bad handover message: {:?} where {expected:?} was expected",
-                    step.step
-                ),
-            )),
-        }
-    }
+/// The process id in `body`, if it is the step `expected` in the form `frame` writes.
+fn parse(body: &[u8], expected: &str) -> io::Result<u32> {
+    let pid = body
+        .strip_prefix(b"{\"step\":\"")
+        .and_then(|rest| rest.strip_prefix(expected.as_bytes()))
+        .and_then(|rest| rest.strip_prefix(b"\",\"pid\":"))
+        .and_then(|rest| rest.strip_suffix(b"}"))
+        .filter(|digits| !digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+        .and_then(|digits| std::str::from_utf8(digits).ok()?.parse().ok());
+    pid.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad handover message: not the step {expected}"),
+        )
+    })
 }
 
 /// The length a frame header announces, checked against [`MAX_MESSAGE`].
@@ -135,19 +115,11 @@ impl Offer {
     /// held: whatever is at the path is a leftover of an earlier daemon.
     pub(crate) fn bind(config: &Config) -> io::Result<Offer> {
         let path = path(&config.pid_file);
-        match fs::symlink_metadata(&path) {
-            Ok(meta) if meta.file_type().is_dir() => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!(
-                        "{} is a directory; move it away (the handover socket goes there)",
-                        path.display()
-                    ),
-                ))
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(annotate(e, "cannot remove the old handover socket", &path))
             }
-            Ok(_) => fs::remove_file(&path)
-                .map_err(|e| annotate(e, "cannot remove the old handover socket", &path))?,
-            Err(_) => {}
+            _ => {}
         }
         let (listener, id) = crate::instance::bind_private(&path)?;
         Ok(Offer {
@@ -163,8 +135,11 @@ impl Offer {
     pub(crate) async fn successor(&self, listener: BorrowedFd<'_>, pid_file: &File) -> Successor {
         let own_uid = rustix::process::geteuid().as_raw();
         loop {
-            let stream = match self.listener.accept().await {
-                Ok((stream, _)) => stream,
+            // As the accept loop does, so that the same code serves both.
+            let accepted = self.listener.read_with(crate::sys::accept).await;
+            let stream = match accepted.and_then(|fd| Async::new_nonblocking(UnixStream::from(fd)))
+            {
+                Ok(stream) => stream,
                 Err(e) => {
                     log::warn!("handover socket: accept failed: {e}");
                     Timer::after(Duration::from_millis(100)).await;
@@ -173,23 +148,17 @@ impl Offer {
             };
             // The files are handed to the same user only: not even root, whom the daemon may
             // otherwise serve.
-            match crate::sys::peer_uid(&stream) {
-                Ok(uid) if uid == own_uid => {}
-                Ok(uid) => {
-                    log::warn!("handover refused to uid {uid}: only uid {own_uid} may take over");
-                    continue;
-                }
-                Err(e) => {
-                    log::warn!("handover refused: cannot tell who asks: {e}");
-                    continue;
-                }
+            let uid = crate::sys::peer_uid(&stream).unwrap_or(u32::MAX);
+            if uid != own_uid {
+                log::warn!("handover refused to uid {uid}: only uid {own_uid} may take over");
+                continue;
             }
             let handed = give(stream, listener, pid_file)
                 .or(async {
                     Timer::after(STEP_TIMEOUT).await;
                     Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("no answer within {STEP_TIMEOUT:?}"),
+                        "no answer within 30 s",
                     ))
                 })
                 .await;
@@ -218,56 +187,62 @@ async fn give(
     listener: BorrowedFd<'_>,
     pid_file: &File,
 ) -> io::Result<Successor> {
-    let mut stream = stream;
-    let asked = Step::parse(&read_async(&mut stream).await?, "take")?;
-    log::info!("pid {} asks to take over: handing it the socket", asked.pid);
-    let given = Step::new("given").frame();
+    let asked = parse(&read_async(&stream).await?, "take")?;
+    let given = frame("given");
     let fds = [listener, pid_file.as_fd()];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     control.push(SendAncillaryMessage::ScmRights(&fds));
-    // A fresh connection's buffer takes the small frame whole.
-    let sent = stream
-        .write_with(|s| {
-            rustix::net::sendmsg(s, &[IoSlice::new(&given)], &mut control, SendFlags::empty())
-                .map_err(io::Error::from)
-        })
-        .await?;
+    // A fresh connection's buffer takes the small frame whole, without waiting.
+    let sent = rustix::net::sendmsg(
+        stream.get_ref(),
+        &[IoSlice::new(&given)],
+        &mut control,
+        SendFlags::empty(),
+    )?;
     if sent != given.len() {
         return Err(io::Error::other("the handover message was cut short"));
     }
-    let ready = read_async(&mut stream).await.map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("pid {} did not become ready: {e}", asked.pid),
-        )
-    })?;
-    Step::parse(&ready, "ready")?;
-    Ok(Successor {
-        stream,
-        pid: asked.pid,
-    })
+    let ready = read_async(&stream)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("pid {asked} did not become ready: {e}")))?;
+    parse(&ready, "ready")?;
+    Ok(Successor { stream, pid: asked })
 }
 
 impl Successor {
     /// Tells the successor that this daemon accepts no more connections: from now on the
     /// listener is the successor's alone.
-    pub(crate) async fn stopped_accepting(mut self) {
-        if let Err(e) = self.stream.write_all(&Step::new("stopped").frame()).await {
-            log::warn!(
-                "could not tell pid {} that we stopped accepting: {e}",
-                self.pid
-            );
+    pub(crate) fn stopped_accepting(self) {
+        // Nothing else was sent since `given`: the buffer takes it whole.
+        let stopped = frame("stopped");
+        if crate::sys::send(self.stream.get_ref(), &stopped).ok() != Some(stopped.len()) {
+            log::warn!("could not tell pid {} that we stopped accepting", self.pid);
         }
     }
 }
 
-async fn read_async(stream: &mut Async<UnixStream>) -> io::Result<Vec<u8>> {
+/// One message's body, waiting on the reactor as the connections do.
+async fn read_async(stream: &Async<UnixStream>) -> io::Result<Vec<u8>> {
     let mut header = [0; 4];
-    stream.read_exact(&mut header).await?;
+    fill(stream, &mut header).await?;
     let mut body = vec![0; body_len(header)?];
-    stream.read_exact(&mut body).await?;
+    fill(stream, &mut body).await?;
     Ok(body)
+}
+
+async fn fill(stream: &Async<UnixStream>, buf: &mut [u8]) -> io::Result<()> {
+    let mut have = 0;
+    while have < buf.len() {
+        match rustix::io::read(stream.get_ref(), &mut buf[have..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => have += n,
+            Err(rustix::io::Errno::AGAIN) => stream.readable().await?,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 // ---- the successor's side -----------------------------------------------------------------
@@ -298,67 +273,44 @@ pub(crate) fn take_over(config: &Config) -> io::Result<Option<(UnixListener, Fil
         Err(rustix::io::Errno::NOENT | rustix::io::Errno::CONNREFUSED) => return Ok(None),
         Err(e) => return Err(annotate(e.into(), "cannot connect to", &path)),
     }
-    // Strictly this user, as the running daemon checks of us.
-    let uid = crate::sys::peer_uid(&fd)?;
-    let own_uid = rustix::process::geteuid().as_raw();
-    if uid != own_uid {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "refusing to take over through {}: it is served by uid {uid}, not this user \
-                 (uid {own_uid})",
-                path.display()
-            ),
-        ));
-    }
-    let mut stream = UnixStream::from(fd);
-    stream.set_read_timeout(Some(STEP_TIMEOUT))?;
-    stream.set_write_timeout(Some(STEP_TIMEOUT))?;
-    let step = |e: io::Error| {
+    ask(UnixStream::from(fd), config).map(Some).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("handover through {}: {e}", path.display()),
         )
-    };
-    stream.write_all(&Step::new("take").frame()).map_err(step)?;
-    let (body, fds) = receive(&stream).map_err(step)?;
-    let given = Step::parse(&body, "given").map_err(step)?;
-    let [listener, pid_file]: [OwnedFd; 2] = fds.try_into().map_err(|fds: Vec<OwnedFd>| {
-        step(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} descriptor(s) came with the handover, not 2", fds.len()),
-        ))
-    })?;
-    Ok(Some((
-        check_listener(listener, &config.socket).map_err(step)?,
-        check_pid_file(pid_file, &config.pid_file).map_err(step)?,
-        Handshake {
-            from: given.pid,
-            stream,
-        },
-    )))
+    })
 }
 
-/// The listener handed over, if it is a socket bound to `socket`, made non-blocking.
-fn check_listener(fd: OwnedFd, socket: &Path) -> io::Result<UnixListener> {
-    let bound = rustix::net::getsockname(&fd)
-        .ok()
-        .and_then(|addr| SocketAddrUnix::try_from(addr).ok())
-        .and_then(|addr| {
-            addr.path_bytes()
-                .map(|path| PathBuf::from(OsStr::from_bytes(path)))
-        });
-    if bound.as_deref() != Some(socket) {
+/// The successor's steps up to the descriptors, on a connection to the handover socket.
+fn ask(mut stream: UnixStream, config: &Config) -> io::Result<(UnixListener, File, Handshake)> {
+    // Strictly this user, as the running daemon checks of us.
+    let uid = crate::sys::peer_uid(&stream)?;
+    let own_uid = rustix::process::geteuid().as_raw();
+    if uid != own_uid {
         return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "the socket handed over is bound to {bound:?}, not to {}",
-                socket.display()
-            ),
+            io::ErrorKind::PermissionDenied,
+            format!("it is served by uid {uid}, not this user (uid {own_uid}); refusing"),
         ));
     }
-    rustix::io::ioctl_fionbio(&fd, true)?;
-    Ok(UnixListener::from(fd))
+    stream.set_read_timeout(Some(STEP_TIMEOUT))?;
+    stream.set_write_timeout(Some(STEP_TIMEOUT))?;
+    stream.write_all(&frame("take"))?;
+    let (body, fds) = receive(&stream)?;
+    let from = parse(&body, "given")?;
+    let Ok([listener, pid_file]) = <[OwnedFd; 2]>::try_from(fds) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the handover did not come with 2 descriptors",
+        ));
+    };
+    // The listener is the running daemon's own, from a process of this user: it is used
+    // as it is (non-blocking, like every listener here).
+    rustix::io::ioctl_fionbio(&listener, true)?;
+    Ok((
+        UnixListener::from(listener),
+        check_pid_file(pid_file, &config.pid_file)?,
+        Handshake { from, stream },
+    ))
 }
 
 /// The PID file handed over, if it is the regular file at `path`.
@@ -403,45 +355,31 @@ fn receive(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     if got.bytes == 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    let mut have = got.bytes;
-    while have < 4 {
-        have += read_some(stream, &mut buf[have..4])?;
+    let have = got.bytes;
+    if have < 4 {
+        (&*stream).read_exact(&mut buf[have..4])?;
     }
     let len = body_len([buf[0], buf[1], buf[2], buf[3]])?;
-    while have < 4 + len {
-        have += read_some(stream, &mut buf[have..4 + len])?;
+    if have < 4 + len {
+        (&*stream).read_exact(&mut buf[have.max(4)..4 + len])?;
     }
     buf.truncate(4 + len);
     buf.drain(..4);
     Ok((buf, fds))
 }
 
-fn read_some(mut stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
-    match stream.read(buf)? {
-        0 => Err(io::ErrorKind::UnexpectedEof.into()),
-        n => Ok(n),
-    }
-}
-
 impl Handshake {
-    /// Says that this daemon is ready, and waits until the daemon it takes over from has
-    /// stopped accepting. `Err` if that daemon still runs and has not stopped: it went on
-    /// serving, and this one must not.
-    pub(crate) async fn ready(self) -> io::Result<()> {
+    /// Says that this daemon is ready, and waits (blocking, at most 30 s: this daemon
+    /// serves nothing yet) until the daemon it takes over from has stopped accepting. `Err`
+    /// if that daemon still runs and has not stopped: it went on serving, and this one must
+    /// not.
+    pub(crate) fn ready(mut self) -> io::Result<()> {
         let from = self.from;
-        let mut stream = Async::new(self.stream)?;
-        let said = async {
-            stream.write_all(&Step::new("ready").frame()).await?;
-            Step::parse(&read_async(&mut stream).await?, "stopped")
-        }
-        .or(async {
-            Timer::after(STEP_TIMEOUT).await;
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer within {STEP_TIMEOUT:?}"),
-            ))
-        })
-        .await;
+        let said = self
+            .stream
+            .write_all(&frame("ready"))
+            .and_then(|()| receive(&self.stream))
+            .and_then(|(body, _)| parse(&body, "stopped"));
         match said {
             Ok(_) => Ok(()),
             // It died after handing over: the listener is ours alone already.

@@ -242,11 +242,6 @@ impl<D: Dispatch> Daemon<D> {
         };
         let (mut instance, listener, handshake) = match taken {
             Some((listener, pid_file, handshake)) => {
-                log::info!(
-                    "taking over from pid {} on {}",
-                    handshake.from,
-                    config.socket.display()
-                );
                 let instance = Instance::taken_over(&config, pid_file);
                 (instance, listener, Some(handshake))
             }
@@ -357,7 +352,9 @@ async fn supervise<D: Dispatch>(
     // one daemon accepts at a time and the connections queued meanwhile wait in the backlog.
     if let Some(handshake) = listening.handshake {
         let from = handshake.from;
-        if let Err(e) = handshake.ready().await {
+        // One turn of the executor first: the warming task starts.
+        future::yield_now().await;
+        if let Err(e) = handshake.ready() {
             // The files are still the predecessor's, which goes on serving.
             instance.handed_over();
             return Err(e);
@@ -406,9 +403,8 @@ async fn supervise<D: Dispatch>(
     .or(async {
         match &offer {
             Some(offer) => {
-                let successor = offer
-                    .successor(listener_fd.as_fd(), instance.pid_file())
-                    .await;
+                let successor = offer.successor(listener_fd.as_fd(), instance.pid_file());
+                let successor = handover::out_of_line(successor).await;
                 Reason::HandedOver(successor)
             }
             None => future::pending().await,
@@ -430,7 +426,7 @@ async fn supervise<D: Dispatch>(
         Reason::Asked(reason) => reason,
         Reason::HandedOver(successor) => {
             let pid = successor.pid;
-            successor.stopped_accepting().await;
+            successor.stopped_accepting();
             instance.handed_over();
             format!("handed over to pid {pid}")
         }
