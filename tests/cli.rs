@@ -331,12 +331,15 @@ fn stop_never_signals_a_process_named_by_a_stale_pid_file() {
         "{}",
         stdout(&stop)
     );
-    assert!(
-        bystander.try_wait().unwrap().is_none(),
-        "the bystander was signalled"
-    );
+    // A signal sent before our SIGKILL would be the one it died of: the kernel records the
+    // first fatal signal at once, however late the process gets to run.
     bystander.kill().unwrap();
-    bystander.wait().unwrap();
+    let status = bystander.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the bystander was signalled: {status}"
+    );
 }
 
 #[test]
@@ -393,6 +396,43 @@ fn wait_for_workers(server: &Server, count: usize) {
 
 fn wait_for_log(server: &Server, needle: &str) {
     common::wait_for_text(needle, || server.log());
+}
+
+/// A worker like examples/worker.py for these verbs: `upper TEXT`, and `block`, which says
+/// `worker N blocked` on stderr and answers `released` once the file `release` exists in the
+/// directory it is given (the test's, which also marks its processes).
+const BLOCKING_WORKER: &str = r#"
+import json, os, sys, time
+worker = os.environ.get("KHIVED_WORKER_ID", "?")
+release = os.path.join(sys.argv[1], "release")
+print(f"worker {worker} ready", file=sys.stderr, flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    verb, _, text = request["ops"].partition(" ")
+    if verb == "block":
+        print(f"worker {worker} blocked", file=sys.stderr, flush=True)
+        while not os.path.exists(release):
+            time.sleep(0.01)
+        result = "released"
+    else:
+        result = text.upper()
+    print(json.dumps({"id": request.get("id"), "ok": True, "result": result}), flush=True)
+"#;
+
+/// `khived serve --workers N` with [`BLOCKING_WORKER`]s, once every worker is ready.
+fn serve_blocking_workers(place: &Place, workers: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--workers", workers];
+    args.extend_from_slice(extra);
+    let dir = place.dir.path().to_str().unwrap();
+    args.extend_from_slice(&["--worker", "python3", "-c", BLOCKING_WORKER, dir]);
+    let server = place.serve(&args);
+    wait_for_workers(&server, workers.parse().unwrap());
+    server
+}
+
+/// Lets every `block` request of [`BLOCKING_WORKER`]s answer.
+fn release_blocked(place: &Place) {
+    std::fs::write(place.dir.path().join("release"), "").unwrap();
 }
 
 fn serve_workers(place: &Place, extra: &[&str]) -> Server {
@@ -500,33 +540,31 @@ fn worker_pool_answers_and_survives_bad_workers() {
 #[test]
 fn a_full_worker_queue_answers_busy() {
     let place = Place::new();
-    let dir = place.dir.path().to_str().unwrap();
-    let args = [
-        "--workers",
-        "1",
-        "--queue",
-        "1",
-        "--worker",
-        "python3",
-        WORKER,
-        dir,
-    ];
-    let mut server = place.serve(&args);
-    wait_for_workers(&server, 1);
+    let mut server = serve_blocking_workers(&place, "1", &["--queue", "1"]);
     let call = |ops: &str| {
         place
             .khived("call")
-            .arg(ops)
+            .args(["--timeout", "120", ops])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
     };
-    // The only worker is busy...
-    let running = call("sleep 2");
-    wait_for_log(&server, "worker 1 sleeping 2s");
-    // ...so of two more requests one waits in the queue of one, the other is told it is full.
-    let outputs: Vec<Output> = [call("upper a"), call("upper b")]
+    // The only worker is busy until released...
+    let running = call("block");
+    wait_for_log(&server, "worker 1 blocked");
+    // ...so of two more requests one waits in the queue of one, the other is told it is full
+    // (and is done, while the worker still holds the first).
+    let clients = std::cell::RefCell::new([call("upper a"), call("upper b")]);
+    common::wait_until("neither was told the queue is full", || {
+        clients
+            .borrow_mut()
+            .iter_mut()
+            .any(|client| client.try_wait().unwrap().is_some())
+    });
+    let clients = clients.into_inner();
+    release_blocked(&place);
+    let outputs: Vec<Output> = clients
         .into_iter()
         .map(|client| client.wait_with_output().unwrap())
         .collect();
@@ -541,7 +579,7 @@ fn a_full_worker_queue_answers_busy() {
         .find(|output| output.status.success())
         .expect("one is served");
     assert!(["A\n", "B\n"].contains(&stdout(served).as_str()));
-    assert_eq!(stdout(&running.wait_with_output().unwrap()), "2\n");
+    assert_eq!(stdout(&running.wait_with_output().unwrap()), "released\n");
     assert_eq!(place.run("stop", &[]).status.code(), Some(0));
     assert!(server.wait().success());
     assert!(processes_mentioning(place.dir.path()).is_empty());
@@ -550,17 +588,25 @@ fn a_full_worker_queue_answers_busy() {
 #[test]
 fn stop_drains_then_ends_every_worker() {
     let place = Place::new();
-    let mut server = serve_workers(&place, &[]);
+    let mut server = serve_blocking_workers(&place, "2", &[]);
     let slow = place
         .khived("call")
-        .arg("sleep 1")
+        .args(["--timeout", "120", "block"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_log(&server, "sleeping 1s");
-    assert_eq!(place.run("stop", &[]).status.code(), Some(0));
+    wait_for_log(&server, "blocked");
+    let stop = place.khived("stop").stdout(Stdio::piped()).spawn().unwrap();
+    // The drain has begun with the request in flight; it ends once the request is answered.
+    wait_for_log(&server, "listener closed, draining 1 connection(s)");
+    release_blocked(&place);
+    assert_eq!(stop.wait_with_output().unwrap().status.code(), Some(0));
     let output = slow.wait_with_output().unwrap();
-    assert_eq!(stdout(&output), "1\n", "the request in flight is answered");
+    assert_eq!(
+        stdout(&output),
+        "released\n",
+        "the request in flight is answered"
+    );
     assert!(server.wait().success());
     let left = processes_mentioning(place.dir.path());
     assert!(left.is_empty(), "leftover processes: {left:?}");
@@ -693,14 +739,42 @@ fn a_worker_that_cannot_start_fails_requests_at_once() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+// Linux only: the test sees the spawner look at the PID file through inotify.
+#[cfg(target_os = "linux")]
 #[test]
 fn spawn_waits_for_a_daemon_that_is_draining() {
     let place = Place::new();
-    let (mut old, _client) = stuck_daemon(&place, "2");
-    // The old daemon drains for 2 s: its listener is closed, but it holds the PID file.
+    // The drain ends when the test lets the request in flight go, not at a deadline.
+    let mut old = serve_blocking_workers(&place, "2", &["--drain-timeout", "600"]);
+    let held = place
+        .khived("call")
+        .args(["--timeout", "120", "block"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_log(&old, "blocked");
+    // The old daemon drains: its listener is closed, but it holds the PID file.
     let stop = place.run("stop", &["--timeout", "0.2"]);
     assert_eq!(stop.status.code(), Some(1), "{}", stderr(&stop));
-    let call = place.run("call", &["--spawn", "--timeout", "20", "after the old one"]);
+    let reads = common::FileReads::watch(&place.pid_file);
+    let call = place
+        .khived("call")
+        .args(["--spawn", "--timeout", "20", "after the old one"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The daemon it starts finds the old one there and exits; the call then waits for the
+    // old one to let go of the PID file, looking at it every few milliseconds. Seen looking
+    // after that message, it is in that wait (and it waits for 5 s at most from its start).
+    let spawn_log = place.dir.path().join("k.log");
+    let already = format!("already running as pid {}", old.child.id());
+    common::wait_for_text(&already, || common::read_log(&spawn_log));
+    reads.take();
+    reads.wait("the call never waited for the old daemon");
+    release_blocked(&place);
+    assert_eq!(stdout(&held.wait_with_output().unwrap()), "released\n");
+    let call = call.wait_with_output().unwrap();
     assert_eq!(call.status.code(), Some(0), "{}", stderr(&call));
     assert_eq!(stdout(&call), "after the old one\n");
     assert!(old.wait().success(), "{}", old.log());

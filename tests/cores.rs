@@ -1,7 +1,8 @@
 //! Dispatch on several threads: a dispatch that holds its thread does not hold up probes or
 //! other requests, hanging up cancels a request, the request deadline, and the switch that
 //! lets work finish. Nothing here measures time: every wait is for an event, with a generous
-//! deadline.
+//! deadline. Where the daemon must not act on a client's hang-up (or half-close), the test
+//! waits for the moment the daemon looks at the client before it lets the request finish.
 
 mod common;
 mod gated;
@@ -109,15 +110,45 @@ fn a_request_past_its_deadline_is_answered_with_a_timeout_and_dropped() {
 #[test]
 fn with_cancel_on_disconnect_off_the_work_completes() {
     let running = Running::start(|config| config.cancel_on_disconnect = false);
-    let stream = running.send("await:1");
+    // Being dispatched: its future waits; the client hangs up (its close is in the kernel
+    // once `drop` returns).
+    let awaiting = running.send("await:1");
     running.expect("started 1");
-    drop(stream);
-    // The daemon has seen the hang-up by the time it answers a probe sent after it? Not
-    // necessarily; but whatever it saw, the work must still finish once allowed to.
-    khived::probe(&running.socket, WAIT).unwrap();
+    drop(awaiting);
+    // Both threads are taken, and a request whose client has hung up waits for one.
+    let first = running.send("block:2");
+    running.expect("started 2");
+    let second = running.send("block:3");
+    running.expect("started 3");
+    drop(running.send("short:4"));
+    running.wait_until_waiting(1);
+    // Let go, the first one has to wait for a thread too.
     running.gated.open_async_gate();
-    running.expect("finished 1");
-    running.expect("dropped 1");
+    running.wait_until_waiting(2);
+    // When their turn comes the daemon looks whether their clients are still there, and sees
+    // that they are not: where a hang-up cancels (the test above), both would be dropped
+    // there without running on. Here both run to their end.
+    running.gated.open_blocking_gate();
+    let mut got: Vec<String> = (0..9)
+        .map(|_| running.events.recv_timeout(WAIT).unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "dropped 1",
+            "dropped 2",
+            "dropped 3",
+            "dropped 4",
+            "finished 1",
+            "finished 2",
+            "finished 3",
+            "finished 4",
+            "started 4"
+        ],
+        "the requests whose clients left ran to their end"
+    );
+    drop((first, second));
     running.stop();
 }
 
@@ -140,15 +171,44 @@ fn one_thread_serves_as_before() {
 fn a_client_that_only_shuts_down_writing_is_still_answered() {
     let running = Running::start(|_| {});
     let mut stream = running.send("await:1");
-    stream.shutdown(std::net::Shutdown::Write).unwrap();
     running.expect("started 1");
-    // The probe gives the daemon the time to see the end of the client's writing side (it
-    // usually has by then; nothing here can tell): it must not take it for a hang-up.
-    khived::probe(&running.socket, WAIT).unwrap();
+    // Its first poll is over (the daemon watches the client from then on)...
+    common::wait_until("the first poll never ended", || {
+        running.gated.polls("1") >= 1
+    });
+    let polls = running.gated.polls("1");
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    // ...and the end of the client's writing side wakes the watch: the task is polled again,
+    // and in that poll the watch looks at the client. It must not take it for a hang-up.
+    common::wait_until("the daemon never looked at the client", || {
+        running.gated.polls("1") > polls
+    });
+    // Both threads are taken, so that once let go the request waits for one: when its turn
+    // comes the daemon looks again whether the client is still there.
+    let first = running.send("block:2");
+    running.expect("started 2");
+    let second = running.send("block:3");
+    running.expect("started 3");
     running.gated.open_async_gate();
+    running.wait_until_waiting(1);
+    running.gated.open_blocking_gate();
     let response = read_response(&mut stream).unwrap();
     assert_eq!(response.result.as_deref(), Some("await:1"), "{response:?}");
-    running.expect("finished 1");
-    running.expect("dropped 1");
+    let mut got: Vec<String> = (0..6)
+        .map(|_| running.events.recv_timeout(WAIT).unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "dropped 1",
+            "dropped 2",
+            "dropped 3",
+            "finished 1",
+            "finished 2",
+            "finished 3"
+        ]
+    );
+    drop((first, second));
     running.stop();
 }

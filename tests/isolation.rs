@@ -311,20 +311,19 @@ fn a_hung_daemon_keeps_its_socket() {
 fn sighup_drains_and_removes_the_files() {
     let dir = temp_dir();
     let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &[]);
+    // Held until the test lets it go: it is in flight when the signal comes.
+    let ops = format!("until:{}", dir.path().join("release").display());
     let mut stream = UnixStream::connect(&daemon.socket).unwrap();
     stream.set_read_timeout(Some(GUARD)).unwrap();
     stream
-        .write_all(
-            khived::encode_frame(&request("sleep:3000"))
-                .unwrap()
-                .as_bytes(),
-        )
+        .write_all(khived::encode_frame(&request(&ops)).unwrap().as_bytes())
         .unwrap();
-    daemon.wait_for_log("test dispatcher: sleep:3000 started");
+    daemon.wait_for_log(&format!("test dispatcher: {ops} started"));
     daemon.signal(Signal::HUP);
-    daemon.wait_for_log("stopping (SIGHUP received)");
+    daemon.wait_for_log("stopping (SIGHUP received): listener closed, draining 1 connection(s)");
+    std::fs::write(dir.path().join("release"), "").unwrap();
     let response = common::read_response(&mut stream).unwrap();
-    assert_eq!(response.result.as_deref(), Some("sleep:3000"));
+    assert_eq!(response.result.as_deref(), Some(ops.as_str()));
     assert_eq!(daemon.wait(GUARD).code(), Some(0), "{}", daemon.log());
     assert!(!daemon.socket.exists() && !daemon.pid_file.exists());
 }

@@ -55,17 +55,41 @@ fn start_slow_request(
     slow
 }
 
+/// Starts a request that the daemon holds until the file `release` exists, and waits until
+/// the daemon holds it.
+fn start_held_request(
+    daemon: &ChildDaemon,
+    release: &std::path::Path,
+) -> std::thread::JoinHandle<std::io::Result<khived::Response>> {
+    let socket = daemon.socket.clone();
+    let ops = format!("until:{}", release.display());
+    let log_line = format!("test dispatcher: {ops} started");
+    let held = std::thread::spawn(move || {
+        // Answered only once released: the deadline only keeps a failure from hanging.
+        let mut client = khived::Client::connect(&socket, Duration::from_secs(120))?;
+        client.request(&request(&ops))
+    });
+    daemon.wait_for_log(&log_line);
+    held
+}
+
 #[test]
 fn slow_request_is_answered_after_sigterm() {
     let dir = temp_dir();
     let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &[]);
-    let slow = start_slow_request(&daemon, 1500);
+    // Held until the test lets it go: it is in flight when the signal comes.
+    let release = dir.path().join("release");
+    let slow = start_held_request(&daemon, &release);
     daemon.terminate();
-    daemon.wait_for_log("listener closed");
+    daemon.wait_for_log("listener closed, draining 1 connection(s)");
     // The listener is closed at once: no new client gets in.
     assert!(khived::Client::connect(&daemon.socket, Duration::from_secs(1)).is_err());
+    std::fs::write(&release, "").unwrap();
     let response = slow.join().unwrap().unwrap();
-    assert_eq!(response.result.as_deref(), Some("sleep:1500"));
+    assert_eq!(
+        response.result,
+        Some(format!("until:{}", release.display()))
+    );
     assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
     assert!(!daemon.log().contains("cut off"), "{}", daemon.log());
 }
@@ -94,22 +118,45 @@ fn drain_timeout_cuts_off_a_request_that_is_too_slow() {
     assert!(!daemon.socket.exists() && !daemon.pid_file.exists());
 }
 
+// Linux only: the test sees the spawner look at the PID file through inotify.
+#[cfg(target_os = "linux")]
 #[test]
 fn spawn_waits_for_a_draining_daemon_through_the_pid_file_beside_the_socket() {
     let dir = temp_dir();
     let socket = dir.path().join("k.sock");
-    let env = [("KHIVE_DRAIN_TIMEOUT_SECS", "2")];
+    // The drain ends when the test lets the request in flight go, not at a deadline.
+    let env = [("KHIVE_DRAIN_TIMEOUT_SECS", "600")];
     let mut old = ChildDaemon::start(&socket, &env);
-    let _slow = start_slow_request(&old, 60_000);
+    let release = dir.path().join("release");
+    let held = start_held_request(&old, &release);
     old.terminate();
-    // The old daemon no longer listens but holds `k.pid` until its drain times out.
+    // The old daemon no longer listens but holds `k.pid` until its drain is over.
     old.wait_for_log("listener closed");
+    let reads = common::FileReads::watch(&old.pid_file);
     // No `Spawn::pid_file`: the default, beside the socket, is where the old daemon's is.
-    let mut client = khived::Spawn::new(&socket, common::child_command(&socket, &[]))
-        .ready_timeout(Duration::from_secs(30))
-        .connect(Duration::from_secs(10))
-        .unwrap();
+    let spawning = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            khived::Spawn::new(&socket, common::child_command(&socket, &[]))
+                .ready_timeout(Duration::from_secs(60))
+                .connect(Duration::from_secs(10))
+        })
+    };
+    // The daemon it starts finds the old one there ("already running") and exits; the
+    // spawner then waits for the old one to let go of `k.pid`, looking at it every few
+    // milliseconds. Once it is seen looking again after that message, it is in that wait.
+    let spawn_log = socket.with_extension("log");
+    let already = format!("already running as pid {}", old.pid());
+    common::wait_for_text(&already, || common::read_log(&spawn_log));
+    reads.take();
+    reads.wait("the spawner never waited for the old daemon");
+    std::fs::write(&release, "").unwrap();
+    assert!(
+        held.join().unwrap().unwrap().ok,
+        "the request in flight is answered"
+    );
     assert_eq!(old.wait(EXIT_WAIT).code(), Some(0), "{}", old.log());
+    let mut client = spawning.join().unwrap().unwrap();
     let new = client.probe().unwrap();
     assert_ne!(new.pid, old.pid());
     assert!(client.request(&request("hello")).unwrap().ok);
@@ -292,16 +339,22 @@ fn clients_queued_at_the_moment_of_sigterm_are_answered() {
     let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &[]);
     // Frozen, the daemon accepts nothing: these clients wait in the kernel's queue.
     daemon.signal(Signal::STOP);
+    let (connected, queued) = std::sync::mpsc::channel();
     let clients: Vec<_> = (0..5)
         .map(|i| {
             let socket = daemon.socket.clone();
+            let connected = connected.clone();
             std::thread::spawn(move || {
                 let mut client = khived::Client::connect(&socket, Duration::from_secs(30))?;
+                connected.send(()).unwrap();
                 client.request(&request(&format!("queued {i}")))
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // Each connect has completed into the listener's queue, which no one takes from.
+    for _ in 0..5 {
+        queued.recv_timeout(Duration::from_secs(60)).unwrap();
+    }
     daemon.terminate();
     daemon.signal(Signal::CONT);
     for (i, client) in clients.into_iter().enumerate() {
@@ -386,6 +439,8 @@ fn a_socket_answering_the_probe_with_no_response_is_not_taken_over() {
     drop(incumbent.join().unwrap());
 }
 
+// Linux only: the test sees the look begin through inotify.
+#[cfg(target_os = "linux")]
 #[test]
 fn running_pid_sees_a_daemon_that_exits_while_it_looks() {
     let dir = temp_dir();
@@ -393,29 +448,17 @@ fn running_pid_sees_a_daemon_that_exits_while_it_looks() {
     // A PID no process can have, as the file of a daemon in its last moments may name one
     // that is already gone while its lock is not yet released.
     std::fs::write(&pid_file, "2147483648\n").unwrap();
-    // `flock` holds the lock until `cat` sees the end of its input.
-    let mut holder = std::process::Command::new("flock")
-        .arg("-x")
-        .arg(&pid_file)
-        .arg("cat")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let file = std::fs::File::open(&pid_file).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared).is_ok() {
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::Unlock).unwrap();
-        assert!(Instant::now() < deadline, "flock never took the lock");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // The daemon's lock, held through a file of our own: a lock of another open file
+    // description, which `running_pid`'s shared lock is refused by as by another process's.
+    let holder = std::fs::File::open(&pid_file).unwrap();
+    rustix::fs::flock(&holder, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let reads = common::FileReads::watch(&pid_file);
     let looked_at = pid_file.clone();
     let looking = std::thread::spawn(move || khived::running_pid(&looked_at));
-    // Let the look begin while the lock is held (if it starts later, it finds the lock free
-    // at once, which is the same answer).
-    std::thread::sleep(Duration::from_millis(100));
-    drop(holder.stdin.take());
-    holder.wait().unwrap();
+    // `running_pid` reads the PID only when the lock is refused: a read means the look has
+    // begun while the lock is held, and it tries again until the lock is free.
+    reads.wait("the look never found the lock held");
+    rustix::fs::flock(&holder, rustix::fs::FlockOperation::Unlock).unwrap();
     // Nobody holds the lock any more: no daemon runs, which is not an error.
     assert_eq!(looking.join().unwrap().unwrap(), None);
 }

@@ -7,7 +7,6 @@ mod common;
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use common::{frame, is_closed, raw_exchange, read_response, request, InProcess, CONFIG_ID};
 use khived::{code, Disposition, Request, Response, MAX_FRAME_BYTES, PROTOCOL_VERSION};
@@ -314,11 +313,9 @@ fn a_draining_daemon_answers_the_frames_behind_the_request_in_hand() {
         bytes.extend(khived::encode_frame(&request).unwrap().into_bytes());
     }
     stream.write_all(&bytes).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while at_gate.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the gate request never arrived");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_until("the gate request never arrived", || {
+        at_gate.load(Ordering::SeqCst) == 1
+    });
     let stop = daemon.stop.clone();
     stop.shutdown();
     assert!(is_closed(&mut idle), "the drain closes idle connections");

@@ -4,10 +4,20 @@ mod common;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{frame, is_closed, raw_exchange, read_response, request, InProcess, CONFIG_ID};
 use khived::{Request, MAX_FRAME_BYTES};
+
+/// The `gate` request's counter and switch (see [`common::TestDispatch`]).
+fn gate_of(dispatch: &common::TestDispatch) -> (Arc<AtomicUsize>, Arc<AtomicBool>) {
+    (
+        Arc::clone(&dispatch.at_gate),
+        Arc::clone(&dispatch.gate_open),
+    )
+}
 
 #[test]
 fn round_trip() {
@@ -121,46 +131,50 @@ fn several_requests_on_one_connection_in_order() {
 
 #[test]
 fn hundred_concurrent_clients() {
-    let daemon = InProcess::start(|_, _| {});
+    let mut gate = None;
+    let daemon = InProcess::start(|_, dispatch| gate = Some(gate_of(dispatch)));
+    let (at_gate, gate_open) = gate.unwrap();
     let socket = daemon.socket.clone();
-    let started = Instant::now();
     let clients: Vec<_> = (0..100)
-        .map(|i| {
+        .map(|_| {
             let socket = socket.clone();
             std::thread::spawn(move || {
-                let mut client = khived::Client::connect(&socket, Duration::from_secs(20))?;
-                // Each holds its connection while sleeping: all 100 are open at once.
-                let ops = format!("sleep:{}", 200 + i % 3);
-                let response = client.request(&request(&ops))?;
-                assert_eq!(response.result, Some(ops));
+                let mut client = khived::Client::connect(&socket, Duration::from_secs(120))?;
+                // Each holds its connection at the gate.
+                let response = client.request(&request("gate"))?;
+                assert_eq!(response.result.as_deref(), Some("gate"));
                 std::io::Result::Ok(())
             })
         })
         .collect();
+    // All 100 are being dispatched at once: served one after another, the first would hold
+    // the others up for as long as the gate stays closed.
+    common::wait_until("the 100 requests were not all at the gate at once", || {
+        at_gate.load(Ordering::SeqCst) == 100
+    });
+    gate_open.store(true, Ordering::SeqCst);
     for client in clients {
         client.join().unwrap().unwrap();
     }
-    // Served one after another they would take 20 s.
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
 }
 
 #[test]
 fn accepting_goes_on_while_a_slow_request_runs() {
-    let daemon = InProcess::start(|_, _| {});
+    let mut gate = None;
+    let daemon = InProcess::start(|_, dispatch| gate = Some(gate_of(dispatch)));
+    let (at_gate, gate_open) = gate.unwrap();
     let socket = daemon.socket.clone();
     let slow = std::thread::spawn(move || {
-        let mut client = khived::Client::connect(&socket, Duration::from_secs(20)).unwrap();
-        client.request(&request("sleep:2000")).unwrap()
+        let mut client = khived::Client::connect(&socket, Duration::from_secs(120)).unwrap();
+        client.request(&request("gate")).unwrap()
     });
-    std::thread::sleep(Duration::from_millis(100));
-    let started = Instant::now();
+    common::wait_until("the slow request never reached the dispatcher", || {
+        at_gate.load(Ordering::SeqCst) == 1
+    });
+    // Answered while the slow one is still held (the gate is closed until after this).
     let response = daemon.client().request(&request("quick")).unwrap();
     assert!(response.ok);
-    assert!(started.elapsed() < Duration::from_secs(1));
+    gate_open.store(true, Ordering::SeqCst);
     assert!(slow.join().unwrap().ok);
 }
 
@@ -283,40 +297,83 @@ fn files_are_private_and_removed_on_shutdown() {
 
 #[test]
 fn shutdown_finishes_a_request_in_flight_and_closes_idle_connections() {
-    let daemon = InProcess::start(|_, _| {});
-    let mut idle = daemon.client();
-    assert!(idle.request(&request("first")).unwrap().ok);
+    let mut gate = None;
+    let daemon = InProcess::start(|config, dispatch| {
+        // The drain ends with the slow request, never at its deadline here.
+        config.drain_timeout = Duration::from_secs(600);
+        gate = Some(gate_of(dispatch));
+    });
+    let (at_gate, gate_open) = gate.unwrap();
+    let mut idle = daemon.connect_raw();
+    idle.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let first = khived::encode_frame(&request("first")).unwrap();
+    assert!(raw_exchange(&mut idle, first.as_bytes()).unwrap().ok);
     let socket = daemon.socket.clone();
     let slow = std::thread::spawn(move || {
-        let mut client = khived::Client::connect(&socket, Duration::from_secs(20)).unwrap();
-        client.request(&request("sleep:1000")).unwrap()
+        let mut client = khived::Client::connect(&socket, Duration::from_secs(120)).unwrap();
+        client.request(&request("gate")).unwrap()
     });
-    std::thread::sleep(Duration::from_millis(300));
+    common::wait_until("the slow request never reached the dispatcher", || {
+        at_gate.load(Ordering::SeqCst) == 1
+    });
     let stopping = std::thread::spawn(move || daemon.shutdown());
-    std::thread::sleep(Duration::from_millis(100));
-    // The idle connection is closed at once, while the slow request is still running.
-    let started = Instant::now();
-    assert!(idle.request(&request("second")).is_err());
-    assert!(started.elapsed() < Duration::from_millis(800));
+    // The idle connection is closed at once, while the slow request is still held.
+    let mut byte = [0; 1];
+    assert_eq!(
+        std::io::Read::read(&mut idle, &mut byte).unwrap(),
+        0,
+        "the idle connection is closed"
+    );
+    assert!(
+        !stopping.is_finished(),
+        "the drain waits for the slow request"
+    );
+    gate_open.store(true, Ordering::SeqCst);
     let response = slow.join().unwrap();
-    assert_eq!(response.result.as_deref(), Some("sleep:1000"));
-    // The slow request finished within the drain timeout.
+    assert_eq!(response.result.as_deref(), Some("gate"));
+    // The slow request finished within the drain.
+    common::wait_until("the drain never ended", || stopping.is_finished());
     assert_eq!(stopping.join().unwrap().unwrap(), khived::Stopped::Drained);
 }
 
 #[test]
 fn idle_shutdown_stops_a_daemon_nobody_uses() {
-    let daemon =
-        InProcess::start(|config, _| config.idle_shutdown = Some(Duration::from_millis(600)));
-    // A request longer than the idle period does not count as idle.
-    let response = daemon.client().request(&request("sleep:1000")).unwrap();
-    assert!(response.ok);
+    const IDLE: Duration = Duration::from_secs(1);
+    let mut gate = None;
+    let daemon = InProcess::start(|config, dispatch| {
+        config.idle_shutdown = Some(IDLE);
+        gate = Some(gate_of(dispatch));
+    });
+    let (at_gate, gate_open) = gate.unwrap();
+    // A request held longer than the idle period does not count as idle.
     let socket = daemon.socket.clone();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while socket.exists() {
-        assert!(Instant::now() < deadline, "still running");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let held = std::thread::spawn(move || {
+        let mut client = khived::Client::connect(&socket, Duration::from_secs(120)).unwrap();
+        client.request(&request("gate")).unwrap()
+    });
+    common::wait_until("the held request never reached the dispatcher", || {
+        at_gate.load(Ordering::SeqCst) == 1
+    });
+    // The daemon's own clock passes the idle period while it holds the request: this one
+    // is answered by a timer of the same reactor that runs the idle timer, set later and
+    // for longer.
+    let wait = format!("sleep:{}", (IDLE + Duration::from_millis(500)).as_millis());
+    assert!(daemon.client().request(&request(&wait)).unwrap().ok);
+    // Still serving: a daemon that had taken itself for idle would have closed its
+    // listener.
+    assert!(daemon.client().request(&request("still here")).unwrap().ok);
+    let released = Instant::now();
+    gate_open.store(true, Ordering::SeqCst);
+    assert_eq!(held.join().unwrap().result.as_deref(), Some("gate"));
+    // Once nobody is connected, it stops after the idle period.
+    let socket = daemon.socket.clone();
+    common::wait_until("still running", || !socket.exists());
+    assert!(
+        released.elapsed() >= IDLE,
+        "stopped {:?} after the last request",
+        released.elapsed()
+    );
     daemon.shutdown().unwrap();
 }
 
@@ -337,7 +394,7 @@ fn run_says_when_the_drain_timed_out() {
     // connections could still include the readiness probe's, and the shutdown would then
     // race the slow client's connect.
     common::wait_until("the slow request never reached the dispatcher", || {
-        dispatched.load(std::sync::atomic::Ordering::SeqCst) == 1
+        dispatched.load(Ordering::SeqCst) == 1
     });
     let stopped = daemon.shutdown().unwrap();
     assert_eq!(stopped, khived::Stopped::DrainTimedOut);

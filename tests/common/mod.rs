@@ -17,11 +17,12 @@ use khived::{Client, Config, Daemon, Dispatch, DispatchError, Request, Response,
 pub const NAMESPACE: &str = "test";
 pub const CONFIG_ID: &str = "cfg-1";
 
-/// Echoes `ops`, except: `sleep:MS` answers after MS milliseconds, `fail:MSG` fails with
-/// MSG, `refuse:CODE` fails with that code, not committed, `panic` panics, `warming` says
-/// whether `warm_all` is still running, `gate` waits until `gate_open` is set (counting
-/// itself in `at_gate` first), `big` answers more than a frame holds. `dispatched` counts
-/// every call.
+/// Echoes `ops`, except: `sleep:MS` answers after MS milliseconds, `until:PATH` answers
+/// once the file PATH exists (the gate of a daemon in another process; both log `test
+/// dispatcher: OPS started` first), `fail:MSG` fails with MSG, `refuse:CODE` fails with that
+/// code, not committed, `panic` panics, `warming` says whether `warm_all` is still running,
+/// `gate` waits until `gate_open` is set (counting itself in `at_gate` first), `big` answers
+/// more than a frame holds. `dispatched` counts every call.
 #[derive(Debug, Default)]
 pub struct TestDispatch {
     pub warming: Arc<AtomicBool>,
@@ -40,6 +41,11 @@ impl Dispatch for TestDispatch {
         if let Some(ms) = ops.strip_prefix("sleep:") {
             log::info!("test dispatcher: {ops} started");
             Timer::after(Duration::from_millis(ms.parse().unwrap())).await;
+        } else if let Some(path) = ops.strip_prefix("until:") {
+            log::info!("test dispatcher: {ops} started");
+            while !Path::new(path).exists() {
+                Timer::after(Duration::from_millis(5)).await;
+            }
         } else if let Some(message) = ops.strip_prefix("fail:") {
             return Err(message.into());
         } else if let Some(code) = ops.strip_prefix("refuse:") {
@@ -254,10 +260,17 @@ pub fn read_response(stream: &mut UnixStream) -> io::Result<Response> {
     Ok(serde_json::from_slice(&read_response_raw(stream)?).unwrap())
 }
 
-/// Whether the peer has closed: a read returns end of stream (or a reset).
+/// Whether the peer has closed: a read returns end of stream (or a reset). A read that times
+/// out (the stream's read timeout) is no close: the peer kept the connection open that long.
 pub fn is_closed(stream: &mut UnixStream) -> bool {
     let mut byte = [0; 1];
-    matches!(stream.read(&mut byte), Ok(0) | Err(_))
+    match stream.read(&mut byte) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
+    }
 }
 
 /// Reads one frame's body, whatever it holds.
@@ -498,4 +511,58 @@ fn rand_suffix() -> u64 {
     use std::sync::atomic::AtomicU64;
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Reads of one file as the kernel reports them (inotify; Linux only): the event that tells a
+/// test that someone has looked into a PID file, for tests that must act only once such a
+/// look is under way.
+#[cfg(target_os = "linux")]
+pub struct FileReads {
+    inotify: std::os::fd::OwnedFd,
+    path: PathBuf,
+}
+
+#[cfg(target_os = "linux")]
+impl FileReads {
+    /// Starts watching `path`, which must exist; earlier reads are not seen.
+    pub fn watch(path: &Path) -> FileReads {
+        use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+        let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).unwrap();
+        inotify::add_watch(&inotify, path, WatchFlags::ACCESS).unwrap();
+        FileReads {
+            inotify,
+            path: path.to_owned(),
+        }
+    }
+
+    /// How many reads were reported since the last look (at least one per burst: the kernel
+    /// merges a read into the previous one while that one is unread); forgets them.
+    pub fn take(&self) -> usize {
+        use rustix::fs::inotify::{ReadFlags, Reader};
+        let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
+        let mut reader = Reader::new(&self.inotify, &mut buf);
+        let mut reads = 0;
+        loop {
+            match reader.next() {
+                Ok(event) if event.events().contains(ReadFlags::ACCESS) => reads += 1,
+                Ok(_) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => return reads,
+                Err(e) => panic!("reading the inotify events of {:?}: {e}", self.path),
+            }
+        }
+    }
+
+    /// Waits until the file is read (a read since the last look counts), failing the test
+    /// after a minute, naming `what` was waited for.
+    pub fn wait(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.take() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {:?} was not read",
+                self.path
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }

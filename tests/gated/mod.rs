@@ -2,6 +2,7 @@
 //! report when they start, finish and are dropped; and a daemon running it in this process.
 #![allow(dead_code, unreachable_pub)]
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -23,13 +24,15 @@ pub const WAIT: Duration = Duration::from_secs(30);
 /// - `await:ID` awaits until the async gate opens;
 ///
 /// and reports on a channel: `started ID` when the dispatch first runs, `finished ID` when
-/// it answers, `dropped ID` when its future is dropped (also if it never ran).
+/// it answers, `dropped ID` when its future is dropped (also if it never ran). It also counts
+/// the polls of each dispatch future ([`polls`](Gated::polls)).
 #[derive(Clone)]
 pub struct Gated {
     events: Arc<Mutex<Sender<String>>>,
     blocking: Arc<(Mutex<bool>, Condvar)>,
     open: Arc<AtomicBool>,
     opened: Arc<Event>,
+    polls: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl Gated {
@@ -40,6 +43,7 @@ impl Gated {
             blocking: Arc::default(),
             open: Arc::default(),
             opened: Arc::new(Event::new()),
+            polls: Arc::default(),
         };
         (gated, received)
     }
@@ -57,6 +61,14 @@ impl Gated {
     pub fn open_async_gate(&self) {
         self.open.store(true, Ordering::SeqCst);
         self.opened.notify(usize::MAX);
+    }
+
+    /// How many polls of the dispatch of `ID` have returned so far. The daemon polls a
+    /// request's task only when something woke it: while an `await:ID` waits at the closed
+    /// gate, only the daemon's watch of its client does, and it looks at the client in the
+    /// same poll of the task, just after the dispatch's.
+    pub fn polls(&self, id: &str) -> usize {
+        self.polls.lock().unwrap().get(id).copied().unwrap_or(0)
     }
 }
 
@@ -83,7 +95,8 @@ impl Dispatch for Gated {
             .to_owned();
         let guard = DropReport(self.clone(), id.clone());
         let gated = self.clone();
-        async move {
+        let counted = (self.clone(), id.clone());
+        let mut dispatch = Box::pin(async move {
             let _guard = guard;
             gated.report(format!("started {id}"));
             if ops.starts_with("block:") {
@@ -106,7 +119,13 @@ impl Dispatch for Gated {
             }
             gated.report(format!("finished {id}"));
             Ok(ops)
-        }
+        });
+        std::future::poll_fn(move |cx| {
+            let polled = dispatch.as_mut().poll(cx);
+            let (gated, id) = &counted;
+            *gated.polls.lock().unwrap().entry(id.clone()).or_default() += 1;
+            polled
+        })
     }
 
     fn namespace(&self) -> &str {
