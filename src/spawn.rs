@@ -158,7 +158,9 @@ impl Spawn {
         self
     }
 
-    /// Connects to the daemon, starting it first if nobody listens on the socket.
+    /// Connects to the daemon, starting it first if nobody listens on the socket (or, with
+    /// [`replace`](Spawn::replace) or [`replace_unless`](Spawn::replace_unless), if the
+    /// daemon that answers is to be replaced: then once the new one answers in its place).
     ///
     /// `timeout` bounds the returned client's requests, as in [`Client::connect`].
     ///
