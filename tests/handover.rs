@@ -298,3 +298,43 @@ fn call_spawn_replace_takes_over_from_a_daemon_of_another_config_id() {
         info.pid
     );
 }
+
+// Linux only: other systems have no per-thread setuid to connect as a stranger with.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_handover_is_refused_to_another_user() {
+    use std::os::unix::fs::PermissionsExt;
+    if !rustix::process::geteuid().is_root() {
+        println!("skipped: connecting as another user needs root (setuid on a thread)");
+        return;
+    }
+    let place = Place::new();
+    let pid = place.started("start", &["--namespace", "echo"]);
+    // Let uid 65534 reach the handover socket, so that only the credential check stands in
+    // its way.
+    let handover = place.dir.path().join("k.handover");
+    std::fs::set_permissions(place.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&handover, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let stranger = thread::spawn(move || {
+        // This thread alone becomes uid 65534: the raw system call is per thread.
+        rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(65534)).unwrap();
+        let mut stream = UnixStream::connect(&handover).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let body = b"{\"step\":\"take\",\"pid\":1}";
+        let _ = stream.write_all(&(body.len() as u32).to_be_bytes());
+        let _ = stream.write_all(body);
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        answer
+    });
+    assert_eq!(
+        stranger.join().unwrap(),
+        b"",
+        "nothing is handed to a stranger"
+    );
+    std::fs::set_permissions(place.dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(place.pid_of_answer("echo"), pid);
+    assert_eq!(khived::running_pid(&place.pid_file).unwrap(), Some(pid));
+}
