@@ -39,8 +39,8 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// `future` behind a pointer: the handover's steps stay out of the supervisor's state
 /// machine, which every daemon's binary carries, and are polled through one vtable.
 pub(crate) fn out_of_line<'a, T>(
-    future: impl Future<Output = T> + 'a,
-) -> Pin<Box<dyn Future<Output = T> + 'a>> {
+    future: impl Future<Output = T> + Send + 'a,
+) -> Pin<Box<dyn Future<Output = T> + Send + 'a>> {
     Box::pin(future)
 }
 

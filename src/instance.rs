@@ -65,16 +65,17 @@ impl Instance {
                 return Err(e);
             }
         };
-        Ok((
-            Instance {
-                pid_file,
-                pid_path: config.pid_file.clone(),
-                socket_path: config.socket.clone(),
-                socket_id,
-                cleaned: false,
-            },
-            listener,
-        ))
+        Ok((Instance::new(config, pid_file, socket_id), listener))
+    }
+
+    fn new(config: &Config, pid_file: File, socket_id: Option<(u64, u64)>) -> Instance {
+        Instance {
+            pid_file,
+            pid_path: config.pid_file.clone(),
+            socket_path: config.socket.clone(),
+            socket_id,
+            cleaned: false,
+        }
     }
 
     /// What a predecessor handed over (see `handover`): its socket, which stays where it is,
@@ -84,13 +85,7 @@ impl Instance {
         let socket_id = fs::symlink_metadata(&config.socket)
             .ok()
             .map(|meta| (meta.dev(), meta.ino()));
-        Instance {
-            pid_file,
-            pid_path: config.pid_file.clone(),
-            socket_path: config.socket.clone(),
-            socket_id,
-            cleaned: false,
-        }
+        Instance::new(config, pid_file, socket_id)
     }
 
     /// Writes our PID into the PID file, whose lock we hold.

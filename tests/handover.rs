@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::{temp_dir, wait_until};
+use common::{process_exited, temp_dir, wait_until};
 use khived::{Client, Request};
 
 const KHIVED: &str = env!("CARGO_BIN_EXE_khived");
@@ -74,19 +74,6 @@ impl Drop for Place {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Whether process `pid` has exited (gone, or a zombie nobody has reaped yet).
-fn exited(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => !khived::is_process_running(pid),
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-    }
 }
 
 /// `clients` threads sending one-shot requests in a loop until stopped; each returns the
@@ -180,7 +167,7 @@ fn restarts_under_load_fail_no_request() {
     );
     // Each old daemon drained and exited, leaving the files to its successor.
     for pid in old {
-        wait_until(&format!("pid {pid} to exit"), || exited(pid));
+        wait_until(&format!("pid {pid} to exit"), || process_exited(pid));
     }
     let handover = place.dir.path().join("k.handover");
     assert!(place.socket.exists() && handover.exists());
@@ -288,7 +275,7 @@ fn call_spawn_replace_takes_over_from_a_daemon_of_another_config_id() {
     let info = khived::probe(&place.socket, Duration::from_secs(10)).unwrap();
     assert_eq!(info.config_id, "v2");
     assert_ne!(info.pid, old);
-    wait_until("the old daemon to exit", || exited(old));
+    wait_until("the old daemon to exit", || process_exited(old));
     // A daemon that already serves v2 is used as it is.
     assert!(call(&["--replace"]).status.success());
     assert_eq!(

@@ -19,6 +19,14 @@ fn gate_of(dispatch: &common::TestDispatch) -> (Arc<AtomicUsize>, Arc<AtomicBool
     )
 }
 
+/// An embedder spawns the daemon on a multi-threaded executor: its future must stay `Send`,
+/// whatever the handover adds to it. This is checked when the tests compile.
+#[allow(dead_code)]
+fn the_daemon_future_is_send(daemon: khived::Daemon<common::TestDispatch>) {
+    fn send<T: Send>(_: T) {}
+    send(daemon.run());
+}
+
 #[test]
 fn round_trip() {
     let daemon = InProcess::start(|_, _| {});

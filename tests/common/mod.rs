@@ -566,3 +566,16 @@ impl FileReads {
         }
     }
 }
+
+/// Whether process `pid` has exited: gone, or a zombie waiting for whoever adopted it.
+pub fn process_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => !khived::is_process_running(pid),
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+    }
+}

@@ -325,24 +325,19 @@ fn run_start(start: Start) -> u8 {
         Ok(None) => {}
         Err(e) => return fail(status::FAILED, e),
     }
-    let spawned = spawner(&start.serve)
-        .ready_timeout(start.timeout)
-        .connect(start.timeout)
-        .and_then(|mut client| client.probe());
-    match spawned {
-        Ok(info) => {
-            println!("{}", info.pid);
-            status::OK
-        }
-        Err(e) => fail(status::FAILED, format!("cannot start the daemon: {e}")),
-    }
+    started(spawner(&start.serve), &start, "cannot start the daemon")
 }
 
 /// Starts a daemon that takes over from the running one (or starts as usual if none runs),
 /// and prints its pid once it answers.
 fn replace(start: &Start) -> u8 {
-    let spawned = spawner(&start.serve)
-        .replace()
+    let why = "cannot replace the daemon (the running one, if any, goes on)";
+    started(spawner(&start.serve).replace(), start, why)
+}
+
+/// Starts the daemon as `spawn` says and prints its pid once it answers.
+fn started(spawn: khived::Spawn, start: &Start, failed: &str) -> u8 {
+    let spawned = spawn
         .ready_timeout(start.timeout)
         .connect(start.timeout)
         .and_then(|mut client| client.probe());
@@ -351,10 +346,7 @@ fn replace(start: &Start) -> u8 {
             println!("{}", info.pid);
             status::OK
         }
-        Err(e) => fail(
-            status::FAILED,
-            format!("cannot replace the daemon (the running one, if any, goes on): {e}"),
-        ),
+        Err(e) => fail(status::FAILED, format!("{failed}: {e}")),
     }
 }
 
