@@ -522,3 +522,33 @@ fn a_request_whose_time_runs_out_in_the_queue_is_answered_without_running() {
     );
     future::block_on(pool.shut_down());
 }
+
+/// The daemon's executor runs on threads that come and go (runners leave when they are not
+/// needed). A worker started on one of them must live on when that thread leaves: on Linux
+/// a parent-death signal follows the thread that forked the child, not the process.
+#[test]
+#[cfg(target_os = "linux")]
+fn a_worker_outlives_the_thread_that_started_it() {
+    let pool = Pool::new(options(&["python3", "-c", TINY_WORKER])).unwrap();
+    let executor = async_executor::Executor::new();
+    let _workers = executor.spawn(pool.warm_all());
+    let request = Request::new("pid", "words", "v1");
+    let pid = || pool.dispatch(&request);
+    // Only this thread runs the executor so far: the worker starts on it.
+    let (first, thread) = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let thread = std::fs::read_link("/proc/thread-self").unwrap();
+                (future::block_on(executor.run(pid())).unwrap(), thread)
+            })
+            .join()
+            .unwrap()
+    });
+    // Gone from /proc once the kernel has finished its exit, signals to children included.
+    wait_for("the thread to leave", || {
+        !PathBuf::from("/proc").join(&thread).exists()
+    });
+    let second = future::block_on(executor.run(pid()));
+    assert_eq!(second.map_err(|e| e.to_string()), Ok(first));
+    future::block_on(pool.shut_down());
+}

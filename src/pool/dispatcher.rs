@@ -13,6 +13,7 @@ use async_io::Timer;
 use async_process::Child;
 use futures_lite::future::{self, FutureExt};
 
+use super::spawner::Spawner;
 use super::{line, worker, PoolOptions};
 use crate::{code, Dispatch, DispatchError, Request};
 
@@ -54,6 +55,8 @@ pub(super) struct Inner {
     /// Why the last worker start failed, while none is running: requests fail at once
     /// instead of waiting for a worker that may never come.
     pub(super) start_failure: Mutex<Option<String>>,
+    /// Forks the workers, on a thread that outlives each of them.
+    pub(super) spawner: Spawner,
 }
 
 /// One request waiting for a worker: what to ask and where the answer goes. The worker
@@ -120,6 +123,7 @@ impl Pool {
                 children,
                 running: AtomicUsize::new(0),
                 start_failure: Mutex::new(None),
+                spawner: Spawner::default(),
             }),
         })
     }

@@ -52,8 +52,11 @@
 //!
 //! # Implementation
 //!
-//! The workers' tasks run inside [`Dispatch::warm_all`](crate::Dispatch::warm_all) on the
-//! daemon's thread; `async-process` adds its thread that reaps children.
+//! The workers' tasks run inside [`Dispatch::warm_all`](crate::Dispatch::warm_all), on
+//! whichever of the daemon's threads polls it. Their processes are forked on one thread of
+//! the pool's own, which lives as long as the pool: Linux sends the parent-death signal when
+//! the *thread* that forked a worker ends, and the daemon's runner threads come and go.
+//! `async-process` adds its thread that reaps children.
 //!
 //! # Examples
 //!
@@ -86,6 +89,8 @@ pub mod line;
 mod dispatcher;
 #[cfg(feature = "pool")]
 mod options;
+#[cfg(feature = "pool")]
+mod spawner;
 #[cfg(feature = "pool")]
 mod worker;
 

@@ -48,7 +48,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
     let mut last_request = 0;
     loop {
         let started = Instant::now();
-        let ended = match start(&inner, id) {
+        let ended = match start(&inner, id).await {
             Ok(((stdin, stdout, stderr), exited)) => {
                 inner.running.fetch_add(1, Ordering::SeqCst);
                 *lock(&inner.start_failure) = None;
@@ -100,10 +100,11 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
 
 type Pipes = (ChildStdin, BufReader<ChildStdout>, ChildStderr);
 
-/// Starts worker `id` and keeps its process in its slot for [`reap`] and shutdown. Besides
+/// Starts worker `id` (forked on the pool's own thread, see [`super::spawner`]) and keeps its
+/// process in its slot for [`reap`] and shutdown. Besides
 /// its pipes, returns a future that resolves when the process exits: a worker's end is
 /// seen from the process itself, not from its stdout, which a child it started may hold.
-fn start(
+async fn start(
     inner: &Inner,
     id: usize,
 ) -> io::Result<(Pipes, impl Future<Output = io::Result<ExitStatus>>)> {
@@ -141,15 +142,16 @@ fn start(
             Ok(())
         });
     }
-    let mut child = Command::from(command)
+    let mut command = Command::from(command);
+    command
         .args(args)
         .envs(options.env.iter().map(|(key, value)| (key, value)))
         .env("KHIVED_WORKER_ID", id.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+        .kill_on_drop(true);
+    let mut child = inner.spawner.spawn(command).await?;
     let pipes = match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
         (Some(stdin), Some(stdout), Some(stderr)) => (stdin, BufReader::new(stdout), stderr),
         _ => return Err(io::Error::other("worker pipes missing")),
