@@ -118,6 +118,65 @@ fn a_burst_of_large_frames_stays_within_the_budget_and_all_are_answered() {
     assert!(after < 8 * 1024, "{after} KiB still held after the burst");
 }
 
+/// Clients that pipeline large requests, never read their answers and then close: once they
+/// are gone the daemon's memory is back near where it started, although every one of their
+/// buffers was freed by a connection that failed rather than one that finished. Before the
+/// allocator was trimmed at the end of a burst, the freed heap stayed resident (4 MiB frames
+/// under the default budget: 2.5 MiB before, 131 MiB during, still 131 MiB 7 s after).
+#[test]
+fn memory_goes_back_after_clients_leave_without_reading() {
+    const CLIENTS: usize = 20;
+    let dir = temp_dir();
+    let env = [
+        ("KHIVE_FRAME_MEMORY_MIB", "16"),
+        ("KHIVED_TEST_FIRST_REQUEST_SECS", "600"),
+    ];
+    let daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
+    let before = status_kib(daemon.pid(), "VmRSS:");
+
+    let clients: Vec<(UnixStream, std::thread::JoinHandle<()>)> = (0..CLIENTS)
+        .map(|i| {
+            let ops = char::from(b'a' + i as u8).to_string().repeat(2 << 20);
+            let stream = UnixStream::connect(&daemon.socket).unwrap();
+            let mut frames = khived::encode_frame(&request(&ops)).unwrap().into_bytes();
+            frames.extend_from_within(..);
+            let mut writer = stream.try_clone().unwrap();
+            // Blocks while the daemon holds an unread answer; fails once the client leaves.
+            let thread = std::thread::spawn(move || drop(writer.write_all(&frames)));
+            (stream, thread)
+        })
+        .collect();
+    // The budget is spent: answers wait unread in their sockets, requests wait for room.
+    daemon.wait_for_log("bytes of frame memory");
+    let peak = status_kib(daemon.pid(), "VmHWM:").saturating_sub(before);
+    assert!(peak > 12 * 1024, "peak only {peak} KiB above the start");
+
+    // Every client leaves without reading a byte.
+    for (stream, writer) in clients {
+        stream.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(stream);
+        writer.join().unwrap();
+    }
+    wait_for_connections(&daemon, 1);
+    // The memory goes back as the last connection ends (no timer is involved; the deadline
+    // only keeps a failure from hanging the test).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut after = status_kib(daemon.pid(), "VmRSS:").saturating_sub(before);
+    while after >= 8 * 1024 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        after = status_kib(daemon.pid(), "VmRSS:").saturating_sub(before);
+    }
+    eprintln!("RSS {before} KiB before, peak +{peak} KiB, +{after} KiB after the clients left");
+    assert!(
+        after < 8 * 1024,
+        "{after} KiB still held after the clients left"
+    );
+
+    // And the daemon serves on.
+    let mut client = khived::Client::connect(&daemon.socket, Duration::from_secs(30)).unwrap();
+    assert!(client.request(&request("after")).unwrap().ok);
+}
+
 #[test]
 fn a_request_that_gets_no_budget_in_time_is_told_so() {
     let daemon = InProcess::start(|config, _| {
