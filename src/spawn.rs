@@ -206,12 +206,7 @@ impl Spawn {
             } => (namespace, config_id),
         };
         let response = client.request(&crate::Request::probe())?;
-        let same = response.daemon_protocol_version >= crate::PROTOCOL_VERSION
-            && response.result.as_deref().is_some_and(|info| {
-                serde_json::from_str::<crate::ProbeInfo>(info)
-                    .is_ok_and(|info| info.namespace == *namespace && info.config_id == *config_id)
-            });
-        Ok(same.then_some(client))
+        Ok(serves(&response, namespace, config_id).then_some(client))
     }
 
     fn lock(&self) -> io::Result<File> {
@@ -324,6 +319,16 @@ impl Spawn {
 }
 
 /// The spawn lock beside the socket: `<socket>.spawn.lock`.
+/// Whether a probe's `response` comes from a daemon that serves `namespace` and `config_id`
+/// at this crate's protocol version or newer: one that needs no replacing.
+fn serves(response: &crate::Response, namespace: &str, config_id: &str) -> bool {
+    response.daemon_protocol_version >= crate::PROTOCOL_VERSION
+        && response.result.as_deref().is_some_and(|info| {
+            serde_json::from_str::<crate::ProbeInfo>(info)
+                .is_ok_and(|info| info.namespace == namespace && info.config_id == config_id)
+        })
+}
+
 fn lock_path(socket: &Path) -> PathBuf {
     let mut name = socket.file_name().unwrap_or_default().to_owned();
     name.push(".spawn.lock");
@@ -400,6 +405,35 @@ fn tail(log: &File, from: u64, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_daemon_of_this_namespace_config_id_and_protocol_is_kept() {
+        let probe = |version: u64, namespace: &str, config_id: &str| {
+            let info = format!(
+                r#"{{"pid":7,"namespace":"{namespace}","config_id":"{config_id}","version":"0.1.0","uptime_ms":5,"in_flight":0,"served":0}}"#
+            );
+            let mut response: crate::Response = serde_json::from_str(
+                r#"{"ok":true,"served_config_id":"v2","daemon_protocol_version":1}"#,
+            )
+            .unwrap();
+            response.result = Some(info);
+            response.daemon_protocol_version = version;
+            response
+        };
+        let current = crate::PROTOCOL_VERSION;
+        assert!(serves(&probe(current, "app", "v2"), "app", "v2"));
+        assert!(serves(&probe(current + 1, "app", "v2"), "app", "v2"));
+        // An older build's daemon: an older protocol, another config id, another namespace.
+        assert!(!serves(&probe(current - 1, "app", "v2"), "app", "v2"));
+        assert!(!serves(&probe(current, "app", "v1"), "app", "v2"));
+        assert!(!serves(&probe(current, "other", "v2"), "app", "v2"));
+        // A probe answer it cannot read is a daemon it does not know: replaced.
+        let mut unreadable = probe(current, "app", "v2");
+        unreadable.result = Some("not json".into());
+        assert!(!serves(&unreadable, "app", "v2"));
+        unreadable.result = None;
+        assert!(!serves(&unreadable, "app", "v2"));
+    }
 
     #[test]
     fn the_pid_file_and_log_are_where_the_daemon_and_the_cli_put_them() {
