@@ -12,7 +12,7 @@
 # BASE_THREADS baseline pool (nproc, the number of cores khived uses by default), PREV a git
 # revision whose examples/echo runs in alternation with this one's (default: HEAD~1 of the
 # checkout; "none" skips it), IDLE_WAIT seconds before idle threads are counted (15),
-# SCENARIOS (a subset of "compute short probes echo idle", all by default), BENCH_OUT (write
+# SCENARIOS (a subset of "compute short probes crowd echo idle", all by default), BENCH_OUT (write
 # the summary as JSON lines), TOKIO=1 (also run bench/tokio-ref, the wire format served as
 # the original tokio runtime served it, in the compute and head-of-line scenarios; built with
 # its own lock file, in a workspace of its own, fetching tokio from crates.io the first
@@ -28,7 +28,7 @@ SLOW_US=${SLOW_US:-100000}
 BASE_THREADS=${BASE_THREADS:-$(nproc)}
 PREV=${PREV:-HEAD~1}
 IDLE_WAIT=${IDLE_WAIT:-15}
-SCENARIOS=${SCENARIOS:-compute short probes echo idle}
+SCENARIOS=${SCENARIOS:-compute short probes crowd echo idle}
 BENCH_OUT=${BENCH_OUT:-}
 TOKIO=${TOKIO:-}
 WORK_NAME=khived-cores
@@ -157,6 +157,12 @@ for n in $(seq "$ROUNDS"); do
             round probes "$server" "$n" --concurrency 2 --probe \
                 --background 2 --background-work-us "$SLOW_US"
         fi
+        # Short requests beside as many long computations as there are dispatch threads,
+        # each starting again as soon as it ends: every slot is taken.
+        if wants crowd; then
+            round crowd "$server" "$n" --concurrency $((CONCURRENCY - BASE_THREADS)) \
+                --background "$BASE_THREADS" --background-work-us "$SLOW_US"
+        fi
     done
     if [ -n "$prev_bin" ] && wants echo; then
         for server in echo prev; do
@@ -212,6 +218,7 @@ row "short beside 1 slow: p99 us" "$(median short khived 6)" "$(median short khi
 row "short beside 1 slow: rps" "$(median short khived 4)" "$(median short khived1 4)"
 row "probes beside 2 slow: p99 us" "$(median probes khived 6)" "$(median probes khived1 6)"
 row "probes beside 2 slow: max us" "$(median probes khived 7)" "$(median probes khived1 7)"
+row "short beside $BASE_THREADS slow: p99 us" "$(median crowd khived 6)" "$(median crowd khived1 6)"
 if [ -n "$tokio_bin" ]; then
     echo "the tokio reference: a = khived, b = bench/tokio-ref"
     row "compute rps" "$(median compute khived 4)" "$(median compute tokio 4)"
@@ -235,6 +242,7 @@ goal "compute p99, khived / baseline" \
     "$(ratio "$(median compute khived 6)" "$(median compute baseline 6)")" "<=" 1.1
 goal "short requests beside a slow one, p99 us" "$(median short khived 6)" "<=" 5000
 goal "probes beside two slow ones, p99 us" "$(median probes khived 6)" "<=" 5000
+goal "short beside $BASE_THREADS slow ones (every slot), p99 us" "$(median crowd khived 6)" "<=" 5000
 if [ -n "$prev_bin" ]; then
     goal "echo one-shot rps, this / previous" \
         "$(ratio "$(median echo echo 4)" "$(median echo prev 4)")" ">=" 0.95

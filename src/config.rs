@@ -89,8 +89,9 @@ pub struct Config {
     /// process may run on, by its affinity mask on Linux, so set it under a CPU quota;
     /// `KHIVE_THREADS`). Threads beyond the caller's are started only while dispatches
     /// compute (one more while they compute for long, for accepting, reading and answering
-    /// whatever does not dispatch) and given back after idling. 1 runs everything on the
-    /// caller's thread.
+    /// whatever does not dispatch) and given back after idling. While all of them compute
+    /// for long and others wait, up to twice as many dispatches run, so that quick requests
+    /// are not held up. 1 runs everything on the caller's thread.
     pub threads: usize,
     /// How long one request may take from the moment it has been read (default: no limit).
     /// At the deadline its dispatch future is dropped and the client gets the error

@@ -17,10 +17,15 @@
 //!   has been computing (on average over the last few looks), it starts another **runner
 //!   thread** on the same executor, up to `threads` in all, so that dispatch uses every core.
 //!   When every thread is inside a dispatch poll that has lasted [`LONG_POLL`], it starts one
-//!   more, up to `threads + 1`: with `threads` computing for long, one thread is always left
-//!   for everything that does not dispatch. (Short computations do not get that spare: their
-//!   threads come back to the rest between polls.) A runner takes whatever tasks are ready,
-//!   accepting, reading and answering like the caller's thread.
+//!   more: with every thread computing for long, one is always left for everything that does
+//!   not dispatch. (Short computations do not get that spare: their threads come back to the
+//!   rest between polls.) A runner takes whatever tasks are ready, accepting, reading and
+//!   answering like the caller's thread.
+//! - While every slot is held by a poll that has lasted [`LONG_POLL`] and a dispatch waits,
+//!   the watchdog **opens one more slot**, up to `2 × threads`: a quick request is not kept
+//!   waiting for a long computation to end, and the kernel shares the cores among the long
+//!   ones. Opened slots close again once they have not been needed for [`RETIRE_AFTER`], so
+//!   that computations that keep starting find them open.
 //! - Runners that have not been needed for [`RETIRE_AFTER`] are told to leave, and the
 //!   watchdog leaves [`LINGER`] after the last dispatch: an idle daemon is back to the
 //!   caller's thread and the `async-io` helper.
@@ -87,7 +92,7 @@ impl Execution {
         let threads = threads.max(1);
         Execution {
             threads,
-            slots: Slots::new(threads),
+            slots: Slots::new(threads, if threads > 1 { 2 * threads } else { 1 }),
             executor: Mutex::new(Weak::new()),
             epoch: Instant::now(),
             polls: AtomicU64::new(0),
@@ -198,6 +203,7 @@ impl Execution {
         let mut last_polls = self.polls.load(Ordering::Relaxed);
         let mut last_dispatch = Instant::now();
         let mut last_needed = Instant::now();
+        let mut slots_needed = Instant::now();
         let long = LONG_POLL.as_nanos() as u64;
         let mut tick = TICK;
         loop {
@@ -206,7 +212,7 @@ impl Execution {
                 return;
             }
             let now = self.now();
-            let (mut computing, mut stuck) = (0, 0);
+            let (mut computing, mut stuck) = (0usize, 0usize);
             for started in self.slots.started.iter() {
                 let started = started.load(Ordering::Relaxed);
                 if started != 0 {
@@ -227,14 +233,26 @@ impl Execution {
             // need that spare: their threads come back to the rest between polls, and a spare
             // would only be woken up for nothing at every task.
             let computing_on_average = ((load + 512) / 1024) as usize;
+            let most = self.slots.started.len();
             let wanted = (computing_on_average + 1)
                 .min(self.threads)
-                .max((stuck + 1).min(self.threads + 1));
+                .max((stuck + 1).min(most + 1));
+            // One slot more than are stuck in long polls, when a dispatch waits for one.
+            let instant = Instant::now();
+            let open = lock(&self.slots.state).open;
+            if stuck + 1 >= open {
+                slots_needed = instant;
+                if stuck >= open && open < most && self.waiting() > 0 {
+                    self.slots.resize(true, 0);
+                }
+            } else if instant - slots_needed >= RETIRE_AFTER {
+                self.slots.resize(false, (stuck + 1).max(self.threads));
+                slots_needed = instant;
+            }
             // Runners asked to leave that have not yet are not counted: when more are wanted
             // again, they stay instead of new ones being started.
             let leaving = self.retire.load(Ordering::SeqCst);
             let running = self.running().saturating_sub(leaving).max(1);
-            let instant = Instant::now();
             if wanted >= running {
                 last_needed = instant;
                 for _ in running..wanted {
@@ -401,7 +419,11 @@ struct Slots {
 
 #[derive(Debug)]
 struct SlotState {
+    /// Slots `0..open` may be held; those above are closed (`started` has room for all).
+    open: usize,
     free: Vec<usize>,
+    /// For each slot, whether it is held (or granted to a waiter).
+    out: Vec<bool>,
     /// Waiting polls, oldest first (a `Vec`: there are few, and it keeps the binary smaller).
     queue: Vec<(u64, Waker)>,
     /// Slots handed to a waiter that has not polled since.
@@ -410,27 +432,56 @@ struct SlotState {
 }
 
 impl Slots {
-    fn new(count: usize) -> Self {
+    fn new(count: usize, most: usize) -> Self {
         Slots {
             state: Mutex::new(SlotState {
+                open: count,
                 free: (0..count).rev().collect(),
+                out: vec![false; most.max(count)],
                 queue: Vec::new(),
                 granted: Vec::new(),
                 next_id: 0,
             }),
-            started: (0..count).map(|_| AtomicU64::new(0)).collect(),
+            started: (0..most.max(count)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Opens one more slot when `grow`, or else closes those from `open` on: a closed slot
+    /// that is held is taken back when it is released.
+    fn resize(&self, grow: bool, open: usize) {
+        let mut state = lock(&self.state);
+        if !grow {
+            state.open = state.open.min(open);
+            let open = state.open;
+            state.free.retain(|&slot| slot < open);
+            return;
+        }
+        let slot = state.open;
+        state.open += 1;
+        // A slot closed while held is still held: it comes back when it is released.
+        if !state.out[slot] {
+            self.give(state, slot);
         }
     }
 
     /// Gives `slot` to the oldest waiter, or frees it.
     fn release(&self, slot: usize) {
         let mut state = lock(&self.state);
+        state.out[slot] = false;
+        if slot < state.open {
+            self.give(state, slot);
+        }
+    }
+
+    /// Hands the free `slot` to the oldest waiter, or puts it with the free ones.
+    fn give(&self, mut state: MutexGuard<'_, SlotState>, slot: usize) {
         if state.queue.is_empty() {
             state.free.push(slot);
             return;
         }
         let (id, waker) = state.queue.remove(0);
         state.granted.push((id, slot));
+        state.out[slot] = true;
         drop(state);
         waker.wake();
     }
@@ -460,6 +511,7 @@ impl Ticket<'_> {
         }
         if state.queue.is_empty() {
             if let Some(slot) = state.free.pop() {
+                state.out[slot] = true;
                 return Some(slot);
             }
         }
@@ -566,6 +618,53 @@ fn available_cpus() -> usize {
 mod tests {
     use super::*;
     use futures_lite::future;
+
+    #[test]
+    fn opened_slots_go_to_waiters_and_closed_ones_come_back_only_when_released() {
+        let slots = Slots::new(1, 3);
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut first = Ticket {
+            slots: &slots,
+            id: None,
+        };
+        let mut second = Ticket {
+            slots: &slots,
+            id: None,
+        };
+        let mut third = Ticket {
+            slots: &slots,
+            id: None,
+        };
+        let a = first.acquire(&mut cx).expect("a free slot");
+        assert_eq!(second.acquire(&mut cx), None);
+        // One more slot opens: the waiter gets it.
+        slots.resize(true, 0);
+        let b = second.acquire(&mut cx).expect("the opened slot");
+        assert_ne!(a, b);
+        // Closed while held: released, it is not handed out again.
+        slots.resize(false, 1);
+        assert_eq!(third.acquire(&mut cx), None);
+        slots.release(b);
+        assert_eq!(third.acquire(&mut cx), None);
+        // Opened again while nobody holds it: the waiter gets it.
+        slots.resize(true, 0);
+        assert_eq!(third.acquire(&mut cx), Some(b));
+        // Closed and opened again while held: never given to two at once.
+        slots.resize(false, 1);
+        slots.resize(true, 0);
+        let mut fourth = Ticket {
+            slots: &slots,
+            id: None,
+        };
+        assert_eq!(fourth.acquire(&mut cx), None);
+        slots.release(b);
+        assert_eq!(fourth.acquire(&mut cx), Some(b));
+        slots.release(a);
+        slots.release(b);
+        let state = lock(&slots.state);
+        assert_eq!((state.open, state.free.len()), (2, 2));
+    }
 
     #[test]
     fn slots_are_handed_out_in_order_and_passed_on() {

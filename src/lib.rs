@@ -108,9 +108,12 @@
 //!   the last few looks), it starts a runner, up to `threads` in all: dispatch uses every
 //!   core.
 //!   When every thread is inside a dispatch poll that has lasted 10 ms, it starts one more,
-//!   up to `threads + 1`, so that probes, accepting and reading never wait for long
-//!   computations. Runners not needed for 2 s are given back, and the watchdog leaves 2 s
-//!   after the last dispatch: an idle daemon has two threads, the caller's and `async-io`'s.
+//!   so that probes, accepting and reading never wait for long computations. While every
+//!   slot is held by a poll that has lasted 10 ms and a request waits for one, it opens one
+//!   more slot, up to `2 × threads`, so that quick requests do not wait for long
+//!   computations to end either (the kernel shares the cores among those). Runners and
+//!   opened slots not needed for 2 s are given back, and the watchdog leaves 2 s after the
+//!   last dispatch: an idle daemon has two threads, the caller's and `async-io`'s.
 //!
 //! With `threads = 1` there are no slots, runners or watchdog: everything runs on the caller's
 //! thread, and a dispatcher that computes holds up every other connection while it does.

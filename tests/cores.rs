@@ -27,14 +27,17 @@ fn dispatches_that_hold_their_threads_do_not_hold_up_probes_or_short_requests() 
     running.expect("finished a");
     running.expect("dropped a");
 
-    // Both are taken: probes are still answered; a short request waits for a thread.
+    // Both are taken: probes are still answered, and so is a short request: it waits until
+    // both have held their slots for long, then a third slot opens for it.
     let mut second = running.send("block:2");
     running.expect("started 2");
     for _ in 0..3 {
         khived::probe(&running.socket, WAIT).unwrap();
     }
-    let mut waiting = running.send("short:b");
-    running.wait_until_waiting(1);
+    assert_eq!(running.call("short:b").result.as_deref(), Some("short:b"));
+    running.expect("started b");
+    running.expect("finished b");
+    running.expect("dropped b");
     let info = khived::probe(&running.socket, WAIT).unwrap();
     assert_eq!(info.threads, 3, "two computing, one for the rest: {info:?}");
 
@@ -43,8 +46,37 @@ fn dispatches_that_hold_their_threads_do_not_hold_up_probes_or_short_requests() 
         let response = read_response(stream).unwrap();
         assert_eq!(response.result.as_deref(), Some(ops), "{response:?}");
     }
-    let response = read_response(&mut waiting).unwrap();
-    assert_eq!(response.result.as_deref(), Some("short:b"), "{response:?}");
+    running.stop();
+}
+
+#[test]
+fn long_computations_get_at_most_twice_the_threads_slots() {
+    let running = Running::start(|_| {});
+    // Two threads: four computations hold their slots for long (the third and fourth once
+    // the ones before have held theirs for long); a fifth waits.
+    let mut blocked: Vec<_> = (1..=4)
+        .map(|id| {
+            let stream = running.send(&format!("block:{id}"));
+            running.expect(&format!("started {id}"));
+            stream
+        })
+        .collect();
+    let fifth = running.send("block:5");
+    running.wait_until_waiting(1);
+    // Probes need no slot.
+    let info = khived::probe(&running.socket, WAIT).unwrap();
+    assert_eq!(info.waiting, 1, "{info:?}");
+    running.gated.open_blocking_gate();
+    blocked.push(fifth);
+    for (n, stream) in blocked.iter_mut().enumerate() {
+        let response = read_response(stream).unwrap();
+        let ops = format!("block:{}", n + 1);
+        assert_eq!(
+            response.result.as_deref(),
+            Some(ops.as_str()),
+            "{response:?}"
+        );
+    }
     running.stop();
 }
 
@@ -63,22 +95,17 @@ fn hanging_up_cancels_a_request_being_dispatched_or_waiting_for_a_thread() {
     running.expect("started 2");
     let second = running.send("block:3");
     running.expect("started 3");
+    // Both slots are held, so it waits; its turn comes when a third slot opens.
     drop(running.send("short:4"));
-    running.wait_until_waiting(1);
+    running.expect("dropped 4");
     running.gated.open_blocking_gate();
-    let mut got: Vec<String> = (0..5)
+    let mut got: Vec<String> = (0..4)
         .map(|_| running.events.recv_timeout(WAIT).unwrap())
         .collect();
     got.sort();
     assert_eq!(
         got,
-        [
-            "dropped 2",
-            "dropped 3",
-            "dropped 4",
-            "finished 2",
-            "finished 3"
-        ],
+        ["dropped 2", "dropped 3", "finished 2", "finished 3"],
         "the request whose client left never started"
     );
     drop((first, second));
@@ -120,32 +147,25 @@ fn with_cancel_on_disconnect_off_the_work_completes() {
     running.expect("started 2");
     let second = running.send("block:3");
     running.expect("started 3");
+    // It waits (both slots are held); when its turn comes (a third slot opens) the daemon
+    // looks whether its client is still there, and sees that it is not: where a hang-up
+    // cancels (the test above), it would be dropped there without running. Here it runs.
     drop(running.send("short:4"));
-    running.wait_until_waiting(1);
-    // Let go, the first one has to wait for a thread too.
+    running.expect("started 4");
+    running.expect("finished 4");
+    running.expect("dropped 4");
+    // Let go, the first one runs to its end too.
     running.gated.open_async_gate();
-    running.wait_until_waiting(2);
-    // When their turn comes the daemon looks whether their clients are still there, and sees
-    // that they are not: where a hang-up cancels (the test above), both would be dropped
-    // there without running on. Here both run to their end.
+    running.expect("finished 1");
+    running.expect("dropped 1");
     running.gated.open_blocking_gate();
-    let mut got: Vec<String> = (0..9)
+    let mut got: Vec<String> = (0..4)
         .map(|_| running.events.recv_timeout(WAIT).unwrap())
         .collect();
     got.sort();
     assert_eq!(
         got,
-        [
-            "dropped 1",
-            "dropped 2",
-            "dropped 3",
-            "dropped 4",
-            "finished 1",
-            "finished 2",
-            "finished 3",
-            "finished 4",
-            "started 4"
-        ],
+        ["dropped 2", "dropped 3", "finished 2", "finished 3"],
         "the requests whose clients left ran to their end"
     );
     drop((first, second));
