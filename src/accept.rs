@@ -5,6 +5,7 @@
 //! `daemon_busy` (over the cap) or spawned.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,7 +44,7 @@ pub(crate) async fn accept_loop<D: Dispatch>(
     };
     let mut backoff = AcceptBackoff::default();
     loop {
-        let accepted = async { Some(listener.read_with(sys::accept).await) }
+        let accepted = async { Some(when_ready(&listener).await) }
             .or(async {
                 closing.wait().await;
                 None
@@ -66,6 +67,19 @@ pub(crate) async fn accept_loop<D: Dispatch>(
     }
     while let Ok(fd) = sys::accept(listener.get_ref()) {
         gate.admit(UnixStream::from(fd));
+    }
+}
+
+/// Accepts a connection, waiting until the listener is readable. Not `read_with`, which
+/// tries the `accept` again whenever it is polled: the handover socket's accept is polled
+/// with the supervisor's future, each time the executor's tasks wake the daemon's thread,
+/// and a look at readiness that has not changed costs no system call.
+pub(crate) async fn when_ready(listener: &Async<UnixListener>) -> io::Result<OwnedFd> {
+    loop {
+        match sys::accept(listener.get_ref()) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => listener.readable().await?,
+            accepted => return accepted,
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -36,12 +37,18 @@ use crate::wire::{
 /// How many times a read that would block is retried, letting the other connections run in
 /// between, before the socket is registered with the reactor. A client's next request (or
 /// its close) usually arrives within microseconds; waiting for it through epoll costs
-/// `epoll_ctl` calls and a sleep and wake-up of the thread when nothing else is runnable.
+/// `epoll_ctl` calls and a sleep and wake-up of the thread.
+///
+/// Except after a connection's first answer while no other connection runs (none read while
+/// it let them): then the socket is registered at once. Such a client most often closes
+/// next, and it does so in its own time: every look until then is a failed `read`, and
+/// while the thread looks it does not accept the next connection. A client that has sent a
+/// second request is likely to send a third soon, and is given the retries.
 const PATIENCE: u32 = 8;
 
 /// Serves one connection until the client closes it, a deadline passes, or the daemon drains.
 pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
-    let mut conn = Connection::new(stream, Held::new(&shared.frame_memory));
+    let mut conn = Connection::new(stream, Held::new(&shared.frame_memory), &shared.reads);
     let config = &shared.config;
     let mut deadline = after(config.first_request_timeout);
     // A client that has connected but not yet sent its first request is owed an answer, so
@@ -80,9 +87,8 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
             log::debug!("connection write failed: {e}");
             return;
         }
-        shared
-            .served
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared.served.fetch_add(1, Ordering::Relaxed);
+        conn.answered += 1;
         if !keep_open {
             return;
         }
@@ -343,7 +349,7 @@ fn probe_text<D: Dispatch>(shared: &Shared<D>) -> String {
         uptime_ms: shared.started.elapsed().as_millis() as u64,
         // Not counting the connection this probe came on.
         in_flight: shared.in_flight.get().saturating_sub(1) as u64,
-        served: shared.served.load(std::sync::atomic::Ordering::Relaxed),
+        served: shared.served.load(Ordering::Relaxed),
         waiting: shared.execution.waiting() as u64,
         threads: shared.execution.running() as u64,
     };
@@ -415,6 +421,11 @@ struct Connection<'a> {
     out: Vec<u8>,
     /// What `frames` and `out` are charged from the frame memory budget.
     held: Held<'a>,
+    /// The daemon's count of reads tried: whether other connections ran while this one
+    /// let them.
+    reads: &'a AtomicU64,
+    /// Requests answered on this connection.
+    answered: u64,
 }
 
 impl<'a> Connection<'a> {
@@ -424,12 +435,14 @@ impl<'a> Connection<'a> {
         (body, &self.io)
     }
 
-    fn new(stream: UnixStream, held: Held<'a>) -> Self {
+    fn new(stream: UnixStream, held: Held<'a>, reads: &'a AtomicU64) -> Self {
         Connection {
             io: Io::Plain(stream),
             frames: FrameDecoder::new(),
             out: Vec::new(),
             held,
+            reads,
+            answered: 0,
         }
     }
 
@@ -472,6 +485,7 @@ impl<'a> Connection<'a> {
             if charged(frame_capacity) > 0 {
                 self.frames.reserve_frame();
             }
+            self.reads.fetch_add(1, Ordering::Relaxed);
             let read = match self.io.stream() {
                 Ok(stream) => self.frames.read_from(stream),
                 Err(e) => Err(e),
@@ -484,11 +498,16 @@ impl<'a> Connection<'a> {
                     }
                 }
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && patience > 0 => {
-                    patience -= 1;
-                    future::yield_now().await;
-                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if patience > 0 {
+                        patience -= 1;
+                        // Ours was the last read: another one shows that others ran.
+                        let ours = self.reads.load(Ordering::Relaxed);
+                        future::yield_now().await;
+                        if self.answered != 1 || self.reads.load(Ordering::Relaxed) != ours {
+                            continue;
+                        }
+                    }
                     let stop = if buffered == 0 { idle_stop } else { None };
                     match self.wait(true, deadline, stop).await {
                         Ok(Wake::Ready) => {}

@@ -135,8 +135,7 @@ impl Offer {
     pub(crate) async fn successor(&self, listener: BorrowedFd<'_>, pid_file: &File) -> Successor {
         let own_uid = rustix::process::geteuid().as_raw();
         loop {
-            // As the accept loop does, so that the same code serves both.
-            let accepted = self.listener.read_with(crate::sys::accept).await;
+            let accepted = crate::accept::when_ready(&self.listener).await;
             let stream = match accepted.and_then(|fd| Async::new_nonblocking(UnixStream::from(fd)))
             {
                 Ok(stream) => stream,

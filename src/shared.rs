@@ -19,6 +19,9 @@ pub(crate) struct Shared<D> {
     pub(crate) in_flight: Arc<InFlight>,
     /// Requests answered so far.
     pub(crate) served: AtomicU64,
+    /// Reads tried so far, by every connection: whether others ran while one of them let
+    /// them (see `connection::PATIENCE`).
+    pub(crate) reads: AtomicU64,
     pub(crate) started: Instant,
     /// Set once the listener is closed: idle connections close, busy ones finish.
     pub(crate) draining: Flag,
@@ -50,6 +53,7 @@ impl<D> Shared<D> {
             config,
             in_flight: Arc::default(),
             served: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
             started: Instant::now(),
             draining: Flag::default(),
             handed_over: Flag::default(),
