@@ -1,5 +1,6 @@
 //! What a request costs the daemon in system calls, as the kernel counts them: `syscr` in
-//! `/proc/PID/io`, every read-like call of the process, failed ones included.
+//! `/proc/PID/io`, every read-like call of the process, failed ones included (Linux only).
+#![cfg(target_os = "linux")]
 
 mod common;
 
