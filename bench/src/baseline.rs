@@ -6,6 +6,10 @@
 //! listener and serve the connection they get until the client closes it. No async runtime,
 //! no reactor: this is the simplest server that speaks the wire format, and the yardstick
 //! for what a runtime's machinery costs.
+//!
+//! With `--epoll`, one thread serves every connection from an epoll loop instead: the
+//! least an event loop does (no executor, no timers, no peer check), the yardstick for what
+//! serving many connections from one thread costs against a thread for each.
 
 use std::borrow::Cow;
 use std::fs;
@@ -14,6 +18,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::thread;
 
+use rustix::buffer::spare_capacity;
+use rustix::event::epoll;
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{self, FrameReader};
@@ -53,18 +59,7 @@ struct Response<'a> {
 
 /// Serves `socket` with `threads` threads until the process is killed.
 pub fn run(socket: &Path, threads: usize) -> io::Result<()> {
-    // A socket left by an earlier run would make bind fail with "address in use".
-    match fs::remove_file(socket) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            return Err(io::Error::new(
-                e.kind(),
-                format!("cannot remove {}: {e}", socket.display()),
-            ))
-        }
-        _ => {}
-    }
-    let listener = UnixListener::bind(socket)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {}: {e}", socket.display())))?;
+    let listener = bind(socket)?;
     eprintln!(
         "baseline: serving namespace {NAMESPACE:?} on {} with {threads} thread(s) (pid {})",
         socket.display(),
@@ -76,6 +71,126 @@ pub fn run(socket: &Path, threads: usize) -> io::Result<()> {
         }
         accept_loop(&listener)
     })
+}
+
+fn bind(socket: &Path) -> io::Result<UnixListener> {
+    // A socket left by an earlier run would make bind fail with "address in use".
+    match fs::remove_file(socket) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("cannot remove {}: {e}", socket.display()),
+            ))
+        }
+        _ => {}
+    }
+    UnixListener::bind(socket)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {}: {e}", socket.display())))
+}
+
+/// Serves `socket` from one thread's epoll loop until the process is killed: level-triggered,
+/// each ready connection answered for every whole frame it has, then the next.
+pub fn run_epoll(socket: &Path) -> io::Result<()> {
+    const LISTENER: u64 = u64::MAX;
+    let listener = bind(socket)?;
+    listener.set_nonblocking(true)?;
+    let poller = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+    epoll::add(
+        &poller,
+        &listener,
+        epoll::EventData::new_u64(LISTENER),
+        epoll::EventFlags::IN,
+    )?;
+    eprintln!(
+        "baseline: serving namespace {NAMESPACE:?} on {} from one epoll thread (pid {})",
+        socket.display(),
+        std::process::id()
+    );
+    // Connection `i` is registered with key `i`; closed ones leave a slot to reuse.
+    let mut connections: Vec<Option<Connection>> = Vec::new();
+    let mut events = Vec::with_capacity(256);
+    loop {
+        events.clear();
+        epoll::wait(&poller, spare_capacity(&mut events), None)?;
+        for event in &events {
+            let key = event.data.u64();
+            if key == LISTENER {
+                while let Ok((stream, _)) = listener.accept() {
+                    stream.set_nonblocking(true)?;
+                    let free = connections.iter().position(Option::is_none);
+                    let slot = free.unwrap_or(connections.len());
+                    let data = epoll::EventData::new_u64(slot as u64);
+                    epoll::add(&poller, &stream, data, epoll::EventFlags::IN)?;
+                    let connection = Some(Connection {
+                        stream,
+                        reader: FrameReader::default(),
+                        out: Vec::new(),
+                    });
+                    match free {
+                        Some(slot) => connections[slot] = connection,
+                        None => connections.push(connection),
+                    }
+                }
+                continue;
+            }
+            let slot = &mut connections[key as usize];
+            if let Some(connection) = slot {
+                if !connection.serve_ready() {
+                    epoll::delete(&poller, &connection.stream)?;
+                    *slot = None;
+                }
+            }
+        }
+    }
+}
+
+/// A connection of the epoll loop.
+struct Connection {
+    stream: UnixStream,
+    reader: FrameReader,
+    out: Vec<u8>,
+}
+
+impl Connection {
+    /// Answers every whole frame that has arrived; false once the connection must close.
+    fn serve_ready(&mut self) -> bool {
+        loop {
+            self.out.clear();
+            let keep_open = match self.reader.next(&mut self.stream) {
+                Ok(Some(body)) => answer(body, &mut self.out),
+                Ok(None) => return false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => match e.kind() {
+                    io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => {
+                        encode(&mut self.out, &failure(format!("bad request: {e}")));
+                        false
+                    }
+                    _ => return false,
+                },
+            };
+            if !self.write_out() || !keep_open {
+                return false;
+            }
+        }
+    }
+
+    /// Writes the answer; a socket whose buffer is full is written blocking (a small echo's
+    /// answer never fills it).
+    fn write_out(&mut self) -> bool {
+        match self.stream.write(&self.out) {
+            Ok(n) if n == self.out.len() => true,
+            Ok(n) => self.write_blocking(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write_blocking(0),
+            Err(_) => false,
+        }
+    }
+
+    fn write_blocking(&mut self, written: usize) -> bool {
+        let stream = &mut self.stream;
+        stream.set_nonblocking(false).is_ok()
+            && stream.write_all(&self.out[written..]).is_ok()
+            && stream.set_nonblocking(true).is_ok()
+    }
 }
 
 fn accept_loop(listener: &UnixListener) -> io::Result<()> {

@@ -21,7 +21,7 @@ khived-bench: load generator and baseline server for khived's wire format
 
 USAGE:
     khived-bench load --socket PATH [OPTIONS]
-    khived-bench baseline --socket PATH [--threads N]
+    khived-bench baseline --socket PATH [--threads N | --epoll]
     khived-bench burst --socket PATH --pid PID [OPTIONS]
     khived-bench restart --khived PATH [OPTIONS]
 
@@ -51,6 +51,8 @@ sends. A request whose ops starts with \"spin:N:\" first burns N µs of the serv
 CPU time. Removes a leftover socket file before binding; runs until killed.
     --socket PATH        where to listen
     --threads N          pool size, the calling thread included [default: 2]
+    --epoll              instead, one thread serving every connection from an epoll loop
+                         (level-triggered, nonblocking sockets; work requests compute on it)
 
 burst: large-frame burst against an echo server. Each client connects, writes all its
 requests at once and reads nothing for --hold seconds, then reads and checks every answer
@@ -111,8 +113,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "burst" => burst::run(&burst_options(parser)?)?,
         "restart" => restart::run(&restart_options(parser)?)?,
         "baseline" => {
-            let (socket, threads) = baseline_options(parser)?;
-            baseline::run(&socket, threads)?;
+            let (socket, threads, epoll) = baseline_options(parser)?;
+            match epoll {
+                true => baseline::run_epoll(&socket)?,
+                false => baseline::run(&socket, threads)?,
+            }
         }
         other => return Err(format!("unknown command {other:?}; try --help").into()),
     }
@@ -230,13 +235,15 @@ fn restart_options(mut parser: lexopt::Parser) -> Result<restart::Options, lexop
     Ok(options)
 }
 
-fn baseline_options(mut parser: lexopt::Parser) -> Result<(PathBuf, usize), lexopt::Error> {
+fn baseline_options(mut parser: lexopt::Parser) -> Result<(PathBuf, usize, bool), lexopt::Error> {
     let mut socket = None;
     let mut threads = 2;
+    let mut epoll = false;
     while let Some(arg) = parser.next()? {
         match arg {
             Long("socket") => socket = Some(PathBuf::from(parser.value()?)),
             Long("threads") => threads = parser.value()?.parse()?,
+            Long("epoll") => epoll = true,
             Long("help") | Short('h') => help_and_exit(),
             _ => return Err(arg.unexpected()),
         }
@@ -244,7 +251,7 @@ fn baseline_options(mut parser: lexopt::Parser) -> Result<(PathBuf, usize), lexo
     if threads == 0 {
         return Err("--threads must be at least 1".into());
     }
-    Ok((socket.ok_or("--socket PATH is required")?, threads))
+    Ok((socket.ok_or("--socket PATH is required")?, threads, epoll))
 }
 
 fn seconds(secs: f64) -> Result<Duration, lexopt::Error> {
