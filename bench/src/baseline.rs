@@ -269,3 +269,63 @@ fn encode(out: &mut Vec<u8>, response: &Response<'_>) {
         let _ = frame::encode_into(out, &failure(format!("response too large: {e}")));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exchange(stream: &mut UnixStream, body: &[u8]) -> io::Result<serde_json::Value> {
+        let mut wire = (body.len() as u32).to_be_bytes().to_vec();
+        wire.extend_from_slice(body);
+        stream.write_all(&wire)?;
+        let mut reader = FrameReader::default();
+        let answer = reader.next(stream)?.expect("an answer");
+        Ok(serde_json::from_slice(answer)?)
+    }
+
+    /// The epoll loop answers clients whose requests interleave, a pipelined pair in
+    /// order, and a frame that is no request with an error and a close.
+    #[test]
+    fn the_epoll_loop_answers_every_client_in_turn() -> io::Result<()> {
+        let dir = std::env::temp_dir().join(format!("khived-bench-epoll-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let socket = dir.join("s.sock");
+        let serving = socket.clone();
+        thread::spawn(move || run_epoll(&serving));
+        let connect = || loop {
+            match UnixStream::connect(&socket) {
+                Ok(stream) => return stream,
+                Err(_) => thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        };
+        let request = |ops: &str| format!(r#"{{"ops":"{ops}","namespace":"echo","config_id":""}}"#);
+        let (mut a, mut b) = (connect(), connect());
+        for round in 0..3 {
+            for (stream, name) in [(&mut a, "a"), (&mut b, "b")] {
+                let ops = format!("{name}{round}");
+                let answer = exchange(stream, request(&ops).as_bytes())?;
+                assert_eq!(answer["ok"], true, "{answer}");
+                assert_eq!(answer["result"], ops.as_str());
+            }
+        }
+        let mut two = Vec::new();
+        for ops in ["x", "y"] {
+            let body = request(ops);
+            two.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            two.extend_from_slice(body.as_bytes());
+        }
+        a.write_all(&two)?;
+        let mut reader = FrameReader::default();
+        for ops in ["x", "y"] {
+            let answer: serde_json::Value = serde_json::from_slice(reader.next(&mut a)?.unwrap())?;
+            assert_eq!(answer["result"], ops);
+        }
+        let answer = exchange(&mut b, b"not json")?;
+        assert_eq!(answer["ok"], false, "{answer}");
+        assert!(
+            FrameReader::default().next(&mut b)?.is_none(),
+            "closed after the error"
+        );
+        fs::remove_dir_all(&dir)
+    }
+}
