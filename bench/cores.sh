@@ -49,18 +49,7 @@ if [ -n "$TOKIO" ]; then
     tokio_bin=$target/tokio-ref/release/khived-tokio-ref
 fi
 
-# The earlier commit's echo, built from a clean export of it (nothing in this checkout
-# changes), in a target directory of its own that later runs reuse.
-prev_bin=""
-if [ "$PREV" != none ]; then
-    prev_rev=$(git rev-parse --short "$PREV")
-    echo "== building examples/echo of $PREV ($prev_rev)"
-    mkdir -p "$work/prev"
-    git archive "$prev_rev" | tar -x -C "$work/prev"
-    CARGO_TARGET_DIR=$target/prev-echo cargo build -q --release --locked \
-        --manifest-path "$work/prev/Cargo.toml" -p khived --example echo
-    prev_bin=$target/prev-echo/release/examples/echo
-fi
+build_prev_echo
 
 describe_machine
 echo "== khived $commit; $ROUNDS rounds x ${DURATION}s, $CONCURRENCY clients, work ${WORK_US} us, slow ${SLOW_US} us"
@@ -92,15 +81,7 @@ start_server() {
     tokio) KHIVE_SOCKET=$socket "$tokio_bin" 2>"$dir/log" & ;;
     esac
     server_pid=$!
-    for _ in $(seq 200); do
-        [ -S "$socket" ] && break
-        sleep 0.05
-    done
-    if ! "$bench" load --socket "$socket" --requests 1 --concurrency 1 --timeout 10 >/dev/null; then
-        echo "$1 did not answer on $socket; its log:" >&2
-        cat "$dir/log" >&2
-        exit 1
-    fi
+    await_server "$1"
 }
 
 

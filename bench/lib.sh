@@ -29,6 +29,34 @@ describe_machine() {
     echo "== machine: $(nproc) cores, ${cpu:-unknown CPU}, kernel $(uname -r); $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 }
 
+# The examples/echo of revision $PREV, built from a clean export of it (nothing in this
+# checkout changes), in a target directory of its own that later runs reuse: sets prev_rev
+# and prev_bin, or leaves prev_bin empty when PREV is "none".
+build_prev_echo() {
+    prev_bin=""
+    [ "$PREV" != none ] || return 0
+    prev_rev=$(git rev-parse --short "$PREV")
+    echo "== building examples/echo of $PREV ($prev_rev)"
+    mkdir -p "$work/prev"
+    git archive "$prev_rev" | tar -x -C "$work/prev"
+    CARGO_TARGET_DIR=$target/prev-echo cargo build -q --release --locked \
+        --manifest-path "$work/prev/Cargo.toml" -p khived --example echo
+    prev_bin=$target/prev-echo/release/examples/echo
+}
+
+# Waits until server $1 answers on $socket (its log in $dir/log); exits if it never does.
+await_server() {
+    for _ in $(seq 200); do
+        [ -S "$socket" ] && break
+        sleep 0.05
+    done
+    if ! "$bench" load --socket "$socket" --requests 1 --concurrency 1 --timeout 10 >/dev/null; then
+        echo "$1 did not answer on $socket; its log:" >&2
+        cat "$dir/log" >&2
+        exit 1
+    fi
+}
+
 json_field() {
     sed -n "s/.*\"$1\":\([-0-9.e+]*\).*/\1/p" <<<"$2"
 }

@@ -185,15 +185,7 @@ start_server() {
         ;;
     esac
     server_pid=$!
-    for _ in $(seq 200); do
-        [ -S "$socket" ] && break
-        sleep 0.05
-    done
-    if ! "$bench" load --socket "$socket" --requests 1 --concurrency 1 --timeout 10 >/dev/null; then
-        echo "$1 did not answer on $socket; its log:" >&2
-        cat "$dir/log" >&2
-        exit 1
-    fi
+    await_server "$1"
 }
 
 

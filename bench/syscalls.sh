@@ -33,18 +33,9 @@ echo "== building (release)"
 cargo build --release -p khived --example echo
 cargo build --release -p khived-bench
 bench=$target/release/khived-bench
+build_prev_echo
 servers="echo baseline"
-prev_bin=""
-if [ "$PREV" != none ]; then
-    prev_rev=$(git rev-parse --short "$PREV")
-    echo "== building examples/echo of $PREV ($prev_rev)"
-    mkdir -p "$work/prev"
-    git archive "$prev_rev" | tar -x -C "$work/prev"
-    CARGO_TARGET_DIR=$target/prev-echo cargo build -q --release --locked \
-        --manifest-path "$work/prev/Cargo.toml" -p khived --example echo
-    prev_bin=$target/prev-echo/release/examples/echo
-    servers="echo prev baseline"
-fi
+if [ -n "$prev_bin" ]; then servers="echo prev baseline"; fi
 describe_machine
 echo "== khived $commit; $ROUNDS rounds x $REQUESTS requests; $(busy)"
 
@@ -68,10 +59,7 @@ count() {
         ;;
     esac
     server_pid=$!
-    for _ in $(seq 200); do
-        [ -S "$socket" ] && break
-        sleep 0.05
-    done
+    await_server "$1"
     "$bench" load --socket "$socket" --requests 100 --concurrency 1 --timeout 10 >/dev/null
     perf stat -x, -e "$events" -p "$server_pid" -o "$dir/stat" &
     perf_pid=$!
