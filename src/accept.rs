@@ -7,7 +7,7 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use async_executor::Executor;
@@ -28,10 +28,13 @@ const FD_RESERVE: u64 = 32;
 /// Accepts connections and spawns a task for each, until `closing` is set. Runs as a task of
 /// its own, not inside the supervisor's future, which is polled again whenever the executor's
 /// loop is woken.
+///
+/// The executor is held weakly: this task lives in it, and a strong hold would keep it, its
+/// tasks and their connections alive for ever after a daemon's future is dropped unfinished.
 pub(crate) async fn accept_loop<D: Dispatch>(
     listener: Async<UnixListener>,
     shared: Arc<Shared<D>>,
-    executor: Arc<Executor<'static>>,
+    executor: Weak<Executor<'static>>,
     max_connections: usize,
     closing: Arc<Flag>,
 ) {
@@ -86,7 +89,7 @@ pub(crate) async fn when_ready(listener: &Async<UnixListener>) -> io::Result<Own
 /// What a connection passes before it is served: the peer check and the connection cap.
 struct Gate<D> {
     shared: Arc<Shared<D>>,
-    executor: Arc<Executor<'static>>,
+    executor: Weak<Executor<'static>>,
     max_connections: usize,
     own_uid: u32,
     refusals: Throttled,
@@ -116,10 +119,13 @@ impl<D: Dispatch> Gate<D> {
             refuse_busy(shared, &stream, self.max_connections);
             return;
         }
+        let Some(executor) = self.executor.upgrade() else {
+            return;
+        };
         // Counted before the task exists, so a shutdown that starts now waits for it.
         let guard = shared.in_flight.enter();
         let shared = Arc::clone(shared);
-        execution::spawn_task(&self.executor, async move {
+        execution::spawn_task(&executor, async move {
             connection::serve(&shared, stream).await;
             drop(guard);
         })

@@ -330,12 +330,18 @@ impl Execution {
             .is_ok()
     }
 
+    /// Tells the watchdog and the runners to leave, without waiting for them: how `close`
+    /// starts, and all a daemon whose future is dropped before it ends can do.
+    pub(crate) fn leave(&self) {
+        self.closed.set();
+        self.retire_event.notify(usize::MAX);
+    }
+
     /// Stops the watchdog and the runners and waits for their threads to end. A runner still
     /// inside a poll (a computation that outlived the drain) gets [`CLOSE_GRACE`], then is
     /// left to finish on its own.
     pub(crate) async fn close(&self) {
-        self.closed.set();
-        self.retire_event.notify(usize::MAX);
+        self.leave();
         let watchdog = lock(&self.watchdog).take();
         if let Some(watchdog) = watchdog {
             watchdog.thread().unpark();
@@ -361,6 +367,15 @@ impl Execution {
                 self.runners.get()
             );
         }
+    }
+}
+
+/// Calls [`Execution::leave`] when dropped.
+pub(crate) struct LeaveOnDrop<'a>(pub(crate) &'a Execution);
+
+impl Drop for LeaveOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 

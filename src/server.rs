@@ -204,6 +204,11 @@ impl<D: Dispatch> Daemon<D> {
     /// should exit with [`Stopped::exit_code`] (128 + the signal's number after a forced
     /// stop), as shells and service managers expect.
     ///
+    /// Dropping this future before it ends stops the daemon at once, as a forced stop does
+    /// but without waiting: its connections are closed unanswered, its files are removed, and
+    /// [`Dispatch::shut_down`] is not called (the dispatcher is dropped once the runner
+    /// threads, which leave at once, have finished the poll they are in).
+    ///
     /// Starting blocks the polling thread briefly: taking the PID file's lock retries for up
     /// to 100 ms, and a socket left in place is probed for up to 1 s before it is replaced.
     /// Under a service manager, starting removes `LISTEN_PID`, `LISTEN_FDS`,
@@ -271,6 +276,9 @@ impl<D: Dispatch> Daemon<D> {
         let shared = Arc::new(shared);
         let executor = Arc::new(Executor::new());
         shared.execution.attach(&executor);
+        // If this future is dropped before it ends, the runner threads leave (they hold the
+        // executor), so that the executor and the connections it holds are dropped too.
+        let _leave = execution::LeaveOnDrop(&shared.execution);
         let supervise = supervise(
             &executor,
             &shared,
@@ -380,7 +388,7 @@ async fn supervise<D: Dispatch>(
         accept_loop(
             Async::new_nonblocking(listening.listener)?,
             Arc::clone(shared),
-            Arc::clone(executor),
+            Arc::downgrade(executor),
             listening.max_connections,
             Arc::clone(&closing),
         ),

@@ -408,3 +408,56 @@ fn run_says_when_the_drain_timed_out() {
     assert_eq!(stopped, khived::Stopped::DrainTimedOut);
     assert_eq!(stopped.exit_code(), 0);
 }
+
+/// An embedder may drop the daemon's future before it ends (a `select`, a cancelled task):
+/// its connections are closed then, not left open and unanswered, and its files removed.
+/// (The accept loop, a task of the daemon's executor, used to hold that executor: dropping
+/// the future kept both alive for ever, with every connection in them.)
+#[test]
+fn dropping_the_daemon_future_closes_its_connections_and_removes_its_files() {
+    let dir = common::temp_dir();
+    let socket = dir.path().join("run").join("khived.sock");
+    let mut config = khived::Config::at(&socket);
+    config.handle_signals = false;
+    let pid_file = config.pid_file.clone();
+    let dispatch = common::TestDispatch::default();
+    let (at_gate, _) = gate_of(&dispatch);
+    let daemon = khived::Daemon::new(config, dispatch);
+    let (drop_it, dropped) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let told = async {
+            while dropped.try_recv().is_err() {
+                async_io::Timer::after(Duration::from_millis(5)).await;
+            }
+            Ok(khived::Stopped::Drained)
+        };
+        // Whichever ends first: being told drops the daemon's future unfinished.
+        async_io::block_on(futures_lite::future::FutureExt::or(daemon.run(), told))
+    });
+    common::wait_until_serving(&socket);
+
+    let connect = || {
+        let stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream
+    };
+    let mut idle = connect();
+    let mut busy = connect();
+    let body = serde_json::to_vec(&request("gate")).unwrap();
+    busy.write_all(&frame(&body)).unwrap();
+    while at_gate.load(Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    drop_it.send(()).unwrap();
+    thread.join().unwrap().unwrap();
+    assert!(is_closed(&mut idle), "the idle connection is still open");
+    assert!(
+        is_closed(&mut busy),
+        "the connection being served is still open"
+    );
+    assert!(!socket.exists(), "the socket is left behind");
+    assert!(!pid_file.exists(), "the PID file is left behind");
+}
