@@ -3,6 +3,8 @@
 
 mod baseline;
 mod burst;
+#[cfg(target_os = "linux")]
+mod epoll;
 mod frame;
 mod load;
 mod restart;
@@ -51,7 +53,7 @@ sends. A request whose ops starts with \"spin:N:\" first burns N µs of the serv
 CPU time. Removes a leftover socket file before binding; runs until killed.
     --socket PATH        where to listen
     --threads N          pool size, the calling thread included [default: 2]
-    --epoll              instead, one thread serving every connection from an epoll loop
+    --epoll              (Linux) instead, one thread serving every connection from an epoll loop
                          (level-triggered, nonblocking sockets; work requests compute on it)
 
 burst: large-frame burst against an echo server. Each client connects, writes all its
@@ -115,7 +117,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "baseline" => {
             let (socket, threads, epoll) = baseline_options(parser)?;
             match epoll {
-                true => baseline::run_epoll(&socket)?,
+                #[cfg(target_os = "linux")]
+                true => epoll::run(&socket)?,
+                #[cfg(not(target_os = "linux"))]
+                true => return Err("--epoll is Linux only".into()),
                 false => baseline::run(&socket, threads)?,
             }
         }
