@@ -239,10 +239,13 @@ impl Execution {
                 .max((stuck + 1).min(most + 1));
             // One slot more than are stuck in long polls, when a dispatch waits for one.
             let instant = Instant::now();
-            let open = lock(&self.slots.state).open;
+            let (open, waiting) = {
+                let state = lock(&self.slots.state);
+                (state.open, state.queue.len())
+            };
             if stuck + 1 >= open {
                 slots_needed = instant;
-                if stuck >= open && open < most && self.waiting() > 0 {
+                if stuck >= open && open < most && waiting > 0 {
                     self.slots.resize(true, 0);
                 }
             } else if instant - slots_needed >= RETIRE_AFTER {
