@@ -265,9 +265,7 @@ impl Execution {
                 }
             } else if instant - last_needed >= RETIRE_AFTER {
                 last_needed = instant;
-                let surplus = running - wanted;
-                self.retire.fetch_add(surplus, Ordering::SeqCst);
-                self.retire_event.notify(surplus);
+                self.ask_to_retire(running - wanted);
             }
             let polls = self.polls.load(Ordering::Relaxed);
             if polls != last_polls || computing > 0 {
@@ -325,6 +323,17 @@ impl Execution {
             }
             listener.await;
         }
+    }
+
+    /// Asks `surplus` more runners to leave. Every waiting runner is woken, and those that
+    /// find no retirement left wait again: `notify(surplus)` would count a runner asked
+    /// before and still busy in a poll as one of the `surplus`, so a second request while it
+    /// is busy would wake nobody, and a runner would stay idle, with the watchdog ticking
+    /// for it, until the daemon stops. There are at most twice `threads` runners, and this
+    /// happens at most once in `RETIRE_AFTER`.
+    fn ask_to_retire(&self, surplus: usize) {
+        self.retire.fetch_add(surplus, Ordering::SeqCst);
+        self.retire_event.notify(usize::MAX);
     }
 
     fn take_retirement(&self) -> bool {
@@ -682,6 +691,30 @@ mod tests {
         slots.release(b);
         let state = lock(&slots.state);
         assert_eq!((state.open, state.free.len()), (2, 2));
+    }
+
+    /// A runner asked to leave while it is busy in a poll does not use up the next request:
+    /// asked again, an idle runner leaves.
+    #[test]
+    fn a_runner_busy_when_asked_to_leave_does_not_keep_an_idle_one() {
+        let execution = Execution::new(2);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut busy = pin!(execution.retired());
+        let mut idle = pin!(execution.retired());
+        assert!(busy.as_mut().poll(&mut cx).is_pending());
+        assert!(idle.as_mut().poll(&mut cx).is_pending());
+        // Asked first (the oldest listener), the busy runner is not polled: it is computing.
+        execution.ask_to_retire(1);
+        execution.ask_to_retire(1);
+        assert!(
+            idle.as_mut().poll(&mut cx).is_ready(),
+            "the idle runner was asked to leave too"
+        );
+        assert!(
+            busy.as_mut().poll(&mut cx).is_ready(),
+            "and the busy one, when it looks"
+        );
+        assert_eq!(execution.retire.load(Ordering::SeqCst), 0);
     }
 
     #[test]
