@@ -72,7 +72,7 @@ pub struct Config {
     /// [`ShutdownHandle`](crate::ShutdownHandle).
     pub handle_signals: bool,
     /// Whether a successor may take this daemon over (default true): the daemon listens on a
-    /// handover socket beside its PID file (the PID file's path with the extension
+    /// handover socket beside its listening socket (the socket's path with the extension
     /// `handover`), where a daemon started with [`replace`](Self::replace) for the same
     /// socket and PID file, run by the same user, is given the listening socket and the PID
     /// file. This daemon then stops accepting, finishes what it holds and exits without

@@ -1,6 +1,6 @@
 //! Handing a running daemon over to its successor without a gap: the successor is given the
-//! listening socket and the PID file (its lock with it) over a private socket beside the PID
-//! file, so no client ever finds the socket missing or refused. The steps and what each side
+//! listening socket and the PID file (its lock with it) over a private socket beside the
+//! listening socket, so no client ever finds the socket missing or refused. The steps and what each side
 //! checks are in PROTOCOL.md ("Handover").
 //!
 //! The running daemon keeps serving until its successor says it is ready; a successor that
@@ -44,9 +44,13 @@ pub(crate) fn out_of_line<'a, T>(
     Box::pin(future)
 }
 
-/// The handover socket of the daemon whose PID file is `pid_file`.
-pub(crate) fn path(pid_file: &Path) -> PathBuf {
-    beside(pid_file, "handover")
+/// The handover socket of the daemon serving `socket`. Beside the socket rather than the
+/// PID file: a successor then reaches only the daemon that serves its own socket path, and
+/// so is given a listener bound to it. (Beside the PID file, one started with the same PID
+/// file and another socket path would take over a listener bound elsewhere, serve the old
+/// path while naming the new one, and remove files that were not its own when it stops.)
+pub(crate) fn path(socket: &Path) -> PathBuf {
+    beside(socket, "handover")
 }
 
 /// One message of the handover is a frame like the daemon's (a 4-byte big-endian length,
@@ -111,10 +115,10 @@ pub(crate) struct Successor {
 }
 
 impl Offer {
-    /// Binds the handover socket beside `config.pid_file`. Called with the PID file's lock
-    /// held: whatever is at the path is a leftover of an earlier daemon.
+    /// Binds the handover socket beside `config.socket`. Called with the PID file's lock
+    /// held and the socket bound: whatever is at the path is a leftover of an earlier daemon.
     pub(crate) fn bind(config: &Config) -> io::Result<Offer> {
-        let path = path(&config.pid_file);
+        let path = path(&config.socket);
         match fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 return Err(annotate(e, "cannot remove the old handover socket", &path))
@@ -263,7 +267,7 @@ pub(crate) struct Handshake {
 /// The running daemon is not this user's, refuses, does not answer in time, or sends
 /// something else than the two descriptors.
 pub(crate) fn take_over(config: &Config) -> io::Result<Option<(UnixListener, File, Handshake)>> {
-    let path = path(&config.pid_file);
+    let path = path(&config.socket);
     crate::trust::check_dirs_of(&path)?;
     let fd = crate::sys::unix_socket(false)?;
     let addr = SocketAddrUnix::new(&path)?;

@@ -75,8 +75,8 @@
 //!
 //! A new build or configuration replaces the running daemon without a failed request: a
 //! daemon with [`Config::replace`] (or started by [`Spawn::replace`]) is handed the running
-//! one's listening socket and PID file, lock included, over a handover socket beside the PID
-//! file (same user only). The running daemon serves until its successor is ready, then stops
+//! one's listening socket and PID file, lock included, over a handover socket beside the
+//! listening socket (same user only). The running daemon serves until its successor is ready, then stops
 //! accepting, drains and exits; a successor that fails before that changes nothing
 //! (PROTOCOL.md, "Handover").
 //!

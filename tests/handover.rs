@@ -217,6 +217,68 @@ fn a_replacement_that_fails_leaves_the_running_daemon_serving() {
     assert_eq!(place.pid_of_answer("echo"), new);
 }
 
+/// A replacement for another socket path with the same PID file is no handover: the
+/// handover socket sits beside the socket it serves, so the new daemon finds none beside its
+/// own. Asked to replace (`KHIVE_REPLACE=1`), it is refused by the PID file's lock, naming
+/// the running daemon, which serves on; `restart` stops the running daemon, which removes
+/// its files, and starts the new one.
+#[test]
+fn a_replacement_for_another_socket_path_is_no_handover() {
+    let place = Place::new();
+    let pid = place.started("start", &["--namespace", "echo"]);
+    let elsewhere = place.dir.path().join("other.sock");
+    let command = |subcommand: &str| {
+        let mut command = Command::new(KHIVED);
+        command
+            .arg(subcommand)
+            .arg("--socket")
+            .arg(&elsewhere)
+            .arg("--pid")
+            .arg(&place.pid_file)
+            .args(["--namespace", "echo"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    };
+    let mut replacing = command("serve").env("KHIVE_REPLACE", "1").spawn().unwrap();
+    // Served the other daemon's listener instead, it would not exit: it is stopped then.
+    let mut exited = None;
+    for _ in 0..2000 {
+        exited = replacing.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    if exited.is_none() {
+        let _ = replacing.kill();
+    }
+    let out = replacing.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(
+        exited.is_some(),
+        "it took over another socket's daemon: {stderr}"
+    );
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("already running as pid {pid}")),
+        "{stderr}"
+    );
+    assert!(!elsewhere.exists(), "nothing was bound at {elsewhere:?}");
+    assert_eq!(place.pid_of_answer("echo"), pid);
+
+    let out = command("restart").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let new: u32 = text(&out.stdout).trim().parse().unwrap();
+    assert_ne!(new, pid);
+    wait_until("the old daemon to exit", || process_exited(pid));
+    assert!(!place.socket.exists(), "the old daemon removed its socket");
+    let info = khived::probe(&elsewhere, Duration::from_secs(10)).unwrap();
+    assert_eq!(info.pid, new);
+    assert_eq!(khived::running_pid(&place.pid_file).unwrap(), Some(new));
+}
+
 /// Speaks the successor's side of the handover (PROTOCOL.md) up to the descriptors, then
 /// hangs up instead of saying it is ready, as a successor that crashes would.
 fn crashing_successor(handover: &Path) {

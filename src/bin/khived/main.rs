@@ -353,7 +353,7 @@ fn started(spawn: khived::Spawn, start: &Start, failed: &str) -> u8 {
 fn run_restart(mut start: Start) -> u8 {
     let common = &start.serve.common;
     // A daemon that offers a handover is replaced without a gap.
-    let offered = khived::beside(&common.pid_file, "handover");
+    let offered = khived::beside(&common.socket, "handover");
     if std::fs::symlink_metadata(&offered).is_ok()
         && khived::probe(&common.socket, Duration::from_secs(2)).is_ok()
     {
