@@ -210,6 +210,12 @@ async fn give(
         .await
         .map_err(|e| io::Error::new(e.kind(), format!("pid {asked} did not become ready: {e}")))?;
     parse(&ready, "ready")?;
+    // Gone already (it gave up waiting for `stopped` while this thread was held in a long
+    // poll): stopping now would leave nobody accepting. Logged as "handover failed, still
+    // serving: connection aborted" (a kind, not a message: the binary's size budget).
+    if crate::cancel::peer_gone(stream.get_ref()) {
+        return Err(io::ErrorKind::ConnectionAborted.into());
+    }
     Ok(Successor { stream, pid: asked })
 }
 

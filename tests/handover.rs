@@ -282,11 +282,16 @@ fn a_replacement_for_another_socket_path_is_no_handover() {
 /// Speaks the successor's side of the handover (PROTOCOL.md) up to the descriptors, then
 /// hangs up instead of saying it is ready, as a successor that crashes would.
 fn crashing_successor(handover: &Path) {
+    let stream = taken(handover);
+    drop(stream);
+    next_attempt_closed(handover);
+}
+
+/// Connects to the handover socket and speaks the successor's side up to the descriptors:
+/// `take`, then `given` with the listener and the PID file (dropped here).
+fn taken(handover: &Path) -> UnixStream {
     let mut stream = UnixStream::connect(handover).unwrap();
-    let body = format!("{{\"step\":\"take\",\"pid\":{}}}", std::process::id());
-    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(body.as_bytes());
-    stream.write_all(&frame).unwrap();
+    stream.write_all(&step("take")).unwrap();
     let mut buf = [0; 4096];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
@@ -306,17 +311,115 @@ fn crashing_successor(handover: &Path) {
         .sum();
     assert_eq!(fds, 2, "the listener and the PID file");
     assert!(text(&buf[4..got.bytes]).contains("\"given\""));
-    drop(stream);
-    // The daemon has seen the hang-up once a new connection to the handover socket is
-    // accepted and answered: it serves one successor at a time.
-    let mut next = UnixStream::connect(handover).unwrap();
+    stream
+}
+
+/// One handover message of this process.
+fn step(name: &str) -> Vec<u8> {
+    let body = format!("{{\"step\":\"{name}\",\"pid\":{}}}", std::process::id());
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body.as_bytes());
+    frame
+}
+
+/// Until the daemon has seen the end of an attempt: a new connection to the handover socket
+/// is accepted and answered only then (it serves one successor at a time).
+fn next_attempt_closed(handover: &Path) {
+    let mut next = UnixStream::connect(handover).expect("the handover socket, still offered");
     next.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let bad = b"\x00\x00\x00\x02{}";
-    next.write_all(bad).unwrap();
+    next.write_all(b"\x00\x00\x00\x02{}").unwrap();
     let mut rest = Vec::new();
     // A message that is not `take` ends that attempt too: the connection is closed.
     let _ = next.read_to_end(&mut rest);
+}
+
+/// Answers `hold` by keeping its thread until `release` is set, without yielding: a long
+/// computation in one poll, on the thread that also runs the daemon's supervisor.
+struct Holding {
+    held: Arc<AtomicBool>,
+    release: Arc<AtomicBool>,
+}
+
+impl khived::Dispatch for Holding {
+    async fn dispatch(&self, request: &Request<'_>) -> Result<String, khived::DispatchError> {
+        if request.ops == "hold" {
+            self.held.store(true, Ordering::SeqCst);
+            while !self.release.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(request.ops.to_string())
+    }
+
+    fn namespace(&self) -> &str {
+        "echo"
+    }
+
+    fn config_id(&self) -> &str {
+        ""
+    }
+}
+
+/// A successor that said `ready` and left before the running daemon read it (the daemon's
+/// thread was held in a long poll past the successor's deadline) is no handover: the
+/// daemon serves on, with its files, instead of stopping for nobody.
+#[test]
+fn a_successor_gone_before_its_ready_is_read_changes_nothing() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let mut config = khived::Config::at(&socket);
+    config.handle_signals = false;
+    config.threads = 1;
+    let (held, release) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let holding = Holding {
+        held: Arc::clone(&held),
+        release: Arc::clone(&release),
+    };
+    let daemon = khived::Daemon::new(config, holding);
+    let stop = daemon.shutdown_handle();
+    let running = thread::spawn(move || daemon.run_blocking());
+    common::wait_until_serving(&socket);
+    let handover = dir.path().join("k.handover");
+
+    let mut successor = taken(&handover);
+    let holder = {
+        let socket = socket.clone();
+        thread::spawn(move || {
+            let mut client = Client::connect(&socket, Duration::from_secs(30)).unwrap();
+            client.request(&Request::new("hold", "echo", "")).unwrap()
+        })
+    };
+    wait_until("the daemon's thread to be held", || {
+        held.load(Ordering::SeqCst)
+    });
+    // Ready, and gone, while the daemon cannot read it.
+    successor.write_all(&step("ready")).unwrap();
+    drop(successor);
+    release.store(true, Ordering::SeqCst);
+    assert!(holder.join().unwrap().ok);
+
+    next_attempt_closed(&handover);
+    let mut client = Client::connect(&socket, Duration::from_secs(10)).unwrap();
+    let answer = client.request(&Request::new("x", "echo", "")).unwrap();
+    assert!(answer.ok, "{:?}", answer.error);
+    assert!(
+        !running.is_finished(),
+        "the daemon stopped for a successor that was gone"
+    );
+    assert!(socket.exists() && handover.exists());
+    stop.shutdown();
+    assert!(matches!(
+        running.join().unwrap(),
+        Ok(khived::Stopped::Drained)
+    ));
+    assert!(
+        !socket.exists(),
+        "a daemon that was not replaced removes its files"
+    );
 }
 
 #[test]
