@@ -152,8 +152,12 @@ impl Execution {
                     self.slots.release(slot);
                     return Poll::Ready(None);
                 }
-                self.polls.fetch_add(1, Ordering::Relaxed);
-                if !self.watching.load(Ordering::Relaxed) {
+                // SeqCst, as the watchdog's leaving store of `watching` and load of `polls`:
+                // with weaker orders both sides could miss the other's write (a weakly
+                // ordered CPU such as AArch64 allows it), and a long poll would run with no
+                // watchdog. On x86 these are the same instructions.
+                self.polls.fetch_add(1, Ordering::SeqCst);
+                if !self.watching.load(Ordering::SeqCst) {
                     self.watch();
                 }
                 Some(Held::new(&self.slots, slot, self.now()))
