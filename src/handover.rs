@@ -1,7 +1,7 @@
 //! Handing a running daemon over to its successor without a gap: the successor is given the
 //! listening socket and the PID file (its lock with it) over a private socket beside the
-//! listening socket, so no client ever finds the socket missing or refused. The steps and what each side
-//! checks are in PROTOCOL.md ("Handover").
+//! listening socket, so no client ever finds the socket missing or refused. The steps and
+//! what each side checks are in PROTOCOL.md ("Handover").
 //!
 //! The running daemon keeps serving until its successor says it is ready; a successor that
 //! fails before that changes nothing. Only then does the running daemon stop accepting (the

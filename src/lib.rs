@@ -76,9 +76,9 @@
 //! A new build or configuration replaces the running daemon without a failed request: a
 //! daemon with [`Config::replace`] (or started by [`Spawn::replace`]) is handed the running
 //! one's listening socket and PID file, lock included, over a handover socket beside the
-//! listening socket (same user only). The running daemon serves until its successor is ready, then stops
-//! accepting, drains and exits; a successor that fails before that changes nothing
-//! (PROTOCOL.md, "Handover").
+//! listening socket (same user only). The running daemon serves until its successor is
+//! ready, then stops accepting, drains and exits; a successor that fails before that
+//! changes nothing (PROTOCOL.md, "Handover").
 //!
 //! To keep a program in another language warm, no dispatcher needs writing: the
 //! [`pool`] module's `Pool` (feature `pool`, on by default) runs worker processes that speak
