@@ -333,7 +333,7 @@ impl Execution {
     /// find no retirement left wait again: `notify(surplus)` would count a runner asked
     /// before and still busy in a poll as one of the `surplus`, so a second request while it
     /// is busy would wake nobody, and a runner would stay idle, with the watchdog ticking
-    /// for it, until the daemon stops. There are at most twice `threads` runners, and this
+    /// for it, until the daemon stops. There are at most `2 * threads + 1` runners, and this
     /// happens at most once in `RETIRE_AFTER`.
     fn ask_to_retire(&self, surplus: usize) {
         self.retire.fetch_add(surplus, Ordering::SeqCst);

@@ -447,9 +447,9 @@ fn dropping_the_daemon_future_closes_its_connections_and_removes_its_files() {
     let mut busy = connect();
     let body = serde_json::to_vec(&request("gate")).unwrap();
     busy.write_all(&frame(&body)).unwrap();
-    while at_gate.load(Ordering::SeqCst) == 0 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_until("the request to reach the gate", || {
+        at_gate.load(Ordering::SeqCst) > 0
+    });
 
     drop_it.send(()).unwrap();
     thread.join().unwrap().unwrap();

@@ -70,6 +70,7 @@ pub fn run(socket: &Path, threads: usize) -> io::Result<()> {
     })
 }
 
+/// Listens on `socket`, in place of a socket file an earlier run left there.
 pub(crate) fn bind(socket: &Path) -> io::Result<UnixListener> {
     // A socket left by an earlier run would make bind fail with "address in use".
     match fs::remove_file(socket) {
