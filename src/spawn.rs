@@ -151,7 +151,8 @@ impl Spawn {
         self
     }
 
-    /// How long a started daemon may take to answer a probe.
+    /// How long a started daemon may take to answer a probe [default: 5 s], a wait for a
+    /// draining daemon to let go of the PID file included.
     #[must_use = "a builder method returns the changed Spawn"]
     pub fn ready_timeout(mut self, timeout: Duration) -> Spawn {
         self.ready_timeout = timeout;

@@ -39,7 +39,9 @@ fn dispatches_that_hold_their_threads_do_not_hold_up_probes_or_short_requests() 
     running.expect("finished b");
     running.expect("dropped b");
     let info = khived::probe(&running.socket, WAIT).unwrap();
-    assert_eq!(info.threads, 3, "two computing, one for the rest: {info:?}");
+    // At least: a poll of the spare thread that a busy machine holds up for long may get
+    // another one started (the slots' limit is checked apart).
+    assert!(info.threads >= 3, "two computing, one for the rest: {info:?}");
 
     running.gated.open_blocking_gate();
     for (stream, ops) in [(&mut first, "block:1"), (&mut second, "block:2")] {
@@ -89,26 +91,41 @@ fn hanging_up_cancels_a_request_being_dispatched_or_waiting_for_a_thread() {
     drop(stream);
     running.expect("dropped 1");
 
-    // Waiting for a thread: both are blocked; its client hangs up; when its turn comes it
-    // is dropped without having run.
-    let first = running.send("block:2");
-    running.expect("started 2");
-    let second = running.send("block:3");
-    running.expect("started 3");
-    // Both slots are held, so it waits; its turn comes when a third slot opens.
-    drop(running.send("short:4"));
-    running.expect("dropped 4");
+    // Waiting for a thread: every slot there can be (2 x threads) is held by a blocked
+    // computation, so it waits however long its client takes to hang up; when its turn
+    // comes it is dropped without having run.
+    let blocked: Vec<_> = [2, 3, 5, 6]
+        .into_iter()
+        .map(|id| {
+            let stream = running.send(&format!("block:{id}"));
+            running.expect(&format!("started {id}"));
+            stream
+        })
+        .collect();
+    let waiting = running.send("short:4");
+    running.wait_until_waiting(1);
+    drop(waiting);
     running.gated.open_blocking_gate();
-    let mut got: Vec<String> = (0..4)
+    let mut got: Vec<String> = (0..9)
         .map(|_| running.events.recv_timeout(WAIT).unwrap())
         .collect();
     got.sort();
     assert_eq!(
         got,
-        ["dropped 2", "dropped 3", "finished 2", "finished 3"],
+        [
+            "dropped 2",
+            "dropped 3",
+            "dropped 4",
+            "dropped 5",
+            "dropped 6",
+            "finished 2",
+            "finished 3",
+            "finished 5",
+            "finished 6"
+        ],
         "the request whose client left never started"
     );
-    drop((first, second));
+    drop(blocked);
     running.stop();
 }
 

@@ -188,14 +188,18 @@ fn accepting_goes_on_while_a_slow_request_runs() {
 
 #[test]
 fn warm_all_runs_in_the_background() {
-    let daemon = InProcess::start(|_, dispatch| dispatch.warm_for = Duration::from_secs(30));
+    let mut warming = None;
+    let daemon = InProcess::start(|_, dispatch| {
+        dispatch.warm_for = Duration::from_secs(30);
+        warming = Some(Arc::clone(&dispatch.warming));
+    });
     // Served while warm_all is still at work.
     let response = daemon.client().request(&request("warming")).unwrap();
     assert_eq!(response.result.as_deref(), Some("true"));
-    // And a shutdown does not wait for warming to end.
-    let started = Instant::now();
+    // And a shutdown does not wait for warming to end: warm_all is dropped mid-way, so it
+    // never says it is done (it would, after 30 s, had the shutdown waited for it).
     daemon.shutdown().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(warming.unwrap().load(Ordering::SeqCst), "warm_all ran to its end");
 }
 
 #[test]
@@ -347,7 +351,9 @@ fn shutdown_finishes_a_request_in_flight_and_closes_idle_connections() {
 
 #[test]
 fn idle_shutdown_stops_a_daemon_nobody_uses() {
-    const IDLE: Duration = Duration::from_secs(1);
+    // Long enough for the held client below to connect after the start's probe has left,
+    // on a busy machine.
+    const IDLE: Duration = Duration::from_secs(3);
     let mut gate = None;
     let daemon = InProcess::start(|config, dispatch| {
         config.idle_shutdown = Some(IDLE);

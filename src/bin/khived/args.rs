@@ -228,7 +228,9 @@ Options:
       --presentation P       Presentation to ask for
       --namespace NS         Namespace of the request [default: khive]
       --config-id ID         Configuration id of the request [default: \"\"]
-      --timeout SECS         Deadline for connecting, sending and reading [default: 30]
+      --timeout SECS         Deadline for connecting, sending and reading; with --spawn,
+                             also how long a daemon it starts may take to answer (at
+                             least 5) [default: 30]
       --json                 Print the whole response as one JSON object (the exit
                              status is the same)
       --spawn                Start the daemon if none answers, with the serve options

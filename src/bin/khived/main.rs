@@ -210,7 +210,11 @@ fn run_call(mut call: Call) -> u8 {
         );
     }
     let connected = if call.spawn {
-        spawner(&call.serve).connect(call.timeout)
+        // The call's deadline is also how long the daemon it starts may take (or one that
+        // drains may take to let go): at least the 5 s that `Spawn` gives by default.
+        spawner(&call.serve)
+            .ready_timeout(call.timeout.max(Duration::from_secs(5)))
+            .connect(call.timeout)
     } else {
         Client::connect(&call.serve.common.socket, call.timeout)
     };
