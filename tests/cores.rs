@@ -41,7 +41,10 @@ fn dispatches_that_hold_their_threads_do_not_hold_up_probes_or_short_requests() 
     let info = khived::probe(&running.socket, WAIT).unwrap();
     // At least: a poll of the spare thread that a busy machine holds up for long may get
     // another one started (the slots' limit is checked apart).
-    assert!(info.threads >= 3, "two computing, one for the rest: {info:?}");
+    assert!(
+        info.threads >= 3,
+        "two computing, one for the rest: {info:?}"
+    );
 
     running.gated.open_blocking_gate();
     for (stream, ops) in [(&mut first, "block:1"), (&mut second, "block:2")] {

@@ -167,7 +167,10 @@ fn second_signal_during_the_drain_exits_at_once() {
     daemon.signal(Signal::INT);
     let status = daemon.wait(EXIT_WAIT);
     assert_eq!(status.code(), Some(128 + 2), "{}", daemon.log());
-    assert!(held.join().unwrap().is_err(), "the held request was cut off");
+    assert!(
+        held.join().unwrap().is_err(),
+        "the held request was cut off"
+    );
     assert!(
         daemon.log().contains("SIGINT received again"),
         "{}",

@@ -163,7 +163,10 @@ fn a_worker_that_hangs_past_the_request_timeout_is_killed_and_restarted() {
         let timed_out = response.error_code() == Some(khived::code::REQUEST_TIMED_OUT)
             || error.contains("did not answer within");
         assert!(timed_out, "{error}");
-        assert!(Instant::now() < deadline, "no restarted worker answered: {error}");
+        assert!(
+            Instant::now() < deadline,
+            "no restarted worker answered: {error}"
+        );
     }
     daemon.shutdown().unwrap();
 }

@@ -199,7 +199,10 @@ fn warm_all_runs_in_the_background() {
     // And a shutdown does not wait for warming to end: warm_all is dropped mid-way, so it
     // never says it is done (it would, after 30 s, had the shutdown waited for it).
     daemon.shutdown().unwrap();
-    assert!(warming.unwrap().load(Ordering::SeqCst), "warm_all ran to its end");
+    assert!(
+        warming.unwrap().load(Ordering::SeqCst),
+        "warm_all ran to its end"
+    );
 }
 
 #[test]
