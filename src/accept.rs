@@ -103,13 +103,13 @@ impl<D: Dispatch> Gate<D> {
         match sys::peer_uid(&stream) {
             Ok(uid) if uid == self.own_uid || (uid == 0 && shared.config.allow_root) => {}
             Ok(uid) => {
-                self.refusals.warn(|suppressed| {
+                self.refusals.warn(&|suppressed| {
                     format!("refused a connection from uid {uid} ({suppressed} more refusals not logged)")
                 });
                 return;
             }
             Err(e) => {
-                self.refusals.warn(|suppressed| {
+                self.refusals.warn(&|suppressed| {
                     format!("refused a connection: cannot tell who it is: {e} ({suppressed} more refusals not logged)")
                 });
                 return;
@@ -157,7 +157,7 @@ struct Throttled {
 }
 
 impl Throttled {
-    fn warn(&mut self, message: impl FnOnce(u64) -> String) {
+    fn warn(&mut self, message: &dyn Fn(u64) -> String) {
         let now = Instant::now();
         if self
             .last
@@ -198,7 +198,7 @@ impl AcceptBackoff {
             return;
         }
         let delay = self.delay;
-        self.log.warn(|suppressed| {
+        self.log.warn(&|suppressed| {
             format!("accept failed: {e}; retrying in {delay:?} ({suppressed} similar failures not logged)")
         });
         Timer::after(delay).await;

@@ -204,15 +204,27 @@ fn lock_pid_file(path: &Path) -> Result<File, Error> {
     }
 }
 
-/// Takes the exclusive lock if no daemon holds it. A daemon holds it for good, but
-/// `running_pid` takes a shared lock for a moment: a few quick retries tell the two apart, so
-/// that `khived status` polled during a start cannot make the start fail.
+/// Takes the exclusive lock if no daemon holds it. A daemon holds it exclusively for good,
+/// while `running_pid` holds it shared for a moment: a shared lock that we can take too says
+/// that nobody but such lookers holds it, and they are waited for (up to 5 s), so that
+/// `khived status` polled during a start, however often, cannot make the start fail.
 fn try_lock_exclusive(fd: &OwnedFd) -> io::Result<bool> {
-    for _ in 0..10 {
-        match rustix::fs::flock(fd, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return Ok(true),
-            Err(rustix::io::Errno::WOULDBLOCK) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(e.into()),
+    use FlockOperation::{NonBlockingLockExclusive as Exclusive, NonBlockingLockShared as Shared};
+    let mut lock = Exclusive;
+    // Up to 2,500 looks at lookers, 2 ms apart: 5 s at least.
+    for _ in 0..5000 {
+        match (rustix::fs::flock(fd, lock), lock) {
+            (Ok(()), Exclusive) => return Ok(true),
+            (Ok(()), _) => {
+                // Let go at once, as lookers do: another daemon starting now must not take us
+                // for a looker while we take it for one.
+                let _ = rustix::fs::flock(fd, FlockOperation::Unlock);
+                std::thread::sleep(Duration::from_millis(2));
+                lock = Exclusive;
+            }
+            (Err(rustix::io::Errno::WOULDBLOCK), Exclusive) => lock = Shared,
+            (Err(rustix::io::Errno::WOULDBLOCK), _) => return Ok(false),
+            (Err(e), _) => return Err(e.into()),
         }
     }
     Ok(false)

@@ -6,7 +6,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{request, temp_dir, ChildDaemon};
 use rustix::process::Signal;
@@ -147,9 +147,12 @@ fn spawn_waits_for_a_draining_daemon_through_the_pid_file_beside_the_socket() {
     // Stop the new daemon, which is no child of ours.
     let pid = rustix::process::Pid::from_raw(new.pid as i32).unwrap();
     rustix::process::kill_process(pid, Signal::TERM).unwrap();
-    let deadline = Instant::now() + EXIT_WAIT;
+    let deadline = std::time::Instant::now() + EXIT_WAIT;
     while khived::running_pid(&socket.with_extension("pid")).unwrap() == Some(new.pid) {
-        assert!(Instant::now() < deadline, "the spawned daemon did not stop");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spawned daemon did not stop"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -322,6 +325,31 @@ fn polling_running_pid_never_makes_a_start_fail() {
     done.store(true, Ordering::Relaxed);
     poller.join().unwrap();
     assert!(polls.load(Ordering::Relaxed) > 30, "the poller hardly ran");
+}
+
+#[test]
+fn a_start_waits_for_a_look_at_the_lock_however_long_it_lasts() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let pid_file = socket.with_extension("pid");
+    std::fs::write(&pid_file, "").unwrap();
+    // The shared lock `running_pid` takes for a moment, held here for 1 s: ten times as long
+    // as a start used to wait before it took the looker for a daemon and failed.
+    let looker = std::fs::File::open(&pid_file).unwrap();
+    rustix::fs::flock(&looker, rustix::fs::FlockOperation::NonBlockingLockShared).unwrap();
+    let start = std::thread::spawn(move || {
+        let mut config = khived::Config::at(&socket);
+        config.handle_signals = false;
+        let daemon = khived::Daemon::new(config, common::TestDispatch::default());
+        daemon.shutdown_handle().shutdown(); // stops right after a successful start
+        daemon.run_blocking()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    drop(looker);
+    start
+        .join()
+        .unwrap()
+        .expect("the start failed while the lock was looked at");
 }
 
 #[test]
