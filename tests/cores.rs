@@ -8,6 +8,7 @@ mod common;
 mod gated;
 
 use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::{frame, read_response};
@@ -59,13 +60,7 @@ fn long_computations_get_at_most_twice_the_threads_slots() {
     let running = Running::start(|_| {});
     // Two threads: four computations hold their slots for long (the third and fourth once
     // the ones before have held theirs for long); a fifth waits.
-    let mut blocked: Vec<_> = (1..=4)
-        .map(|id| {
-            let stream = running.send(&format!("block:{id}"));
-            running.expect(&format!("started {id}"));
-            stream
-        })
-        .collect();
+    let mut blocked = start_blocked(&running, 1..=4);
     let fifth = running.send("block:5");
     running.wait_until_waiting(1);
     // Probes need no slot.
@@ -85,6 +80,17 @@ fn long_computations_get_at_most_twice_the_threads_slots() {
     running.stop();
 }
 
+/// Sends `block:ID` for each id, one after the other, each once the one before has started.
+fn start_blocked(running: &Running, ids: impl IntoIterator<Item = u32>) -> Vec<UnixStream> {
+    ids.into_iter()
+        .map(|id| {
+            let stream = running.send(&format!("block:{id}"));
+            running.expect(&format!("started {id}"));
+            stream
+        })
+        .collect()
+}
+
 #[test]
 fn hanging_up_cancels_a_request_being_dispatched_or_waiting_for_a_thread() {
     let running = Running::start(|_| {});
@@ -97,14 +103,7 @@ fn hanging_up_cancels_a_request_being_dispatched_or_waiting_for_a_thread() {
     // Waiting for a thread: every slot there can be (2 x threads) is held by a blocked
     // computation, so it waits however long its client takes to hang up; when its turn
     // comes it is dropped without having run.
-    let blocked: Vec<_> = [2, 3, 5, 6]
-        .into_iter()
-        .map(|id| {
-            let stream = running.send(&format!("block:{id}"));
-            running.expect(&format!("started {id}"));
-            stream
-        })
-        .collect();
+    let blocked = start_blocked(&running, [2, 3, 5, 6]);
     let waiting = running.send("short:4");
     running.wait_until_waiting(1);
     drop(waiting);

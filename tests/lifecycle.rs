@@ -289,6 +289,15 @@ fn idle_timeout_stops_the_process_cleanly() {
     assert!(!daemon.socket.exists());
 }
 
+/// Starts a daemon in this process on `socket` and stops it right after a successful start.
+fn start_and_stop(socket: &std::path::Path) -> Result<khived::Stopped, khived::Error> {
+    let mut config = khived::Config::at(socket);
+    config.handle_signals = false;
+    let daemon = khived::Daemon::new(config, common::TestDispatch::default());
+    daemon.shutdown_handle().shutdown();
+    daemon.run_blocking()
+}
+
 #[test]
 fn polling_running_pid_never_makes_a_start_fail() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -313,13 +322,7 @@ fn polling_running_pid_never_makes_a_start_fail() {
         std::thread::yield_now();
     }
     for _ in 0..300 {
-        let mut config = khived::Config::at(&socket);
-        config.handle_signals = false;
-        let daemon = khived::Daemon::new(config, common::TestDispatch::default());
-        daemon.shutdown_handle().shutdown(); // stops right after a successful start
-        daemon
-            .run_blocking()
-            .expect("start failed while the lock was polled");
+        start_and_stop(&socket).expect("start failed while the lock was polled");
         std::fs::write(&pid_file, "").unwrap();
     }
     done.store(true, Ordering::Relaxed);
@@ -337,13 +340,7 @@ fn a_start_waits_for_a_look_at_the_lock_however_long_it_lasts() {
     // as a start used to wait before it took the looker for a daemon and failed.
     let looker = std::fs::File::open(&pid_file).unwrap();
     rustix::fs::flock(&looker, rustix::fs::FlockOperation::NonBlockingLockShared).unwrap();
-    let start = std::thread::spawn(move || {
-        let mut config = khived::Config::at(&socket);
-        config.handle_signals = false;
-        let daemon = khived::Daemon::new(config, common::TestDispatch::default());
-        daemon.shutdown_handle().shutdown(); // stops right after a successful start
-        daemon.run_blocking()
-    });
+    let start = std::thread::spawn(move || start_and_stop(&socket));
     std::thread::sleep(Duration::from_secs(1));
     drop(looker);
     start
