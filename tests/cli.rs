@@ -765,7 +765,6 @@ fn spawn_waits_for_a_daemon_that_is_draining() {
     let stop = place.run("stop", &["--timeout", "0.2"]);
     assert_eq!(stop.status.code(), Some(1), "{}", stderr(&stop));
     let reads = common::FileReads::watch(&place.pid_file);
-    let called = Instant::now();
     let call = place
         .khived("call")
         .args(["--spawn", "--timeout", "120", "after the old one"])
@@ -781,9 +780,10 @@ fn spawn_waits_for_a_daemon_that_is_draining() {
     common::wait_for_text(&already, || common::read_log(&spawn_log));
     reads.take();
     reads.wait("the call never waited for the old daemon");
-    // The drain outlasts `Spawn`'s default of 5 s, which the call waited for before it took
-    // its --timeout: only a longer wait passes.
-    std::thread::sleep(Duration::from_secs(6).saturating_sub(called.elapsed()));
+    // The drain outlasts `Spawn`'s default of 5 s, counted from before the call was seen
+    // waiting, which the call waited for before it took its --timeout: only a longer wait
+    // passes.
+    std::thread::sleep(Duration::from_secs(6));
     release_blocked(&place);
     assert_eq!(stdout(&held.wait_with_output().unwrap()), "released\n");
     let call = call.wait_with_output().unwrap();

@@ -331,7 +331,7 @@ fn polling_running_pid_never_makes_a_start_fail() {
 }
 
 #[test]
-fn a_start_waits_for_a_look_at_the_lock_however_long_it_lasts() {
+fn a_start_waits_while_the_lock_is_looked_at_for_a_second() {
     let dir = temp_dir();
     let socket = dir.path().join("k.sock");
     let pid_file = socket.with_extension("pid");
@@ -342,6 +342,8 @@ fn a_start_waits_for_a_look_at_the_lock_however_long_it_lasts() {
     rustix::fs::flock(&looker, rustix::fs::FlockOperation::NonBlockingLockShared).unwrap();
     let start = std::thread::spawn(move || start_and_stop(&socket));
     std::thread::sleep(Duration::from_secs(1));
+    // No start can succeed while the shared lock is held: one that is over has failed.
+    assert!(!start.is_finished(), "{:?}", start.join().unwrap());
     drop(looker);
     start
         .join()

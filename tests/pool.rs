@@ -64,7 +64,7 @@ impl PoolDaemon {
 
     /// Sends `ops` in the namespace and configuration the tests' pools serve.
     fn call(&self, ops: &str) -> Response {
-        let mut client = Client::connect(&self.socket, Duration::from_secs(10)).unwrap();
+        let mut client = Client::connect(&self.socket, Duration::from_secs(600)).unwrap();
         client.request(&Request::new(ops, "words", "v1")).unwrap()
     }
 
@@ -102,8 +102,9 @@ fn options(command: &[&str]) -> PoolOptions {
 
 #[test]
 fn a_pool_serves_requests_and_survives_bad_workers() {
-    // A limit no worker start reaches, however busy the machine: the restarts below are
-    // waited for, not timed (a hung worker has a test of its own).
+    // A limit no worker start reaches, however busy the machine (the client's deadline in
+    // `call` is as long): the restarts below are waited for, not timed (a hung worker has a
+    // test of its own).
     let daemon = PoolDaemon::start(
         options(&["python3", WORKER])
             .workers(2)
