@@ -252,6 +252,10 @@ impl Spawn {
         if replacing {
             self.command.env("KHIVE_REPLACE", "1");
         }
+        // A PID file held while nobody answered: a daemon drains there, and ours will find it
+        // in its way. Seen now, before ours looks, so that a drain ending between ours giving
+        // up and our first look below still gets ours started again.
+        let mut draining = !replacing && matches!(crate::running_pid(&self.pid_file), Ok(Some(_)));
         let mut child = self
             .command
             .spawn()
@@ -275,8 +279,10 @@ impl Spawn {
                 {
                     return Ok(());
                 }
-                // Or to a daemon that is draining: once that one is gone, start ours again.
-                if !replacing && self.wait_for_previous(deadline) {
+                // Or to a daemon that is draining: once that one is gone, start ours again
+                // (once more if it was gone by the time we looked).
+                if !replacing && (self.wait_for_previous(deadline) || std::mem::take(&mut draining))
+                {
                     child = self.command.spawn()?;
                     continue;
                 }
