@@ -63,6 +63,16 @@ impl Place {
     fn call(&self, ops: &str) -> Output {
         self.run("call", &[ops])
     }
+
+    /// `khived call ARGS` running on its own, its output piped.
+    fn call_in_background(&self, args: &[&str]) -> Child {
+        self.khived("call")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
 }
 
 struct Server {
@@ -765,13 +775,7 @@ fn spawn_waits_for_a_daemon_that_is_draining() {
     let stop = place.run("stop", &["--timeout", "0.2"]);
     assert_eq!(stop.status.code(), Some(1), "{}", stderr(&stop));
     let reads = common::FileReads::watch(&place.pid_file);
-    let call = place
-        .khived("call")
-        .args(["--spawn", "--timeout", "120", "after the old one"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let call = place.call_in_background(&["--spawn", "--timeout", "120", "after the old one"]);
     // The daemon it starts finds the old one there and exits; the call then waits for the
     // old one to let go of the PID file, looking at it every few milliseconds. Seen looking
     // after that message, it is in that wait, for as long as its --timeout.
@@ -805,13 +809,7 @@ fn spawn_starts_again_when_the_drain_ends_as_its_daemon_gives_up() {
         rustix::fs::FlockOperation::NonBlockingLockExclusive,
     )
     .unwrap();
-    let call = place
-        .khived("call")
-        .args(["--spawn", "--timeout", "120", "after the drain"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let call = place.call_in_background(&["--spawn", "--timeout", "120", "after the drain"]);
     // The daemon it started gives up, and the drain ends at once: at times before the call
     // has looked at the PID file again, which then finds it free (the case this is about;
     // before the call remembered the drain it had seen, it failed then: 1 run in 6 here),
