@@ -222,18 +222,16 @@ fn a_client_that_only_shuts_down_writing_is_still_answered() {
     common::wait_until("the daemon never looked at the client", || {
         running.gated.polls("1") > polls
     });
-    // Both threads are taken, so that once let go the request waits for one: when its turn
+    // Every slot there can be (2 x threads) is taken, so that once let go the request
+    // waits for one until the blocked ones end, however slow the machine: when its turn
     // comes the daemon looks again whether the client is still there.
-    let first = running.send("block:2");
-    running.expect("started 2");
-    let second = running.send("block:3");
-    running.expect("started 3");
+    let blocked = start_blocked(&running, [2, 3, 4, 5]);
     running.gated.open_async_gate();
     running.wait_until_waiting(1);
     running.gated.open_blocking_gate();
     let response = read_response(&mut stream).unwrap();
     assert_eq!(response.result.as_deref(), Some("await:1"), "{response:?}");
-    let mut got: Vec<String> = (0..6)
+    let mut got: Vec<String> = (0..10)
         .map(|_| running.events.recv_timeout(WAIT).unwrap())
         .collect();
     got.sort();
@@ -243,11 +241,15 @@ fn a_client_that_only_shuts_down_writing_is_still_answered() {
             "dropped 1",
             "dropped 2",
             "dropped 3",
+            "dropped 4",
+            "dropped 5",
             "finished 1",
             "finished 2",
-            "finished 3"
+            "finished 3",
+            "finished 4",
+            "finished 5"
         ]
     );
-    drop((first, second));
+    drop(blocked);
     running.stop();
 }
