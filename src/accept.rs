@@ -20,7 +20,7 @@ use crate::execution;
 use crate::inflight::Flag;
 use crate::shared::Shared;
 use crate::sys;
-use crate::wire::{code, encode_frame, Disposition, ErrorDetail, Response};
+use crate::wire::{code, encode_frame_into, Disposition, ErrorDetail, Response};
 
 /// Descriptors kept free for the daemon's own use when the open-file limit caps connections.
 const FD_RESERVE: u64 = 32;
@@ -144,8 +144,9 @@ fn refuse_busy<D: Dispatch>(shared: &Shared<D>, stream: &UnixStream, max: usize)
         Disposition::NotCommitted,
     );
     let response = Response::error(detail, shared.dispatcher.config_id());
-    if let Ok(frame) = encode_frame(&response) {
-        let _ = sys::send(stream, frame.as_bytes());
+    let mut frame = Vec::new();
+    if encode_frame_into(&mut frame, &response, "response").is_ok() {
+        let _ = sys::send(stream, &frame);
     }
 }
 
