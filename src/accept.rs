@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_executor::Executor;
 use async_io::{Async, Timer};
-use futures_lite::future::FutureExt;
+use futures_lite::future::{self, FutureExt};
 
 use crate::connection;
 use crate::dispatch::Dispatch;
@@ -21,6 +21,11 @@ use crate::inflight::Flag;
 use crate::shared::Shared;
 use crate::sys;
 use crate::wire::{code, encode_frame_into, Disposition, ErrorDetail, Response};
+
+/// Connections taken in at most before the accept loop lets the executor's other tasks run:
+/// while the listener's queue stays full, a flood of connections must not hold up the
+/// requests of those already open.
+const ADMIT_BATCH: u32 = 32;
 
 /// Descriptors kept free for the daemon's own use when the open-file limit caps connections.
 const FD_RESERVE: u64 = 32;
@@ -46,6 +51,7 @@ pub(crate) async fn accept_loop<D: Dispatch>(
         refusals: Throttled::default(),
     };
     let mut backoff = AcceptBackoff::default();
+    let mut admitted = 0;
     loop {
         let accepted = async { Some(when_ready(&listener).await) }
             .or(async {
@@ -58,6 +64,11 @@ pub(crate) async fn accept_loop<D: Dispatch>(
             Some(Ok(fd)) => {
                 backoff.reset();
                 gate.admit(UnixStream::from(fd));
+                admitted += 1;
+                if admitted == ADMIT_BATCH {
+                    admitted = 0;
+                    future::yield_now().await;
+                }
             }
             Some(Err(e)) => backoff.failed(e).await,
         }

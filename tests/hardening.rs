@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{frame, read_response, request, temp_dir, ChildDaemon, InProcess};
 use khived::{Config, MAX_FRAME_BYTES};
+use rustix::process::Signal;
 
 /// Entry point of the child daemons; does nothing in a normal test run.
 #[test]
@@ -189,6 +190,42 @@ fn thousand_connections_against_a_cap_of_64() {
             other => assert!(Instant::now() < deadline, "not served again: {other:?}"),
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// While the listener's queue is full, the accept loop lets the open connections' requests
+/// in between: a probe sent after 600 others connected is answered once a few batches of
+/// them have been taken in, not all 600. (The daemon looks at its sockets' readiness every
+/// 200 turns of its executor, and a batch of 32 takes 33 turns, so the probe can wait
+/// behind up to 8 batches, 256 connections; none of this depends on time.)
+#[test]
+fn a_flood_of_connections_does_not_hold_up_an_open_one() {
+    const FLOOD: usize = 600;
+    let dir = temp_dir();
+    let env = [("KHIVED_TEST_MAX_CONNECTIONS", "1000")];
+    let daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
+    let mut open = UnixStream::connect(&daemon.socket).unwrap();
+    let probe = frame(&serde_json::to_vec(&khived::Request::probe()).unwrap());
+    // Answered once, so the connection is in and waiting for its next request.
+    assert!(common::raw_exchange(&mut open, &probe).unwrap().ok);
+    // Frozen, the daemon takes none of the flood in: it waits in the listener's queue, and
+    // the open connection's probe arrives after it.
+    daemon.signal(Signal::STOP);
+    let flood: Vec<UnixStream> = (0..FLOOD)
+        .map(|_| UnixStream::connect(&daemon.socket).unwrap())
+        .collect();
+    open.write_all(&probe).unwrap();
+    daemon.signal(Signal::CONT);
+    let response = read_response(&mut open).unwrap();
+    let info: khived::ProbeInfo = serde_json::from_str(&response.result.unwrap()).unwrap();
+    assert!(
+        info.in_flight < 400,
+        "the probe waited until {} connections were taken in",
+        info.in_flight
+    );
+    // And the flood is served all the same.
+    for mut stream in flood.into_iter().step_by(50) {
+        assert!(common::raw_exchange(&mut stream, &probe).unwrap().ok);
     }
 }
 
