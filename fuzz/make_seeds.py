@@ -123,6 +123,11 @@ SEED_SETS = {
                            "namespace_mismatch": False, "config_mismatch": False,
                            "served_config_id": "c"}),
         "response_old_daemon": b'{"ok":true,"result":"hi","error":null,"namespace_mismatch":false}',
+        # Every kind of character the daemon's response writer treats apart: quote,
+        # backslash, the short escapes, other control characters, DEL, multi-byte text.
+        "response_every_escape": error_response(
+            "c\u0001", "q\"b\\n\nr\rt\tb\bf\f\u0000\u001f\u007f\u00e9\u2028\U0001f600",
+            "unknown", result="\\\"\u0010", request_id=0),
         "bad_json": b'{"ops":"x",',
         "deep_nesting": nested(5000),
         "empty": b"",

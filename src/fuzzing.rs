@@ -2,7 +2,7 @@
 //!
 //! Compiled only with the `__fuzzing` feature, which `fuzz/` and khived's own tests turn on;
 //! it may change in any release. The checks themselves live in `fuzz/oracles`, outside the
-//! library; this module gives them the one thing they cannot reach from outside.
+//! library; this module gives them the few things they cannot reach from outside.
 
 use std::os::unix::net::UnixStream;
 
@@ -20,4 +20,16 @@ pub async fn serve_connection<D: Dispatch>(dispatcher: D, config: Config, stream
     }
     let shared = Shared::new(dispatcher, config);
     crate::connection::serve(&shared, stream).await;
+}
+
+/// The frame a daemon writes for `response`: its own writer's, which must give the bytes
+/// serde_json gives for the derived `Serialize`.
+///
+/// # Errors
+///
+/// The body is above [`MAX_FRAME_BYTES`](crate::MAX_FRAME_BYTES).
+pub fn response_frame(response: &crate::Response) -> std::io::Result<Vec<u8>> {
+    let mut frame = Vec::new();
+    crate::wire::encode_frame_into(&mut frame, response, "response")?;
+    Ok(frame)
 }

@@ -3,7 +3,8 @@
 use khived::{encode_frame, Request, Response};
 
 /// Decodes the input as a [`Request`] and as a [`Response`]; whatever decodes must encode,
-/// as JSON and as a frame, and decode back to the same value.
+/// as JSON and as a frame, and decode back to the same value. A response must also come
+/// out of the daemon's own writer as the same bytes.
 pub fn request_decode(data: &[u8]) {
     if let Ok(request) = serde_json::from_slice::<Request<'_>>(data) {
         let json = serde_json::to_vec(&request).expect("a decoded request failed to encode");
@@ -24,6 +25,18 @@ pub fn request_decode(data: &[u8]) {
             "the response changed through encode and decode"
         );
         check_frame(&response, &json);
+        let daemons = khived::fuzzing::response_frame(&response)
+            .expect("a decoded response failed to encode with the daemon's writer");
+        assert_eq!(
+            String::from_utf8_lossy(&daemons[4..]),
+            String::from_utf8_lossy(&json),
+            "the daemon's writer and serde_json disagree"
+        );
+        assert_eq!(
+            daemons[4..],
+            *json,
+            "the daemon's writer and serde_json disagree"
+        );
     }
 }
 
