@@ -2,9 +2,11 @@
 # User-space instructions a request costs the server, as callgrind counts them (every thread
 # of the server): examples/echo of this checkout, of an earlier commit, and khived-bench's
 # blocking baseline (2 threads one-shot, a thread per client persistent), for one client and
-# for eight, one-shot and persistent. A count, not a time: it moves little with how busy the
-# machine is, so it shows what a change to the request path saves where rates are noise.
-# (Kernel time is not in it; bench/syscalls.sh counts the system calls.)
+# for eight, one-shot and persistent. A count, not a time: a request path's work counts the
+# same however busy the machine is, so it shows what a change saves where rates are noise.
+# (A connection's failed reads while it waits for the next request depend on timing, so the
+# one-client figures move with the machine; kernel time is not in it, bench/syscalls.sh
+# counts the system calls.)
 #
 #   bash bench/instructions.sh                     # 1 round of 20,000 requests per scenario
 #   PREV=8ab1465 ROUNDS=3 bash bench/instructions.sh
@@ -67,22 +69,13 @@ count() {
     echo "$(awk -v t="$total" -v n="$REQUESTS" 'BEGIN {printf "%.0f", t / n}') $(json_field rps "$line")"
 }
 
-median() { sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
-
 for scenario in $SCENARIOS; do
     mode=${scenario%%:*}
     clients=${scenario##*:}
     echo "== $mode, $clients client(s): instructions a request (rps under callgrind)"
-    : >"$work/results"
-    for round in $(seq "$ROUNDS"); do
-        for server in $servers; do
-            result=$(count "$server" "$mode" "$clients")
-            echo "$server $result" >>"$work/results"
-            printf '%-9s round %d: %s\n' "$server" "$round" "$result"
-        done
-    done
+    run_rounds "$mode" "$clients"
     for server in $servers; do
-        instructions=$(awk -v s="$server" '$1 == s {print $2}' "$work/results" | median)
+        instructions=$(awk -v s="$server" '$1 == s {print $2}' "$work/results" | median_of)
         printf '%-9s median: %s instructions a request\n' "$server" "$instructions"
         out "{\"kind\":\"instructions\",\"server\":\"$server\",\"mode\":\"$mode\",\"clients\":$clients,\"instructions_per_request\":$instructions,\"commit\":\"$commit\"}"
     done

@@ -1,7 +1,8 @@
-# Shared by bench/run.sh and bench/cores.sh, which source it after reading their settings:
-# the repository and target directories, a temporary directory removed on exit with the
-# servers the script started, the machine's description, how busy the machine is, and the
-# summary's helpers. Expects WORK_NAME (the temporary directory's prefix) and BENCH_OUT.
+# Shared by bench/run.sh, bench/cores.sh, bench/syscalls.sh and bench/instructions.sh, which
+# source it after reading their settings: the repository and target directories, a
+# temporary directory removed on exit with the servers the script started, the machine's
+# description, how busy the machine is, and the summary's helpers. Expects WORK_NAME (the
+# temporary directory's prefix) and BENCH_OUT.
 
 case $BENCH_OUT in /* | "") ;; *) BENCH_OUT=$PWD/$BENCH_OUT ;; esac
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -97,4 +98,21 @@ goal() { # label value op target
     }')
     printf '%-44s %10s %s %-8s %s\n' "$1" "$2" "$3" "$4" "$result"
     out "{\"kind\":\"goal\",\"goal\":\"$1\",\"value\":$(json_value "$2"),\"op\":\"$3\",\"target\":$4,\"result\":\"$result\"}"
+}
+
+# The median of the numbers on stdin (bench/syscalls.sh, bench/instructions.sh).
+median_of() { sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+
+# Runs `count SERVER $1 $2` (mode, clients) for each of $servers in turn, $ROUNDS times,
+# printing each result and keeping it as "SERVER RESULT" lines in $work/results.
+run_rounds() {
+    local round server result
+    : >"$work/results"
+    for round in $(seq "$ROUNDS"); do
+        for server in $servers; do
+            result=$(count "$server" "$1" "$2")
+            echo "$server $result" >>"$work/results"
+            printf '%-9s round %d: %s\n' "$server" "$round" "$result"
+        done
+    done
 }

@@ -74,24 +74,15 @@ count() {
     echo "$(json_field rps "$line") $(json_field p50_us "$line") $stat"
 }
 
-median() { sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
-
 for scenario in $SCENARIOS; do
     mode=${scenario%%:*}
     clients=${scenario##*:}
     echo "== $mode, $clients client(s): rps, p50 us, system calls a request"
-    : >"$work/results"
-    for round in $(seq "$ROUNDS"); do
-        for server in $servers; do
-            result=$(count "$server" "$mode" "$clients")
-            echo "$server $result" >>"$work/results"
-            printf '%-9s round %d: %s\n' "$server" "$round" "$result"
-        done
-    done
+    run_rounds "$mode" "$clients"
     for server in $servers; do
-        total=$(awk -v s="$server" '$1 == s { for (i = 4; i <= NF; i++) if ($i ~ /^total=/) { sub(/total=/, "", $i); print $i } }' "$work/results" | median)
-        rps=$(awk -v s="$server" '$1 == s {print $2}' "$work/results" | median)
-        p50=$(awk -v s="$server" '$1 == s {print $3}' "$work/results" | median)
+        total=$(awk -v s="$server" '$1 == s { for (i = 4; i <= NF; i++) if ($i ~ /^total=/) { sub(/total=/, "", $i); print $i } }' "$work/results" | median_of)
+        rps=$(awk -v s="$server" '$1 == s {print $2}' "$work/results" | median_of)
+        p50=$(awk -v s="$server" '$1 == s {print $3}' "$work/results" | median_of)
         printf '%-9s median: %s system calls a request, %s rps, p50 %s us\n' "$server" "$total" "$rps" "$p50"
         out "{\"kind\":\"syscalls\",\"server\":\"$server\",\"mode\":\"$mode\",\"clients\":$clients,\"syscalls_per_request\":$total,\"rps\":$rps,\"p50_us\":$p50,\"commit\":\"$commit\"}"
     done
