@@ -68,6 +68,10 @@ pub(crate) async fn accept_loop<D: Dispatch>(
                 if admitted == ADMIT_BATCH {
                     admitted = 0;
                     future::yield_now().await;
+                    // With the queue full, the accept wins every race with `closing`.
+                    if closing.is_set() {
+                        break;
+                    }
                 }
             }
             Some(Err(e)) => backoff.failed(e).await,

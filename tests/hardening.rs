@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::{frame, read_response, request, temp_dir, ChildDaemon, InProcess};
 use khived::{Config, MAX_FRAME_BYTES};
-use rustix::process::Signal;
 
 /// Entry point of the child daemons; does nothing in a normal test run.
 #[test]
@@ -194,38 +193,66 @@ fn thousand_connections_against_a_cap_of_64() {
 }
 
 /// While the listener's queue is full, the accept loop lets the open connections' requests
-/// in between: a probe sent after 600 others connected is answered once a few batches of
-/// them have been taken in, not all 600. (The daemon looks at its sockets' readiness every
-/// 200 turns of its executor, and a batch of 32 takes 33 turns, so the probe can wait
-/// behind up to 8 batches, 256 connections; none of this depends on time.)
+/// in between: a probe sent after 600 others connected is answered before all 600 have
+/// been taken in. How many come first is not fixed: the daemon's thread looks at its
+/// sockets' readiness between batches of 32, not after each connection (here, about one
+/// batch, busy machine or not). Before the accept loop took batches, the probe waited for
+/// all 600 in about three rounds of four; which socket the woken daemon looks at first is up
+/// to the kernel and the reactor, so the test makes three rounds.
+#[cfg(target_os = "linux")]
 #[test]
 fn a_flood_of_connections_does_not_hold_up_an_open_one() {
+    use rustix::process::Signal;
     const FLOOD: usize = 600;
+    let queue: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .map_or(0, |text| text.trim().parse().unwrap_or(0));
+    if queue <= FLOOD {
+        eprintln!("skipped: the kernel queues at most {queue} connections (net.core.somaxconn)");
+        return;
+    }
     let dir = temp_dir();
     let env = [("KHIVED_TEST_MAX_CONNECTIONS", "1000")];
     let daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
     let mut open = UnixStream::connect(&daemon.socket).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let probe = frame(&serde_json::to_vec(&khived::Request::probe()).unwrap());
-    // Answered once, so the connection is in and waiting for its next request.
+    // The state of the daemon's main thread, as `/proc` tells it.
+    let stat = format!("/proc/{}/stat", daemon.pid());
+    let state = || {
+        let stat = std::fs::read_to_string(&stat).unwrap_or_default();
+        stat.rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+    };
     assert!(common::raw_exchange(&mut open, &probe).unwrap().ok);
-    // Frozen, the daemon takes none of the flood in: it waits in the listener's queue, and
-    // the open connection's probe arrives after it.
-    daemon.signal(Signal::STOP);
-    let flood: Vec<UnixStream> = (0..FLOOD)
-        .map(|_| UnixStream::connect(&daemon.socket).unwrap())
-        .collect();
-    open.write_all(&probe).unwrap();
-    daemon.signal(Signal::CONT);
-    let response = read_response(&mut open).unwrap();
-    let info: khived::ProbeInfo = serde_json::from_str(&response.result.unwrap()).unwrap();
-    assert!(
-        info.in_flight < 400,
-        "the probe waited until {} connections were taken in",
-        info.in_flight
-    );
-    // And the flood is served all the same.
-    for mut stream in flood.into_iter().step_by(50) {
-        assert!(common::raw_exchange(&mut stream, &probe).unwrap().ok);
+    for round in 1..=3 {
+        // Nothing but the open connection is left, and the daemon's thread sleeps: the
+        // connection waits for its next request through the reactor, as the listener does.
+        common::wait_for_in_flight(&daemon.socket, "the last flood is gone", |n| n == 1);
+        common::wait_until("the daemon's thread sleeps", || state() == Some('S'));
+        // Stopped, the daemon takes none of the flood in: it waits in the listener's queue,
+        // and the open connection's probe arrives after it.
+        daemon.signal(Signal::STOP);
+        common::wait_until("the daemon is stopped", || state() == Some('T'));
+        let flood: Vec<UnixStream> = (0..FLOOD)
+            .map(|_| UnixStream::connect(&daemon.socket).unwrap())
+            .collect();
+        open.write_all(&probe).unwrap();
+        daemon.signal(Signal::CONT);
+        let response = read_response(&mut open).unwrap();
+        let info: khived::ProbeInfo = serde_json::from_str(&response.result.unwrap()).unwrap();
+        assert!(
+            info.in_flight < FLOOD as u64,
+            "round {round}: the probe waited until all {} queued connections were taken in",
+            info.in_flight
+        );
+        // And the flood is served all the same.
+        for mut stream in flood.into_iter().step_by(50) {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            assert!(common::raw_exchange(&mut stream, &probe).unwrap().ok);
+        }
     }
 }
 
