@@ -1023,34 +1023,51 @@ impl<T: Serialize + ?Sized> Body for Json<'_, T> {
 /// a dozen. It was the largest part of a quick request's instructions.
 impl Body for Response {
     fn write_json(&self, out: &mut Capped<'_>) -> io::Result<()> {
+        // Every field by name, so that a field added to `Response` fails to compile here.
+        let Response {
+            ok,
+            result,
+            error,
+            namespace_mismatch,
+            config_mismatch,
+            served_config_id,
+            daemon_protocol_version,
+            version_mismatch,
+            request_id,
+            error_detail,
+        } = self;
         out.put(b"{\"ok\":");
-        out.flag(self.ok);
+        out.flag(*ok);
         out.put(b",\"result\":");
-        out.text_or_null(self.result.as_deref());
+        out.text_or_null(result.as_deref());
         out.put(b",\"error\":");
-        out.text_or_null(self.error.as_deref());
+        out.text_or_null(error.as_deref());
         out.put(b",\"namespace_mismatch\":");
-        out.flag(self.namespace_mismatch);
+        out.flag(*namespace_mismatch);
         out.put(b",\"config_mismatch\":");
-        out.flag(self.config_mismatch);
+        out.flag(*config_mismatch);
         out.put(b",\"served_config_id\":");
-        out.text_or_null(self.served_config_id.as_deref());
+        out.text_or_null(served_config_id.as_deref());
         out.put(b",\"daemon_protocol_version\":");
-        out.number(self.daemon_protocol_version);
+        out.number(*daemon_protocol_version);
         out.put(b",\"version_mismatch\":");
-        out.flag(self.version_mismatch);
-        if let Some(id) = self.request_id {
+        out.flag(*version_mismatch);
+        if let Some(id) = request_id {
             out.put(b",\"request_id\":");
-            out.number(id);
+            out.number(*id);
         }
         out.put(b",\"error_detail\":");
-        match &self.error_detail {
-            Some(detail) => {
+        match error_detail {
+            Some(ErrorDetail {
+                code,
+                message,
+                disposition,
+            }) => {
                 out.put(b"{\"code\":");
-                out.text(&detail.code);
+                out.text(code);
                 out.put(b",\"message\":");
-                out.text(&detail.message);
-                out.put(match detail.disposition {
+                out.text(message);
+                out.put(match disposition {
                     Disposition::NotCommitted => b",\"disposition\":\"not_committed\"}}",
                     Disposition::Unknown => b",\"disposition\":\"unknown\"}}",
                 });

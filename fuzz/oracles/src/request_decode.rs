@@ -37,6 +37,11 @@ pub fn request_decode(data: &[u8]) {
             *json,
             "the daemon's writer and serde_json disagree"
         );
+        assert_eq!(
+            u32::from_be_bytes([daemons[0], daemons[1], daemons[2], daemons[3]]) as usize,
+            json.len(),
+            "the daemon's frame header does not give the body's length"
+        );
     }
 }
 
