@@ -31,14 +31,7 @@ if ! command -v callgrind_control >/dev/null; then
     exit 1
 fi
 
-echo "== building (release)"
-cargo build --release -p khived --example echo
-cargo build --release -p khived-bench
-bench=$target/release/khived-bench
-build_prev_echo
-servers="echo baseline"
-if [ -n "$prev_bin" ]; then servers="echo prev baseline"; fi
-describe_machine
+build_echo_servers
 echo "== khived $commit; $ROUNDS round(s) x $REQUESTS requests; $(busy)"
 
 # Runs one counted load against server $1 in mode $2 with $3 clients; prints the

@@ -100,6 +100,20 @@ goal() { # label value op target
     out "{\"kind\":\"goal\",\"goal\":\"$1\",\"value\":$(json_value "$2"),\"op\":\"$3\",\"target\":$4,\"result\":\"$result\"}"
 }
 
+# Builds examples/echo, khived-bench and $PREV's echo, and sets bench and servers (echo,
+# prev if there is one, baseline) and the machine's description (bench/syscalls.sh,
+# bench/instructions.sh).
+build_echo_servers() {
+    echo "== building (release)"
+    cargo build --release -p khived --example echo
+    cargo build --release -p khived-bench
+    bench=$target/release/khived-bench
+    build_prev_echo
+    servers="echo baseline"
+    if [ -n "$prev_bin" ]; then servers="echo prev baseline"; fi
+    describe_machine
+}
+
 # The median of the numbers on stdin (bench/syscalls.sh, bench/instructions.sh).
 median_of() { sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 

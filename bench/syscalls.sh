@@ -29,14 +29,7 @@ if ! perf stat -e raw_syscalls:sys_enter true >/dev/null 2>&1; then
     exit 1
 fi
 
-echo "== building (release)"
-cargo build --release -p khived --example echo
-cargo build --release -p khived-bench
-bench=$target/release/khived-bench
-build_prev_echo
-servers="echo baseline"
-if [ -n "$prev_bin" ]; then servers="echo prev baseline"; fi
-describe_machine
+build_echo_servers
 echo "== khived $commit; $ROUNDS rounds x $REQUESTS requests; $(busy)"
 
 calls="accept4 getsockopt read recvfrom sendto close epoll_ctl epoll_pwait timerfd_settime futex"
