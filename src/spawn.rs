@@ -255,7 +255,7 @@ impl Spawn {
         // A PID file held while nobody answered: a daemon drains there, and ours will find it
         // in its way. Seen now, before ours looks, so that a drain ending between ours giving
         // up and our first look below still gets ours started again.
-        let mut draining = !replacing && matches!(crate::running_pid(&self.pid_file), Ok(Some(_)));
+        let mut draining = !replacing && matches!(running_pid(&self.pid_file), Ok(Some(_)));
         let mut child = self
             .command
             .spawn()

@@ -1019,8 +1019,8 @@ impl<T: Serialize + ?Sized> Body for Json<'_, T> {
 
 /// Written by hand, byte for byte what serde_json writes for the derived `Serialize` (a test
 /// compares the two): the daemon writes a response for every request, and serde's writer
-/// made about fifty small writes of each (every key, quote, colon and comma) where this makes
-/// a dozen. It was the largest part of a quick request's instructions.
+/// made about sixty small writes of each (every key, quote, colon and comma) where this makes
+/// about twenty. It was the largest part of a quick request's instructions.
 impl Body for Response {
     fn write_json(&self, out: &mut Capped<'_>) -> io::Result<()> {
         // Every field by name, so that a field added to `Response` fails to compile here.
@@ -1120,7 +1120,7 @@ pub(crate) fn encode_frame_within<B: Body + ?Sized>(
 }
 
 /// A writer into a vector that never grows it past `limit` bytes: past it, it only counts.
-/// (One writer type for both, so that serializing a response is compiled once for it.)
+/// (One writer type for both functions, so that each message's writer is compiled once.)
 pub(crate) struct Capped<'a> {
     out: &'a mut Vec<u8>,
     limit: usize,

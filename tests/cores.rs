@@ -40,8 +40,8 @@ fn dispatches_that_hold_their_threads_do_not_hold_up_probes_or_short_requests() 
     running.expect("finished b");
     running.expect("dropped b");
     let info = khived::probe(&running.socket, WAIT).unwrap();
-    // Or one more: a poll of the spare thread that a busy machine holds up for long may get
-    // another one started. Never more than the `2 x threads + 1` runners and the caller's.
+    // Or more: a poll of the spare thread that a busy machine holds up for long may get
+    // others started. Never more than the `2 x threads + 1` runners and the caller's.
     assert!(
         (3..=6).contains(&info.threads),
         "two computing, one for the rest: {info:?}"

@@ -27,32 +27,27 @@ pub fn request_decode(data: &[u8]) {
         check_frame(&response, &json);
         let daemons = khived::fuzzing::response_frame(&response)
             .expect("a decoded response failed to encode with the daemon's writer");
-        assert_eq!(
-            String::from_utf8_lossy(&daemons[4..]),
-            String::from_utf8_lossy(&json),
-            "the daemon's writer and serde_json disagree"
-        );
-        assert_eq!(
-            daemons[4..],
-            *json,
-            "the daemon's writer and serde_json disagree"
-        );
-        assert_eq!(
-            u32::from_be_bytes([daemons[0], daemons[1], daemons[2], daemons[3]]) as usize,
-            json.len(),
-            "the daemon's frame header does not give the body's length"
-        );
+        check_frame_bytes(&daemons, &json, "the daemon's writer");
     }
 }
 
 /// Checks that `encode_frame` gives `json` behind a header holding its length.
 fn check_frame<T: serde::Serialize>(value: &T, json: &[u8]) {
     let frame = encode_frame(value).expect("a decoded value failed to encode as a frame");
-    let frame = frame.as_bytes();
-    assert_eq!(frame[4..], *json, "the frame body is not the value's JSON");
+    check_frame_bytes(frame.as_bytes(), json, "encode_frame");
+}
+
+/// Checks that `frame`, made by `whose`, is `json` behind a header holding its length.
+fn check_frame_bytes(frame: &[u8], json: &[u8], whose: &str) {
+    assert!(
+        frame[4..] == *json,
+        "{whose}'s frame body is not serde_json's JSON:\n{}\n{}",
+        String::from_utf8_lossy(&frame[4..]),
+        String::from_utf8_lossy(json)
+    );
     assert_eq!(
         u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize,
         json.len(),
-        "the frame header does not give the body's length"
+        "{whose}'s frame header does not give the body's length"
     );
 }
