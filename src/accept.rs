@@ -36,13 +36,23 @@ const FD_RESERVE: u64 = 32;
 ///
 /// The executor is held weakly: this task lives in it, and a strong hold would keep it, its
 /// tasks and their connections alive for ever after a daemon's future is dropped unfinished.
+///
+/// `own_listener`: no one else (a service manager) holds the listening socket, so at the
+/// shutdown it may be closed to newcomers while the clients queued on it are taken in.
+/// `closed` is set once this daemon no longer takes in connections, or, when a stop finds no
+/// descriptor for the queued ones, once only they are left: the drain that gives descriptors
+/// back may then begin while this task waits for them.
 pub(crate) async fn accept_loop<D: Dispatch>(
     listener: Async<UnixListener>,
     shared: Arc<Shared<D>>,
     executor: Weak<Executor<'static>>,
     max_connections: usize,
     closing: Arc<Flag>,
+    own_listener: bool,
+    closed: Arc<Flag>,
 ) {
+    // Set however the task ends, a panic included, so that the shutdown never waits for ever.
+    let closed = SetOnDrop(closed);
     let mut gate = Gate {
         shared,
         executor,
@@ -53,6 +63,11 @@ pub(crate) async fn accept_loop<D: Dispatch>(
     let mut backoff = AcceptBackoff::default();
     let mut admitted = 0;
     loop {
+        // While connections are queued, or accepting fails at once (out of descriptors), the
+        // accept below is ready first and wins every race with `closing`.
+        if closing.is_set() {
+            break;
+        }
         let accepted = async { Some(when_ready(&listener).await) }
             .or(async {
                 closing.wait().await;
@@ -68,23 +83,63 @@ pub(crate) async fn accept_loop<D: Dispatch>(
                 if admitted == ADMIT_BATCH {
                     admitted = 0;
                     future::yield_now().await;
-                    // With the queue full, the accept wins every race with `closing`.
-                    if closing.is_set() {
-                        break;
-                    }
                 }
             }
-            Some(Err(e)) => backoff.failed(e).await,
+            // A shutdown does not wait for the back-off to end.
+            Some(Err(e)) => backoff.failed(e).or(closing.wait()).await,
         }
     }
     // Clients the kernel queued before the shutdown have connected and may have sent their
     // request: take them in (they are drained like the rest), then close the listener. After
     // a handover they are the successor's: it accepts them from the same socket.
-    if gate.shared.handed_over.is_set() {
-        return;
+    if !gate.shared.handed_over.is_set() {
+        // From here a client that connects is refused at once, as it is once the listener is
+        // closed, rather than queued and then cut off when it closes: the queue only shrinks.
+        let refusing = own_listener && sys::refuse_connections(listener.get_ref());
+        if let Err(e) = take_in_queued(listener.get_ref(), &mut gate) {
+            if refusing {
+                // Out of descriptors, most likely: the drain gives them back as connections
+                // close, so it begins now, and waits for the queue, counted in flight.
+                let counted = gate.shared.in_flight.enter();
+                closed.0.set();
+                backoff.reset();
+                let mut error = e;
+                while let Err(e) = {
+                    backoff.failed(error).await;
+                    take_in_queued(listener.get_ref(), &mut gate)
+                } {
+                    error = e;
+                }
+                drop(counted);
+            } else {
+                log::warn!(
+                    "accept failed while stopping: {e}; clients still queued are not answered"
+                );
+            }
+        }
     }
-    while let Ok(fd) = sys::accept(listener.get_ref()) {
-        gate.admit(UnixStream::from(fd));
+    drop(listener);
+    drop(closed);
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<Flag>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.set();
+    }
+}
+
+/// Takes in every connection queued on the listener, until it would wait for the next.
+fn take_in_queued<D: Dispatch>(listener: &UnixListener, gate: &mut Gate<D>) -> io::Result<()> {
+    loop {
+        match sys::accept(listener) {
+            Ok(fd) => gate.admit(UnixStream::from(fd)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if AcceptBackoff::passing(&e) => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -206,11 +261,16 @@ impl Default for AcceptBackoff {
 }
 
 impl AcceptBackoff {
-    async fn failed(&mut self, e: io::Error) {
-        if matches!(
+    /// A failure of one connection, not of accepting: the next accept is tried at once.
+    fn passing(e: &io::Error) -> bool {
+        matches!(
             e.kind(),
             io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
-        ) {
+        )
+    }
+
+    async fn failed(&mut self, e: io::Error) {
+        if Self::passing(&e) {
             return;
         }
         let delay = self.delay;

@@ -287,6 +287,7 @@ impl<D: Dispatch> Daemon<D> {
                 max_connections,
                 handshake,
                 offer_handover,
+                activated,
             },
             &mut instance,
             &shutdown,
@@ -323,6 +324,8 @@ struct Listening {
     /// A predecessor waiting to hear that we are ready.
     handshake: Option<handover::Handshake>,
     offer_handover: bool,
+    /// The listener came from a service manager, which keeps it open across our restarts.
+    activated: bool,
 }
 
 /// Why the daemon stops.
@@ -383,7 +386,8 @@ async fn supervise<D: Dispatch>(
         false => None,
     };
     let closing = Arc::new(Flag::default());
-    let accept = execution::spawn_task(
+    let closed = Arc::new(Flag::default());
+    execution::spawn_task(
         executor,
         accept_loop(
             Async::new_nonblocking(listening.listener)?,
@@ -391,8 +395,11 @@ async fn supervise<D: Dispatch>(
             Arc::downgrade(executor),
             listening.max_connections,
             Arc::clone(&closing),
+            !listening.activated,
+            Arc::clone(&closed),
         ),
-    );
+    )
+    .detach();
     if let Some(after) = shared.config.idle_shutdown {
         let watch = idle_watch(Arc::clone(&shared.in_flight), after, shutdown.clone());
         execution::spawn_task(executor, watch).detach();
@@ -426,7 +433,8 @@ async fn supervise<D: Dispatch>(
         shared.handed_over.set();
     }
     closing.set();
-    accept.await;
+    // The task may go on to take in queued clients as the drain gives back descriptors.
+    closed.wait().await;
     drop(listener_fd);
     // A successor binds its own handover socket once told that we stopped accepting.
     drop(offer);

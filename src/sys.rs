@@ -59,6 +59,19 @@ pub(crate) fn no_sigpipe(socket: impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes `connect` to the listener fail with "connection refused" from now on, while the
+/// connections already queued can still be accepted: what a Linux listening socket shut down
+/// for reading does. False where the system has no such thing (the listener is unchanged).
+pub(crate) fn refuse_connections(listener: &UnixListener) -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    return rustix::net::shutdown(listener, rustix::net::Shutdown::Read).is_ok();
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = listener;
+        false
+    }
+}
+
 /// Accepts a connection, close-on-exec and non-blocking.
 pub(crate) fn accept(listener: &UnixListener) -> io::Result<OwnedFd> {
     #[cfg(any(target_os = "linux", target_os = "android"))]

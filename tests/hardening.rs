@@ -361,6 +361,53 @@ fn running_out_of_descriptors_is_survived() {
     }
 }
 
+/// A daemon out of descriptors still stops when told, and still answers the clients queued
+/// on the listener: it takes them in as the drain gives descriptors back. Meanwhile a client
+/// that connects is refused at once rather than queued (Linux: a listener shut down for
+/// reading).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_stop_out_of_descriptors_still_answers_the_queued_clients() {
+    let dir = temp_dir();
+    let gate = dir.path().join("open");
+    let env = [
+        ("KHIVED_TEST_NOFILE_ONCE_SERVING", "32"),
+        ("KHIVE_DRAIN_TIMEOUT_SECS", "3600"),
+    ];
+    let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
+    daemon.wait_for_log("open-file limit lowered to 32");
+    // Each request waits for the gate: the connections the daemon takes in stay busy, so
+    // the drain frees no descriptor until the gate opens.
+    let held = frame(&serde_json::to_vec(&request(&format!("until:{}", gate.display()))).unwrap());
+    let mut clients: Vec<UnixStream> = (0..40)
+        .map(|_| {
+            let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            stream.write_all(&held).unwrap();
+            stream
+        })
+        .collect();
+    daemon.wait_for_log("accept failed: Too many open files");
+    daemon.terminate();
+    daemon.wait_for_log("stopping (SIGTERM received)");
+    // The daemon still holds the listener for the clients it could not take in yet.
+    let late = UnixStream::connect(&daemon.socket).map(|_| ());
+    assert_eq!(
+        late.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "a client connecting to a stopping daemon must be refused"
+    );
+    std::fs::write(&gate, "").unwrap();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let response = read_response(client)
+            .unwrap_or_else(|e| panic!("client {i} got no answer: {e}\n{}", daemon.log()));
+        assert!(response.ok, "client {i}: {response:?}");
+    }
+    assert_eq!(daemon.wait(Duration::from_secs(60)).code(), Some(0));
+}
+
 #[test]
 fn connection_cap_follows_the_open_file_limit() {
     let dir = temp_dir();
