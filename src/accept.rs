@@ -7,6 +7,7 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -37,8 +38,9 @@ const FD_RESERVE: u64 = 32;
 /// The executor is held weakly: this task lives in it, and a strong hold would keep it, its
 /// tasks and their connections alive for ever after a daemon's future is dropped unfinished.
 ///
-/// `own_listener`: no one else (a service manager) holds the listening socket, so at the
-/// shutdown it may be closed to newcomers while the clients queued on it are taken in.
+/// `ours`: no one else (a service manager, a successor in the middle of a handover) holds
+/// the listening socket, as the shutdown finds it, so it may then be closed to newcomers
+/// while the clients queued on it are taken in.
 /// `closed` is set once this daemon no longer takes in connections, or, when a stop finds no
 /// descriptor for the queued ones, once only they are left: the drain that gives descriptors
 /// back may then begin while this task waits for them.
@@ -48,7 +50,7 @@ pub(crate) async fn accept_loop<D: Dispatch>(
     executor: Weak<Executor<'static>>,
     max_connections: usize,
     closing: Arc<Flag>,
-    own_listener: bool,
+    ours: Arc<AtomicBool>,
     closed: Arc<Flag>,
 ) {
     // Set however the task ends, a panic included, so that the shutdown never waits for ever.
@@ -95,31 +97,40 @@ pub(crate) async fn accept_loop<D: Dispatch>(
     if !gate.shared.handed_over.is_set() {
         // From here a client that connects is refused at once, as it is once the listener is
         // closed, rather than queued and then cut off when it closes: the queue only shrinks.
-        let refusing = own_listener && sys::refuse_connections(listener.get_ref());
-        if let Err(e) = take_in_queued(listener.get_ref(), &mut gate) {
-            if refusing {
-                // Out of descriptors, most likely: the drain gives them back as connections
-                // close, so it begins now, and waits for the queue, counted in flight.
-                let counted = gate.shared.in_flight.enter();
-                closed.0.set();
-                backoff.reset();
-                let mut error = e;
-                while let Err(e) = {
-                    backoff.failed(error).await;
-                    take_in_queued(listener.get_ref(), &mut gate)
-                } {
-                    error = e;
+        let refusing = ours.load(Ordering::SeqCst) && sys::refuse_connections(listener.get_ref());
+        let mut taken = take_in_queued(listener.get_ref(), &mut gate);
+        if refusing && taken.as_ref().is_err_and(out_of_room) {
+            // The drain gives descriptors back as connections close, so it begins now, and
+            // waits for the queue: this task counts as one connection meanwhile.
+            let counted = gate.shared.in_flight.enter();
+            closed.0.set();
+            backoff.reset();
+            while let Err(e) = taken {
+                if gate.shared.in_flight.get() == 1 {
+                    // No connection is left to give a descriptor back.
+                    taken = Err(e);
+                    break;
                 }
-                drop(counted);
-            } else {
-                log::warn!(
-                    "accept failed while stopping: {e}; clients still queued are not answered"
-                );
+                backoff.failed(e).await;
+                taken = take_in_queued(listener.get_ref(), &mut gate);
             }
+            drop(counted);
+        }
+        if let Err(e) = taken {
+            log::warn!("accept failed while stopping: {e}; clients still queued are not taken in");
         }
     }
     drop(listener);
     drop(closed);
+}
+
+/// Whether an accept failed for want of descriptors or memory, which closing connections
+/// give back.
+fn out_of_room(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM]
+        .iter()
+        .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
 }
 
 /// Sets its flag when dropped.

@@ -17,6 +17,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_io::{Async, Timer};
@@ -104,6 +105,8 @@ pub(crate) struct Offer {
     path: PathBuf,
     /// Device and inode of the socket file, removed at drop only while it is still ours.
     id: (u64, u64),
+    /// A successor may hold the listener: a handover began and did not fail.
+    lent: AtomicBool,
 }
 
 /// A successor that has the listener and the PID file and says it is ready.
@@ -130,7 +133,14 @@ impl Offer {
             listener: Async::new_nonblocking(listener)?,
             path,
             id,
+            lent: AtomicBool::new(false),
         })
+    }
+
+    /// Whether a successor may hold the listener, in a handover that began and neither
+    /// failed nor ended: what is done to the socket (not to a descriptor) reaches it too.
+    pub(crate) fn lent(&self) -> bool {
+        self.lent.load(Ordering::SeqCst)
     }
 
     /// Waits for a successor that takes `listener` and `pid_file` and becomes ready.
@@ -156,6 +166,7 @@ impl Offer {
                 log::warn!("handover refused to uid {uid}: only uid {own_uid} may take over");
                 continue;
             }
+            self.lent.store(true, Ordering::SeqCst);
             let handed = give(stream, listener, pid_file)
                 .or(async {
                     Timer::after(STEP_TIMEOUT).await;
@@ -167,7 +178,10 @@ impl Offer {
                 .await;
             match handed {
                 Ok(successor) => return successor,
-                Err(e) => log::warn!("handover failed, still serving: {e}"),
+                Err(e) => {
+                    self.lent.store(false, Ordering::SeqCst);
+                    log::warn!("handover failed, still serving: {e}");
+                }
             }
         }
     }

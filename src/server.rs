@@ -5,6 +5,7 @@
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -387,6 +388,7 @@ async fn supervise<D: Dispatch>(
     };
     let closing = Arc::new(Flag::default());
     let closed = Arc::new(Flag::default());
+    let ours = Arc::new(AtomicBool::new(!listening.activated));
     execution::spawn_task(
         executor,
         accept_loop(
@@ -395,7 +397,7 @@ async fn supervise<D: Dispatch>(
             Arc::downgrade(executor),
             listening.max_connections,
             Arc::clone(&closing),
-            !listening.activated,
+            Arc::clone(&ours),
             Arc::clone(&closed),
         ),
     )
@@ -431,6 +433,10 @@ async fn supervise<D: Dispatch>(
     // that will not answer it; after a handover, so that the successor alone accepts.
     if matches!(reason, Reason::HandedOver(_)) {
         shared.handed_over.set();
+    }
+    // Stopped in the middle of a handover, a successor may hold the listener and go on with it.
+    if offer.as_ref().is_some_and(handover::Offer::lent) {
+        ours.store(false, Ordering::SeqCst);
     }
     closing.set();
     // The task may go on to take in queued clients as the drain gives back descriptors.

@@ -1268,8 +1268,7 @@ mod tests {
         serde_json::from_str(json).map_err(|e| e.to_string())
     }
 
-    /// The hand-written response writer against serde_json's writer for the derived
-    /// `Serialize`: the same bytes for every field's values, every character escaped or not.
+    /// The word test of the response writer against the byte test it stands for.
     #[test]
     fn eight_bytes_need_escaping_exactly_when_one_of_them_does() {
         let escaped = |byte: u8| byte < 0x20 || byte == b'"' || byte == b'\\';
@@ -1303,6 +1302,8 @@ mod tests {
         }
     }
 
+    /// The hand-written response writer against serde_json's writer for the derived
+    /// `Serialize`: the same bytes for every field's values, every character escaped or not.
     #[test]
     fn a_response_is_written_byte_for_byte_as_serde_json_writes_it() {
         let mut texts: Vec<String> = (0..=0x7f_u8).map(|b| char::from(b).to_string()).collect();

@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -282,14 +283,14 @@ fn a_replacement_for_another_socket_path_is_no_handover() {
 /// Speaks the successor's side of the handover (PROTOCOL.md) up to the descriptors, then
 /// hangs up instead of saying it is ready, as a successor that crashes would.
 fn crashing_successor(handover: &Path) {
-    let stream = taken(handover);
-    drop(stream);
+    let (stream, files) = taken(handover);
+    drop((stream, files));
     next_attempt_closed(handover);
 }
 
 /// Connects to the handover socket and speaks the successor's side up to the descriptors:
-/// `take`, then `given` with the listener and the PID file (dropped here).
-fn taken(handover: &Path) -> UnixStream {
+/// `take`, then `given` with the listener and the PID file, in that order.
+fn taken(handover: &Path) -> (UnixStream, Vec<OwnedFd>) {
     let mut stream = UnixStream::connect(handover).unwrap();
     stream.write_all(&step("take")).unwrap();
     let mut buf = [0; 4096];
@@ -302,16 +303,16 @@ fn taken(handover: &Path) -> UnixStream {
         rustix::net::RecvFlags::empty(),
     )
     .unwrap();
-    let fds: usize = control
+    let files: Vec<OwnedFd> = control
         .drain()
-        .map(|message| match message {
-            rustix::net::RecvAncillaryMessage::ScmRights(fds) => fds.count(),
-            _ => 0,
+        .flat_map(|message| match message {
+            rustix::net::RecvAncillaryMessage::ScmRights(fds) => fds.collect(),
+            _ => Vec::new(),
         })
-        .sum();
-    assert_eq!(fds, 2, "the listener and the PID file");
+        .collect();
+    assert_eq!(files.len(), 2, "the listener and the PID file");
     assert!(text(&buf[4..got.bytes]).contains("\"given\""));
-    stream
+    (stream, files)
 }
 
 /// One handover message of this process.
@@ -385,7 +386,7 @@ fn a_successor_gone_before_its_ready_is_read_changes_nothing() {
     common::wait_until_serving(&socket);
     let handover = dir.path().join("k.handover");
 
-    let mut successor = taken(&handover);
+    let (mut successor, _files) = taken(&handover);
     let holder = {
         let socket = socket.clone();
         thread::spawn(move || {
@@ -419,6 +420,39 @@ fn a_successor_gone_before_its_ready_is_read_changes_nothing() {
     assert!(
         !socket.exists(),
         "a daemon that was not replaced removes its files"
+    );
+}
+
+/// A daemon told to stop in the middle of a handover, once the successor has the listener,
+/// leaves the listening socket as it is for the successor to go on with. (A stop shuts the
+/// socket down for reading, on Linux, so that newcomers are refused: done here, it would
+/// refuse every client of the successor too.)
+#[cfg(target_os = "linux")]
+#[test]
+fn a_stop_in_the_middle_of_a_handover_leaves_the_successor_its_listener() {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let mut config = khived::Config::at(&socket);
+    config.handle_signals = false;
+    let daemon = khived::Daemon::new(config, common::TestDispatch::default());
+    let stop = daemon.shutdown_handle();
+    let running = thread::spawn(move || daemon.run_blocking());
+    common::wait_until_serving(&socket);
+
+    let (_successor, files) = taken(&dir.path().join("k.handover"));
+    stop.shutdown();
+    assert!(matches!(
+        running.join().unwrap(),
+        Ok(khived::Stopped::Drained)
+    ));
+    // No client is queued on it: a listener that is not shut down has nothing to report.
+    let mut fds = [PollFd::new(&files[0], PollFlags::IN | PollFlags::RDHUP)];
+    let ready = poll(&mut fds, Some(&Timespec::default())).unwrap();
+    assert_eq!(
+        (ready, fds[0].revents()),
+        (0, PollFlags::empty()),
+        "the successor's listener was shut down"
     );
 }
 
