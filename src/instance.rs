@@ -88,6 +88,15 @@ impl Instance {
         Instance::new(config, pid_file, socket_id)
     }
 
+    /// Whether the socket and the PID file taken over are still where they were. A
+    /// predecessor told to stop in the middle of the handover removes them as it ends.
+    pub(crate) fn in_place(&self) -> bool {
+        let socket = fs::symlink_metadata(&self.socket_path).map(|meta| (meta.dev(), meta.ino()));
+        self.socket_id.is_some()
+            && socket.ok() == self.socket_id
+            && same_file(&self.pid_file, &self.pid_path)
+    }
+
     /// Writes our PID into the PID file, whose lock we hold.
     pub(crate) fn write_our_pid(&mut self) -> io::Result<()> {
         write_pid(&mut self.pid_file)

@@ -371,6 +371,17 @@ async fn supervise<D: Dispatch>(
             instance.handed_over();
             return Err(e);
         }
+        // Gone without saying `stopped`: killed, and its files are ours, or told to stop,
+        // and it removed them. Serving on then would leave a daemon nobody can reach.
+        if !instance.in_place() {
+            instance.handed_over();
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "pid {from} stopped during the handover and removed its socket or PID file"
+                ),
+            ));
+        }
         instance.write_our_pid()?;
         log::info!("took over from pid {from}");
     }

@@ -315,6 +315,26 @@ fn taken(handover: &Path) -> (UnixStream, Vec<OwnedFd>) {
     (stream, files)
 }
 
+/// A child process, killed if the test ends while it runs.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads one handover message and checks its step.
+fn read_step(stream: &mut UnixStream, step: &str) {
+    let mut header = [0; 4];
+    stream.read_exact(&mut header).unwrap();
+    let mut body = vec![0; u32::from_be_bytes(header) as usize];
+    stream.read_exact(&mut body).unwrap();
+    let body = text(&body);
+    assert!(body.contains(&format!("\"step\":\"{step}\"")), "{body}");
+}
+
 /// One handover message of this process.
 fn step(name: &str) -> Vec<u8> {
     let body = format!("{{\"step\":\"{name}\",\"pid\":{}}}", std::process::id());
@@ -453,6 +473,93 @@ fn a_stop_in_the_middle_of_a_handover_leaves_the_successor_its_listener() {
         (ready, fds[0].revents()),
         (0, PollFlags::empty()),
         "the successor's listener was shut down"
+    );
+}
+
+/// A predecessor told to stop in the middle of the handover removes its files and is gone
+/// before its successor hears `stopped`. The successor must not serve on, on a socket
+/// nobody can reach any more, but exit and say why. The test plays the predecessor.
+#[test]
+fn a_successor_whose_predecessor_stopped_during_the_handover_exits() {
+    let place = Place::new();
+    let listener = std::os::unix::net::UnixListener::bind(&place.socket).unwrap();
+    let mut pid_file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&place.pid_file)
+        .unwrap();
+    rustix::fs::flock(
+        &pid_file,
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    )
+    .unwrap();
+    // A pid that is no process any more: the predecessor has ended.
+    let gone = {
+        let mut child = Command::new("true").spawn().unwrap();
+        child.wait().unwrap();
+        child.id()
+    };
+    write!(pid_file, "{gone}").unwrap();
+    let offer =
+        std::os::unix::net::UnixListener::bind(place.dir.path().join("k.handover")).unwrap();
+
+    let mut successor = Killed(
+        Command::new(KHIVED)
+            .args(["serve", "--replace", "--socket"])
+            .arg(&place.socket)
+            .arg("--pid")
+            .arg(&place.pid_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (mut stream, _) = offer.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    read_step(&mut stream, "take");
+    let given = format!("{{\"step\":\"given\",\"pid\":{gone}}}");
+    let mut message = (given.len() as u32).to_be_bytes().to_vec();
+    message.extend_from_slice(given.as_bytes());
+    let fds = [
+        std::os::fd::AsFd::as_fd(&listener),
+        std::os::fd::AsFd::as_fd(&pid_file),
+    ];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+    assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
+    rustix::net::sendmsg(
+        &stream,
+        &[std::io::IoSlice::new(&message)],
+        &mut control,
+        rustix::net::SendFlags::empty(),
+    )
+    .unwrap();
+    read_step(&mut stream, "ready");
+    // Stopped instead of handing over: the files are removed, the handover connection closed.
+    std::fs::remove_file(&place.socket).unwrap();
+    std::fs::remove_file(&place.pid_file).unwrap();
+    drop(stream);
+
+    let status = common::wait_exit(&mut successor.0, Duration::from_secs(30), String::new);
+    let mut stderr = String::new();
+    successor
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "pid {gone} stopped during the handover and removed its socket or PID file"
+        )),
+        "{stderr}"
     );
 }
 
