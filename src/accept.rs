@@ -19,6 +19,7 @@ use crate::connection;
 use crate::dispatch::Dispatch;
 use crate::execution;
 use crate::inflight::Flag;
+use crate::instance::LISTEN_BACKLOG;
 use crate::shared::Shared;
 use crate::sys;
 use crate::wire::{code, encode_frame_into, Disposition, ErrorDetail, Response};
@@ -98,7 +99,13 @@ pub(crate) async fn accept_loop<D: Dispatch>(
         // From here a client that connects is refused at once, as it is once the listener is
         // closed, rather than queued and then cut off when it closes: the queue only shrinks.
         let refusing = ours.load(Ordering::SeqCst) && sys::refuse_connections(listener.get_ref());
-        let mut taken = take_in_queued(listener.get_ref(), &mut gate);
+        // A listener still open to newcomers (a service manager's) is taken from for as long
+        // as its queue at the stop can be, not for as long as clients keep connecting.
+        let most = match refusing {
+            true => usize::MAX,
+            false => LISTEN_BACKLOG as usize,
+        };
+        let mut taken = take_in_queued(listener.get_ref(), &mut gate, most);
         if refusing && taken.as_ref().is_err_and(out_of_room) {
             // The drain gives descriptors back as connections close, so it begins now, and
             // waits for the queue: this task counts as one connection meanwhile.
@@ -112,7 +119,7 @@ pub(crate) async fn accept_loop<D: Dispatch>(
                     break;
                 }
                 backoff.failed(e).await;
-                taken = take_in_queued(listener.get_ref(), &mut gate);
+                taken = take_in_queued(listener.get_ref(), &mut gate, most);
             }
             drop(counted);
         }
@@ -142,16 +149,25 @@ impl Drop for SetOnDrop {
     }
 }
 
-/// Takes in every connection queued on the listener, until it would wait for the next.
-fn take_in_queued<D: Dispatch>(listener: &UnixListener, gate: &mut Gate<D>) -> io::Result<()> {
-    loop {
+/// Takes in the connections queued on the listener, until it would wait for the next or
+/// `most` are taken.
+fn take_in_queued<D: Dispatch>(
+    listener: &UnixListener,
+    gate: &mut Gate<D>,
+    mut most: usize,
+) -> io::Result<()> {
+    while most > 0 {
         match sys::accept(listener) {
-            Ok(fd) => gate.admit(UnixStream::from(fd)),
+            Ok(fd) => {
+                most -= 1;
+                gate.admit(UnixStream::from(fd));
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) if AcceptBackoff::passing(&e) => {}
             Err(e) => return Err(e),
         }
     }
+    Ok(())
 }
 
 /// Accepts a connection, waiting until the listener is readable. Not `read_with`, which

@@ -23,7 +23,7 @@ use crate::wire::{encode_frame, Request};
 use crate::Error;
 
 /// How many connections may wait in the kernel's queue before `accept`.
-const LISTEN_BACKLOG: i32 = 1024;
+pub(crate) const LISTEN_BACKLOG: i32 = 1024;
 
 /// What a running daemon owns on the file system, removed when it stops if still its own.
 #[derive(Debug)]

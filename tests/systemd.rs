@@ -180,3 +180,50 @@ fn a_socket_that_does_not_listen_is_refused() {
     let log = log(dir.path());
     assert!(log.contains("a socket that is not listening"), "{log}");
 }
+
+/// A daemon on a service manager's socket, which stays open to newcomers while it stops,
+/// takes in what was queued at the stop and no more: clients that keep connecting do not
+/// hold the stop up. (They are the next start's, in the service manager's queue.)
+#[test]
+fn clients_that_keep_connecting_do_not_hold_up_a_stop_under_socket_activation() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = temp_dir();
+    let socket = dir.path().join("activated.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let mut daemon = activate(std::os::fd::OwnedFd::from(listener), None, &[], dir.path());
+    wait_until_serving(&socket);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let made = Arc::new(AtomicU64::new(0));
+    // More connecting threads than cores, so that connections come faster than one thread
+    // takes them in.
+    let flood: Vec<_> = (0..4)
+        .map(|_| {
+            let (socket, done, made) = (socket.clone(), Arc::clone(&done), Arc::clone(&made));
+            std::thread::spawn(move || {
+                // Until the daemon is gone: nothing else holds the socket here.
+                while !done.load(Ordering::SeqCst) {
+                    match std::os::unix::net::UnixStream::connect(&socket) {
+                        Ok(_) => made.fetch_add(1, Ordering::SeqCst),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+                        Err(e) => panic!("connect: {e}"),
+                    };
+                }
+            })
+        })
+        .collect();
+    common::wait_until("the flood to begin", || made.load(Ordering::SeqCst) >= 100);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(daemon.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    // Waited for while the flood goes on.
+    let status = wait(&mut daemon, dir.path());
+    done.store(true, Ordering::SeqCst);
+    for thread in flood {
+        thread.join().unwrap();
+    }
+    assert_eq!(status.code(), Some(0), "{}", log(dir.path()));
+}
