@@ -366,6 +366,73 @@ fn a_worker_exit_is_seen_at_once_and_its_children_do_not_outlive_it() {
     });
 }
 
+/// Answers `x`, except `bye`: it starts a process that keeps its stdin and stdout open,
+/// answers once the gate file is there, and exits, as a worker that recycles itself would.
+const RECYCLING_WORKER: &str = r#"
+while read -r line; do
+    case "$line" in
+    *'"ops":"bye"'*)
+        # Through descriptor 3: an asynchronous command's stdin is /dev/null otherwise.
+        exec 3<&0
+        sleep 1000 <&3 3<&- &
+        echo "$!" > "$PIDS/helper"
+        while [ ! -e "$PIDS/gate" ]; do sleep 0.01; done
+        echo '{"ok":true,"result":"bye"}'
+        exit 0 ;;
+    *) echo '{"ok":true,"result":"x"}' ;;
+    esac
+done
+"#;
+
+/// A worker that exits while a process it started still holds its stdin does not take the
+/// next request, which is larger than a pipe holds: the pool sees the exit instead of waiting
+/// for ever to write it, and the restarted worker serves the requests after it.
+#[test]
+fn a_request_to_a_worker_that_exited_is_not_written_for_ever() {
+    let pids = temp_dir();
+    // No request timeout: only the exit can end the wait.
+    let daemon = PoolDaemon::start(
+        options(&["sh", "-c", RECYCLING_WORKER])
+            .workers(1)
+            .env("PIDS", pids.path()),
+    );
+    let bye = {
+        let socket = daemon.socket.clone();
+        std::thread::spawn(move || {
+            let mut client = Client::connect(&socket, Duration::from_secs(60)).unwrap();
+            client.request(&Request::new("bye", "words", "v1")).unwrap()
+        })
+    };
+    wait_for("the worker to start its helper", || {
+        pids.path().join("helper").exists()
+    });
+    let big = {
+        let socket = daemon.socket.clone();
+        std::thread::spawn(move || {
+            let mut client = Client::connect(&socket, Duration::from_secs(60)).unwrap();
+            client.request(&Request::new("y".repeat(200_000), "words", "v1"))
+        })
+    };
+    // The large request waits in the pool's queue behind `bye`. Its connection is open;
+    // the pause gives the daemon time to read it into the queue, where the defect showed.
+    // With the fix, the test passes whether it is queued by then or not.
+    common::wait_for_in_flight(&daemon.socket, "both requests open", |open| open >= 2);
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(pids.path().join("gate"), "").unwrap();
+    assert!(bye.join().unwrap().ok);
+    let big = big.join().unwrap().expect("an answer to the large request");
+    assert!(
+        big.ok || big.error.as_deref().is_some_and(|e| e.contains("exited")),
+        "{big:?}"
+    );
+    assert_eq!(daemon.ok("x"), "x");
+    let helper = std::fs::read_to_string(pids.path().join("helper")).unwrap();
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(helper.trim().parse().unwrap()).unwrap(),
+        rustix::process::Signal::KILL,
+    );
+}
+
 /// Echoes `ops` and the request's id, except: `pid` answers its process id, `twice` prints
 /// two replies at once, `stale` first answers the previous request again (echoing its id).
 const TWO_REPLY_WORKER: &str = r#"

@@ -304,7 +304,8 @@ async fn idle(
             Err(e) => format!("could not be read from: {e}"),
         })
     };
-    job.or(gone).or(output).await
+    // The exit first: a worker that has just exited must not be given the next job.
+    gone.or(job).or(output).await
 }
 
 /// Looks, without waiting, for output from a worker that owes no reply: `Some(why)` if
@@ -335,20 +336,28 @@ fn stray(buf: &[u8]) -> String {
 async fn exchange(
     stdin: &mut ChildStdin,
     stdout: &mut BufReader<ChildStdout>,
-    exited: Pin<&mut impl Future<Output = io::Result<ExitStatus>>>,
+    mut exited: Pin<&mut impl Future<Output = io::Result<ExitStatus>>>,
     line: &[u8],
     id: u64,
     deadline: Option<(Instant, Duration)>,
 ) -> Result<Result<String, String>, String> {
     let talk = async {
-        stdin
-            .write_all(line)
-            .await
-            .map_err(|e| format!("could not take the request: {e}"))?;
-        stdin
-            .flush()
-            .await
-            .map_err(|e| format!("could not take the request: {e}"))?;
+        let send = async {
+            stdin.write_all(line).await?;
+            stdin.flush().await
+        };
+        // A worker that exited while a process it started holds its stdin never reads the
+        // rest of a request larger than the pipe holds: its exit ends the wait.
+        let gone = async {
+            let _ = exited.as_mut().await;
+            Err(EXITED.to_owned())
+        };
+        async {
+            send.await
+                .map_err(|e| format!("could not take the request: {e}"))
+        }
+        .or(gone)
+        .await?;
         // A reply printed just before exiting is read first: `or` polls the read first, and
         // the reply is in the pipe before the exit can be seen.
         let read = async { Ok(read_line(stdout).await) };
