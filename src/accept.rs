@@ -99,8 +99,9 @@ pub(crate) async fn accept_loop<D: Dispatch>(
         // From here a client that connects is refused at once, as it is once the listener is
         // closed, rather than queued and then cut off when it closes: the queue only shrinks.
         let refusing = ours.load(Ordering::SeqCst) && sys::refuse_connections(listener.get_ref());
-        // A listener still open to newcomers (a service manager's) is taken from for as long
-        // as its queue at the stop can be, not for as long as clients keep connecting.
+        // A listener still open to newcomers (a service manager's, one a successor may hold,
+        // any where newcomers cannot be refused) is taken from for as long as its queue at
+        // the stop can be, not for as long as clients keep connecting.
         let most = match refusing {
             true => usize::MAX,
             false => LISTEN_BACKLOG as usize,
