@@ -50,6 +50,8 @@ pub struct RotatingFile {
     written: u64,
     /// Whether standard error follows the current file (see `redirect_stderr`).
     stderr: bool,
+    /// The full file has moved to `PATH.1` but no new one could be opened yet.
+    moved: bool,
 }
 
 impl RotatingFile {
@@ -77,6 +79,7 @@ impl RotatingFile {
             file,
             written,
             stderr: false,
+            moved: false,
         })
     }
 
@@ -121,20 +124,18 @@ impl RotatingFile {
     }
 
     /// Moves the files one step older and starts an empty current file.
+    ///
+    /// Should the new file fail to open (out of descriptors, say), the full one has moved to
+    /// `PATH.1` already: the next rotation only tries the open again. Moving the files once
+    /// more would delete an old one each time, and the rename of a `PATH` that is not there
+    /// would fail, so that logging stayed dead once descriptors were back.
     fn rotate(&mut self) -> io::Result<()> {
-        let _ = std::fs::remove_file(self.old(self.keep.max(1)));
-        if self.keep > 0 {
-            for n in (1..self.keep).rev() {
-                match std::fs::rename(self.old(n), self.old(n + 1)) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
-            }
-            std::fs::rename(&self.path, self.old(1))?;
-        } else {
-            std::fs::remove_file(&self.path)?;
+        if !self.moved {
+            self.move_files()?;
+            self.moved = true;
         }
         self.file = open_regular(&self.path)?;
+        self.moved = false;
         self.written = 0;
         if self.stderr {
             // Without this, standard error would keep writing into the renamed file.
@@ -142,11 +143,31 @@ impl RotatingFile {
         }
         Ok(())
     }
+
+    /// Deletes the oldest file and renames the others one step older, `PATH` to `PATH.1`
+    /// (or deletes `PATH` if none is kept). A `PATH` that is gone (removed by hand) is no
+    /// error: the open after this creates it again.
+    fn move_files(&self) -> io::Result<()> {
+        let gone_is_fine = |result: io::Result<()>| match result {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        let _ = std::fs::remove_file(self.old(self.keep.max(1)));
+        if self.keep == 0 {
+            return gone_is_fine(std::fs::remove_file(&self.path));
+        }
+        for n in (1..self.keep).rev() {
+            gone_is_fine(std::fs::rename(self.old(n), self.old(n + 1)))?;
+        }
+        gone_is_fine(std::fs::rename(&self.path, self.old(1)))
+    }
 }
 
 impl Write for RotatingFile {
     /// Writes `buf` whole into the current file, rotating first if it would not fit. A
     /// `buf` longer than a whole file is cut to `max_bytes` (the count returned says so).
+    /// If the rotation fails (the new file cannot be opened), nothing is written and the
+    /// error is returned; the next write tries the rotation again.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
@@ -175,6 +196,7 @@ impl fmt::Debug for RotatingFile {
             .field("keep", &self.keep)
             .field("written", &self.written)
             .field("stderr", &self.stderr)
+            .field("moved", &self.moved)
             .finish()
     }
 }
@@ -285,6 +307,18 @@ mod tests {
             std::fs::read(dir.path().join("k.log.1")).unwrap(),
             b"old old old\n"
         );
+    }
+
+    #[test]
+    fn a_file_removed_by_hand_is_created_again_at_the_next_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.log");
+        let mut log = RotatingFile::open(&path).unwrap().max_bytes(16);
+        log.write_all(b"first 0123456\n").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        log.write_all(b"second 012345\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second 012345\n");
+        assert!(!dir.path().join("k.log.1").exists());
     }
 
     #[test]

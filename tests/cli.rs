@@ -743,6 +743,72 @@ fn stop_says_when_the_drain_outlasts_it_and_a_second_stop_ends_it() {
     assert!(!place.socket.exists() && !place.pid_file.exists());
 }
 
+/// A worker in sh, given the test's directory as `$1`: `bg` starts a process that sleeps
+/// (its pid goes to the file `bg`), `hold` says `holding` on stderr and answers once the file
+/// `release` exists.
+const GROUP_WORKER: &str = r#"
+while read -r line; do
+    case "$line" in
+    *'"ops":"bg"'*)
+        sleep 1000 &
+        echo "$!" > "$1/bg"
+        echo '{"ok":true,"result":"started"}' ;;
+    *'"ops":"hold"'*)
+        echo holding >&2
+        while [ ! -e "$1/release" ]; do sleep 0.01; done
+        echo '{"ok":true,"result":"held"}' ;;
+    esac
+done
+"#;
+
+#[test]
+fn a_forced_stop_leaves_no_process_a_worker_started() {
+    let place = Place::new();
+    let dir = place.dir.path().to_str().unwrap();
+    let args = [
+        "--workers",
+        "2",
+        "--worker",
+        "sh",
+        "-c",
+        GROUP_WORKER,
+        "worker",
+        dir,
+    ];
+    let mut server = place.serve(&args);
+    let started = place.call("bg");
+    assert_eq!(stdout(&started), "started\n", "{}", stderr(&started));
+    let bg: u32 = std::fs::read_to_string(place.dir.path().join("bg"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        !common::process_exited(bg),
+        "the worker's child {bg} is not running"
+    );
+
+    // A request in flight holds the drain up, so that a second SIGTERM forces the stop.
+    let _held = Reaped(place.call_in_background(&["--timeout", "120", "hold"]));
+    wait_for_log(&server, "holding");
+    let term = || {
+        let pid = rustix::process::Pid::from_raw(server.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    };
+    term();
+    wait_for_log(&server, "draining 1 connection(s)");
+    term();
+    assert_eq!(server.wait().code(), Some(128 + 15), "{}", server.log());
+
+    // `shut_down` did not run, and the pool's drop killed the workers' process groups.
+    common::wait_until(
+        &format!("the worker's child {bg} outlived a forced stop"),
+        || common::process_exited(bg),
+    );
+    let left = processes_mentioning(place.dir.path());
+    assert!(left.is_empty(), "leftover processes: {left:?}");
+}
+
 #[test]
 fn a_worker_that_cannot_start_fails_requests_at_once() {
     let place = Place::new();

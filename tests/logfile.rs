@@ -1,14 +1,24 @@
-//! A `RotatingFile` that owns standard error keeps it on the newest file after a rotation.
-//!
-//! Pointing standard error elsewhere changes the whole process, so the scenario runs in a
-//! child: this test binary runs itself again with `KHIVED_TEST_STDERR_LOG` set.
+//! `RotatingFile` where its scenario changes the whole process: standard error pointed at the
+//! log, or the open-file limit lowered. Each runs in a child: this test binary runs itself
+//! again, that one test only, with `KHIVED_TEST_LOG_CHILD` set to the log's path.
 
 use std::io::Write;
+use std::path::Path;
 use std::process::Command;
 
 use khived::RotatingFile;
 
-const CHILD: &str = "KHIVED_TEST_STDERR_LOG";
+const CHILD: &str = "KHIVED_TEST_LOG_CHILD";
+
+/// Runs test `name` again in a child process, logging to `path`, and asserts it passed.
+fn run_in_child(name: &str, path: &Path) {
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture"])
+        .env(CHILD, path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the child failed: {status}");
+}
 
 #[test]
 fn standard_error_follows_the_newest_file_after_rotation() {
@@ -31,16 +41,10 @@ fn standard_error_follows_the_newest_file_after_rotation() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("daemon.log");
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "standard_error_follows_the_newest_file_after_rotation",
-            "--nocapture",
-        ])
-        .env(CHILD, &path)
-        .status()
-        .unwrap();
-    assert!(status.success(), "the child failed: {status}");
+    run_in_child(
+        "standard_error_follows_the_newest_file_after_rotation",
+        &path,
+    );
 
     let newest = std::fs::read_to_string(&path).unwrap();
     let older = std::fs::read_to_string(dir.path().join("daemon.log.1")).unwrap();
@@ -53,4 +57,68 @@ fn standard_error_follows_the_newest_file_after_rotation() {
         "standard error did not follow the rotation: newest {newest:?}, older {older:?}"
     );
     assert!(!older.contains("standard error"), "{older:?}");
+}
+
+/// Sets the process's soft limit on open files.
+fn set_open_file_limit(limit: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut rlimit = getrlimit(Resource::Nofile);
+    rlimit.current = Some(limit);
+    setrlimit(Resource::Nofile, rlimit).unwrap();
+}
+
+#[test]
+fn a_rotation_that_cannot_open_the_new_file_loses_no_old_file_and_recovers() {
+    let record = |i: u32| format!("record {i} xxxxxxxxxxxxxxxxxxxx\n");
+    if let Some(path) = std::env::var_os(CHILD) {
+        // The child: two records fill the file; the third rotates it while no descriptor is
+        // free.
+        let path = Path::new(&path);
+        let old = |n: u32| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(format!(".{n}"));
+            std::path::PathBuf::from(name)
+        };
+        let mut log = RotatingFile::open(path).unwrap().max_bytes(64).keep(2);
+        log.write_all(record(0).as_bytes()).unwrap();
+        log.write_all(record(1).as_bytes()).unwrap();
+        let lowest_free = {
+            use std::os::fd::AsRawFd;
+            std::fs::File::open("/dev/null").unwrap().as_raw_fd()
+        };
+        let before = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        set_open_file_limit(lowest_free as u64);
+        for i in 2..5 {
+            let error = log.write_all(record(i).as_bytes()).unwrap_err();
+            assert!(
+                error.to_string().contains("cannot open log file"),
+                "{error}"
+            );
+        }
+        // The failed attempts moved the full file once, and no further (`exists` needs no
+        // descriptor; reading does).
+        assert!(!path.exists());
+        assert!(!old(2).exists(), "a retry moved the old files again");
+        set_open_file_limit(before.unwrap_or(1024));
+        assert_eq!(
+            std::fs::read_to_string(old(1)).unwrap(),
+            record(0) + &record(1)
+        );
+        log.write_all(record(5).as_bytes()).unwrap();
+        log.write_all(record(6).as_bytes()).unwrap();
+        log.write_all(record(7).as_bytes()).unwrap();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("daemon.log");
+    run_in_child(
+        "a_rotation_that_cannot_open_the_new_file_loses_no_old_file_and_recovers",
+        &path,
+    );
+    // Logging went on once descriptors were back, and rotated as before.
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+    assert_eq!(read("daemon.log"), record(7));
+    assert_eq!(read("daemon.log.1"), record(5) + &record(6));
+    assert_eq!(read("daemon.log.2"), record(0) + &record(1));
+    assert!(!dir.path().join("daemon.log.3").exists());
 }

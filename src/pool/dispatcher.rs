@@ -265,5 +265,22 @@ impl Inner {
     }
 }
 
+impl Drop for Inner {
+    /// Kills what is left of each worker's process group, as `shut_down` does: it runs when
+    /// a forced stop skips `shut_down`, or when the daemon's future is dropped. Each worker
+    /// itself is killed as its `Child` is dropped (`kill_on_drop`), but not the processes it
+    /// started, which would otherwise live on as orphans.
+    fn drop(&mut self) {
+        for slot in &mut self.children {
+            let slot = slot
+                .get_mut()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(child) = slot.as_ref() {
+                worker::kill_group(child.id());
+            }
+        }
+    }
+}
+
 /// A mutex's contents, also after a panic elsewhere poisoned it (the data stays valid).
 pub(super) use crate::execution::lock;

@@ -39,7 +39,8 @@
 //!   one pipe's worth per turn and then lets the daemon's other tasks run, and waits while
 //!   over its rate, so a flood costs the daemon little and never delays its answers.
 //! - **No orphans**: each worker leads a process group of its own, and the whole group is
-//!   killed at each restart and at shutdown, so what a worker started does not outlive it
+//!   killed at each restart, at shutdown and when the pool is dropped (a forced stop, a
+//!   second signal, skips the shutdown), so what a worker started does not outlive it
 //!   (unless it left the group on purpose, with `setsid` or `setpgid`). Workers get
 //!   `PDEATHSIG=SIGKILL`, so they die with a daemon killed by SIGKILL. That is Linux only:
 //!   elsewhere such a worker lives on until it reads the end of its stdin (and exits, as at a
