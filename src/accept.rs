@@ -250,13 +250,13 @@ fn refuse_busy<D: Dispatch>(shared: &Shared<D>, stream: &UnixStream, max: usize)
 
 /// A warning logged at most once a second, with a count of those held back.
 #[derive(Debug, Default)]
-struct Throttled {
+pub(crate) struct Throttled {
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl Throttled {
-    fn warn(&mut self, message: &dyn Fn(u64) -> String) {
+    pub(crate) fn warn(&mut self, message: &dyn Fn(u64) -> String) {
         let now = Instant::now();
         if self
             .last

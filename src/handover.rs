@@ -148,13 +148,20 @@ impl Offer {
     /// serving, and this waits for the next one.
     pub(crate) async fn successor(&self, listener: BorrowedFd<'_>, pid_file: &File) -> Successor {
         let own_uid = rustix::process::geteuid().as_raw();
+        // Out of descriptors, an accept fails every time while a successor waits.
+        let mut failures = crate::accept::Throttled::default();
         loop {
             let accepted = crate::accept::when_ready(&self.listener).await;
             let stream = match accepted.and_then(|fd| Async::new_nonblocking(UnixStream::from(fd)))
             {
                 Ok(stream) => stream,
                 Err(e) => {
-                    log::warn!("handover socket: accept failed: {e}");
+                    failures.warn(&|suppressed| {
+                        format!(
+                            "handover socket: accept failed: {e}; retrying in 100ms \
+                             ({suppressed} similar failures not logged)"
+                        )
+                    });
                     Timer::after(Duration::from_millis(100)).await;
                     continue;
                 }

@@ -361,6 +361,39 @@ fn running_out_of_descriptors_is_survived() {
     }
 }
 
+/// Out of descriptors, a successor knocking on the handover socket fills no log: its accept
+/// fails every 100 ms, and the warning comes at most once a second.
+#[test]
+fn handover_accept_failures_out_of_descriptors_are_logged_once_a_second() {
+    let dir = temp_dir();
+    let env = [("KHIVED_TEST_NOFILE_ONCE_SERVING", "32")];
+    let daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
+    daemon.wait_for_log("open-file limit lowered to 32");
+    let _hogs: Vec<UnixStream> = (0..40)
+        .map(|_| UnixStream::connect(&daemon.socket).unwrap())
+        .collect();
+    daemon.wait_for_log("accept failed: Too many open files");
+    let _successor = UnixStream::connect(dir.path().join("k.handover")).unwrap();
+    let failures = || {
+        daemon
+            .log()
+            .matches("handover socket: accept failed")
+            .count()
+    };
+    daemon.wait_for_log("handover socket: accept failed: Too many open files");
+    let since = Instant::now();
+    std::thread::sleep(Duration::from_millis(2500));
+    // A slow machine only makes fewer attempts; unthrottled, 2.5 s made about 25 lines.
+    let most = since.elapsed().as_secs() as usize + 2;
+    let logged = failures();
+    assert!(
+        logged <= most,
+        "{logged} warnings in {:?}\n{}",
+        since.elapsed(),
+        daemon.log()
+    );
+}
+
 /// A daemon out of descriptors still stops when told, and still answers the clients queued
 /// on the listener: it takes them in as the drain gives descriptors back. Meanwhile a client
 /// that connects is refused at once rather than queued (Linux: a listener shut down for
