@@ -102,9 +102,10 @@ pub(crate) async fn accept_loop<D: Dispatch>(
         // A listener still open to newcomers (a service manager's, one a successor may hold,
         // any where newcomers cannot be refused) is taken from for as long as its queue at
         // the stop can be, not for as long as clients keep connecting.
-        let most = match refusing {
-            true => usize::MAX,
-            false => LISTEN_BACKLOG as usize,
+        let most = if refusing {
+            usize::MAX
+        } else {
+            LISTEN_BACKLOG as usize
         };
         let mut taken = take_in_queued(listener.get_ref(), &mut gate, most);
         if refusing && taken.as_ref().is_err_and(out_of_room) {

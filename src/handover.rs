@@ -117,6 +117,9 @@ pub(crate) struct Successor {
     pub(crate) pid: u32,
 }
 
+/// How long the handover socket waits after a failed accept (out of descriptors, say).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 impl Offer {
     /// Binds the handover socket beside `config.socket`. Called with the PID file's lock
     /// held and the socket bound: whatever is at the path is a leftover of an earlier daemon.
@@ -158,11 +161,11 @@ impl Offer {
                 Err(e) => {
                     failures.warn(&|suppressed| {
                         format!(
-                            "handover socket: accept failed: {e}; retrying in 100ms \
+                            "handover socket: accept failed: {e}; retrying in {ACCEPT_RETRY:?} \
                              ({suppressed} similar failures not logged)"
                         )
                     });
-                    Timer::after(Duration::from_millis(100)).await;
+                    Timer::after(ACCEPT_RETRY).await;
                     continue;
                 }
             };
