@@ -366,13 +366,14 @@ fn running_out_of_descriptors_is_survived() {
 #[test]
 fn handover_accept_failures_out_of_descriptors_are_logged_once_a_second() {
     let dir = temp_dir();
-    let env = [("KHIVED_TEST_NOFILE_ONCE_SERVING", "32")];
-    let daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
-    daemon.wait_for_log("open-file limit lowered to 32");
-    let _hogs: Vec<UnixStream> = (0..40)
-        .map(|_| UnixStream::connect(&daemon.socket).unwrap())
-        .collect();
-    daemon.wait_for_log("accept failed: Too many open files");
+    // A limit of 3 leaves no descriptor number free for good: every accept fails, however
+    // many connections close meanwhile. (With a limit above the descriptors in use, a probe's
+    // connection closing late frees a slot, and the successor may be taken in after all.)
+    // The daemon lowers the limit itself once it serves; a probe from here could be caught
+    // in the queue by it, so the test only reads the log.
+    let env = [("KHIVED_TEST_NOFILE_ONCE_SERVING", "3")];
+    let daemon = ChildDaemon::spawn(&dir.path().join("k.sock"), &env);
+    daemon.wait_for_log("open-file limit lowered to 3");
     let _successor = UnixStream::connect(dir.path().join("k.handover")).unwrap();
     let failures = || {
         daemon
