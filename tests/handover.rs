@@ -417,8 +417,11 @@ fn a_successor_gone_before_its_ready_is_read_changes_nothing() {
     wait_until("the daemon's thread to be held", || {
         held.load(Ordering::SeqCst)
     });
-    // Ready, and gone, while the daemon cannot read it.
+    // Ready, and gone, while the daemon cannot read it: shut down as a successor that gives
+    // up does, since a close alone leaves the connection open while a process another test
+    // starts holds a copy of its descriptor (between fork and exec).
     successor.write_all(&step("ready")).unwrap();
+    successor.shutdown(std::net::Shutdown::Both).unwrap();
     drop(successor);
     release.store(true, Ordering::SeqCst);
     assert!(holder.join().unwrap().ok);
