@@ -1,24 +1,59 @@
 //! A minimal logger for daemons that have none: one line per record, on standard error or
 //! into a size-bounded [`RotatingFile`].
 
-use std::fmt::Write as _;
-use std::io::Write;
+use std::fmt::{self, Write as _};
+use std::io::{self, Write};
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use log::{LevelFilter, Log, Metadata, Record};
+use log::{Level, LevelFilter, Log, Metadata, Record};
 
 use crate::logfile::RotatingFile;
 
-/// Where the lines go.
-enum Logger {
-    Stderr,
-    File(Mutex<RotatingFile>),
+/// Lines to standard error.
+struct StderrLogger;
+
+/// Lines to a log file. A type of its own, so that a program that logs to standard error
+/// carries none of the file's code.
+struct FileLogger(Mutex<FileSink>);
+
+/// The log file, and the records that could not be written to it since the last one that
+/// was (out of descriptors for a rotation, or out of disk): the next record that is written
+/// follows a warning that counts them, so that a gap in the log is never silent.
+struct FileSink {
+    file: RotatingFile,
+    lost: u64,
+    error: Option<io::Error>,
 }
 
-static STDERR_LOGGER: Logger = Logger::Stderr;
-static FILE_LOGGER: OnceLock<Logger> = OnceLock::new();
+impl FileSink {
+    fn write(&mut self, line: &str) {
+        if let Some(error) = &self.error {
+            let note = format_args!(
+                "{} log record(s) before this one were lost: {error}",
+                self.lost
+            );
+            if self
+                .file
+                .write_all(record_line(Level::Warn, note).as_bytes())
+                .is_err()
+            {
+                self.lost += 1;
+                return;
+            }
+            self.lost = 0;
+            self.error = None;
+        }
+        if let Err(e) = self.file.write_all(line.as_bytes()) {
+            self.lost += 1;
+            self.error = Some(e);
+        }
+    }
+}
+
+static STDERR_LOGGER: StderrLogger = StderrLogger;
+static FILE_LOGGER: OnceLock<FileLogger> = OnceLock::new();
 
 /// The longest record written, newline included: longer messages are cut, so that one
 /// record cannot take a whole log file.
@@ -47,6 +82,11 @@ pub fn init_stderr_logger(level: LevelFilter) -> bool {
 /// Only records go to the file: standard error is left alone, so a panic message still goes
 /// wherever it points.
 ///
+/// A record that cannot be written (the file could not be opened again at a rotation, out
+/// of descriptors say, or the disk is full) is counted, and the next one that is written
+/// follows a warning that says how many were lost and why, so a gap in the log is never
+/// silent.
+///
 /// ```no_run
 /// use khived::RotatingFile;
 ///
@@ -57,7 +97,13 @@ pub fn init_stderr_logger(level: LevelFilter) -> bool {
 /// ```
 pub fn init_file_logger(file: RotatingFile, level: LevelFilter) -> bool {
     let mut file = Some(file);
-    let logger = FILE_LOGGER.get_or_init(|| Logger::File(Mutex::new(file.take().unwrap())));
+    let logger = FILE_LOGGER.get_or_init(|| {
+        FileLogger(Mutex::new(FileSink {
+            file: file.take().unwrap(),
+            lost: 0,
+            error: None,
+        }))
+    });
     // A second call finds the first file in place: that logger may already be installed.
     if file.is_some() {
         return false;
@@ -65,7 +111,7 @@ pub fn init_file_logger(file: RotatingFile, level: LevelFilter) -> bool {
     install(logger, level)
 }
 
-fn install(logger: &'static Logger, level: LevelFilter) -> bool {
+fn install(logger: &'static dyn Log, level: LevelFilter) -> bool {
     if log::set_logger(logger).is_err() {
         return false;
     }
@@ -73,46 +119,58 @@ fn install(logger: &'static Logger, level: LevelFilter) -> bool {
     true
 }
 
-impl Log for Logger {
+impl Log for StderrLogger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
         metadata.level() <= log::max_level()
     }
 
     fn log(&self, record: &Record<'_>) {
-        if !self.enabled(record.metadata()) {
-            return;
-        }
-        let mut line = timestamp(SystemTime::now());
-        let _ = write!(
-            line,
-            " {}[{}] {} {}",
-            program_name(),
-            std::process::id(),
-            record.level(),
-            record.args()
-        );
-        if line.len() >= LONGEST_RECORD {
-            let mut end = LONGEST_RECORD - 16;
-            while !line.is_char_boundary(end) {
-                end -= 1;
-            }
-            line.truncate(end);
-            line.push_str(" [cut]");
-        }
-        line.push('\n');
-        // One write per line, so lines from several threads do not interleave.
-        match self {
-            Logger::Stderr => {
-                let _ = std::io::stderr().lock().write_all(line.as_bytes());
-            }
-            Logger::File(file) => {
-                let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
-                let _ = file.write_all(line.as_bytes());
-            }
+        if self.enabled(record.metadata()) {
+            // One write per line, so lines from several threads do not interleave.
+            let line = record_line(record.level(), *record.args());
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
         }
     }
 
     fn flush(&self) {}
+}
+
+impl Log for FileLogger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let line = record_line(record.level(), *record.args());
+            let mut sink = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            sink.write(&line);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// One record as a line: `2026-11-26T07:00:00.123Z NAME[PID] LEVEL message`, newline
+/// included, cut to [`LONGEST_RECORD`].
+fn record_line(level: Level, message: fmt::Arguments<'_>) -> String {
+    let mut line = timestamp(SystemTime::now());
+    let _ = write!(
+        line,
+        " {}[{}] {level} {message}",
+        program_name(),
+        std::process::id(),
+    );
+    if line.len() >= LONGEST_RECORD {
+        let mut end = LONGEST_RECORD - 16;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+        line.push_str(" [cut]");
+    }
+    line.push('\n');
+    line
 }
 
 /// The name the running program was started under (the file name of its first argument), so

@@ -1,5 +1,5 @@
-//! `RotatingFile` where its scenario changes the whole process: standard error pointed at the
-//! log, or the open-file limit lowered. Each runs in a child: this test binary runs itself
+//! `RotatingFile` and the file logger where a scenario changes the whole process: standard
+//! error pointed at the log, the open-file limit lowered, the process's logger installed. Each runs in a child: this test binary runs itself
 //! again, that one test only, with `KHIVED_TEST_LOG_CHILD` set to the log's path.
 
 use std::io::Write;
@@ -121,4 +121,52 @@ fn a_rotation_that_cannot_open_the_new_file_loses_no_old_file_and_recovers() {
     assert_eq!(read("daemon.log.1"), record(5) + &record(6));
     assert_eq!(read("daemon.log.2"), record(0) + &record(1));
     assert!(!dir.path().join("daemon.log.3").exists());
+}
+
+/// The file logger counts the records it could not write (a rotation out of descriptors)
+/// in a warning before the next record it writes: a gap in the log is never silent.
+#[test]
+fn records_the_file_logger_could_not_write_are_counted_in_the_log() {
+    let padding = "x".repeat(400);
+    if let Some(path) = std::env::var_os(CHILD) {
+        // The child: two records of about 480 bytes fill the file; the third rotates it
+        // while no descriptor is free, and so do the two after it.
+        let file = RotatingFile::open(path).unwrap().max_bytes(1024).keep(1);
+        assert!(khived::init_file_logger(file, log::LevelFilter::Info));
+        log::info!("record 0 {padding}");
+        log::info!("record 1 {padding}");
+        let lowest_free = {
+            use std::os::fd::AsRawFd;
+            std::fs::File::open("/dev/null").unwrap().as_raw_fd()
+        };
+        let before = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        set_open_file_limit(lowest_free as u64);
+        for i in 2..5 {
+            log::info!("record {i} {padding}");
+        }
+        set_open_file_limit(before.unwrap_or(1024));
+        log::info!("record 5 {padding}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("daemon.log");
+    run_in_child(
+        "records_the_file_logger_could_not_write_are_counted_in_the_log",
+        &path,
+    );
+    let old = std::fs::read_to_string(dir.path().join("daemon.log.1")).unwrap();
+    assert!(
+        old.contains(" INFO record 0 ") && old.contains(" INFO record 1 "),
+        "{old}"
+    );
+    let current = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = current.lines().collect();
+    assert_eq!(lines.len(), 2, "{current}");
+    assert!(
+        lines[0].contains(" WARN 3 log record(s) before this one were lost: cannot open log file")
+            && lines[0].ends_with("Too many open files (os error 24)"),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains(" INFO record 5 "), "{}", lines[1]);
 }
