@@ -442,6 +442,45 @@ fn a_stop_out_of_descriptors_still_answers_the_queued_clients() {
     assert_eq!(daemon.wait(Duration::from_secs(60)).code(), Some(0));
 }
 
+/// A daemon out of descriptors with no connection left to give one back stops at once: it
+/// says that the clients still queued are not taken in, and they are cut off, not left
+/// waiting for an answer that cannot come.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_stop_out_of_descriptors_with_nothing_to_drain_gives_up_the_queue() {
+    let dir = temp_dir();
+    // A limit of 3 leaves no descriptor number free: every accept fails, and no connection
+    // is open to close. The daemon lowers it itself once it serves (see the handover test).
+    // The drain would wait an hour: the stop ends because it gives up, not at a deadline.
+    let env = [
+        ("KHIVED_TEST_NOFILE_ONCE_SERVING", "3"),
+        ("KHIVE_DRAIN_TIMEOUT_SECS", "3600"),
+    ];
+    let mut daemon = ChildDaemon::spawn(&dir.path().join("k.sock"), &env);
+    daemon.wait_for_log("open-file limit lowered to 3");
+    let mut queued = UnixStream::connect(&daemon.socket).unwrap();
+    queued
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    queued
+        .write_all(&frame(&serde_json::to_vec(&request("queued")).unwrap()))
+        .unwrap();
+    daemon.wait_for_log("accept failed: Too many open files");
+    daemon.terminate();
+    assert_eq!(daemon.wait(Duration::from_secs(60)).code(), Some(0));
+    assert!(
+        daemon
+            .log()
+            .contains("accept failed while stopping: Too many open files"),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        common::is_closed(&mut queued),
+        "the queued client was left waiting"
+    );
+}
+
 #[test]
 fn connection_cap_follows_the_open_file_limit() {
     let dir = temp_dir();
