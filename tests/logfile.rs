@@ -59,6 +59,16 @@ fn standard_error_follows_the_newest_file_after_rotation() {
     assert!(!older.contains("standard error"), "{older:?}");
 }
 
+/// Lowers the soft limit on open files to the lowest free descriptor, so that no file can be
+/// opened; returns the limit before, for `set_open_file_limit`.
+fn leave_no_descriptor_free() -> u64 {
+    use std::os::fd::AsRawFd;
+    let lowest_free = std::fs::File::open("/dev/null").unwrap().as_raw_fd();
+    let before = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    set_open_file_limit(lowest_free as u64);
+    before.unwrap_or(1024)
+}
+
 /// Sets the process's soft limit on open files.
 fn set_open_file_limit(limit: u64) {
     use rustix::process::{getrlimit, setrlimit, Resource};
@@ -82,12 +92,7 @@ fn a_rotation_that_cannot_open_the_new_file_loses_no_old_file_and_recovers() {
         let mut log = RotatingFile::open(path).unwrap().max_bytes(64).keep(2);
         log.write_all(record(0).as_bytes()).unwrap();
         log.write_all(record(1).as_bytes()).unwrap();
-        let lowest_free = {
-            use std::os::fd::AsRawFd;
-            std::fs::File::open("/dev/null").unwrap().as_raw_fd()
-        };
-        let before = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-        set_open_file_limit(lowest_free as u64);
+        let before = leave_no_descriptor_free();
         for i in 2..5 {
             let error = log.write_all(record(i).as_bytes()).unwrap_err();
             assert!(
@@ -99,7 +104,7 @@ fn a_rotation_that_cannot_open_the_new_file_loses_no_old_file_and_recovers() {
         // descriptor; reading does).
         assert!(!path.exists());
         assert!(!old(2).exists(), "a retry moved the old files again");
-        set_open_file_limit(before.unwrap_or(1024));
+        set_open_file_limit(before);
         assert_eq!(
             std::fs::read_to_string(old(1)).unwrap(),
             record(0) + &record(1)
@@ -135,16 +140,11 @@ fn records_the_file_logger_could_not_write_are_counted_in_the_log() {
         assert!(khived::init_file_logger(file, log::LevelFilter::Info));
         log::info!("record 0 {padding}");
         log::info!("record 1 {padding}");
-        let lowest_free = {
-            use std::os::fd::AsRawFd;
-            std::fs::File::open("/dev/null").unwrap().as_raw_fd()
-        };
-        let before = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-        set_open_file_limit(lowest_free as u64);
+        let before = leave_no_descriptor_free();
         for i in 2..5 {
             log::info!("record {i} {padding}");
         }
-        set_open_file_limit(before.unwrap_or(1024));
+        set_open_file_limit(before);
         log::info!("record 5 {padding}");
         return;
     }
