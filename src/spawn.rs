@@ -173,8 +173,11 @@ impl Spawn {
     /// a regular file. The spawn lock cannot be created or taken in time; the command cannot
     /// be started; the
     /// started daemon exits before it answers (the error gives its exit status and the last
-    /// lines of its log) or does not answer within the ready timeout; or, once started, the
-    /// daemon cannot be connected to (as [`Client::connect`]).
+    /// lines of its log) or does not answer within the ready timeout; the PID file is held by
+    /// a daemon with nothing at this socket's path, one that serves another socket
+    /// ([`io::ErrorKind::AlreadyExists`], about a second after the start, not at the ready
+    /// timeout); or, once started, the daemon cannot be connected to (as
+    /// [`Client::connect`]).
     pub fn connect(mut self, timeout: Duration) -> io::Result<Client> {
         match self.usable(timeout) {
             Ok(Some(client)) => return Ok(client),
@@ -281,8 +284,15 @@ impl Spawn {
                 }
                 // Or to a daemon that is draining: once that one is gone, start ours again
                 // (once more if it was gone by the time we looked).
-                if !replacing && (self.wait_for_previous(deadline) || std::mem::take(&mut draining))
-                {
+                let gone = match replacing {
+                    true => false,
+                    false => match self.wait_for_previous(deadline) {
+                        Previous::Gone => true,
+                        Previous::Stayed => std::mem::take(&mut draining),
+                        Previous::Elsewhere(pid) => return Err(self.held_elsewhere(pid)),
+                    },
+                };
+                if gone {
                     child = self.command.spawn()?;
                     continue;
                 }
@@ -310,22 +320,70 @@ impl Spawn {
         }
     }
 
-    /// Whether a daemon held the PID file's lock and let go of it before `deadline`.
-    fn wait_for_previous(&self, deadline: Instant) -> bool {
-        if matches!(running_pid(&self.pid_file), Ok(None)) {
-            return false;
-        }
+    /// What becomes of a daemon that holds the PID file, waited for until `deadline`.
+    ///
+    /// A daemon draining for our socket keeps the socket file until it exits (it removes it
+    /// just before the PID file), and one starting binds it just after it takes the PID
+    /// file: a holder seen for [`ELSEWHERE_AFTER`] with no file at our socket's path serves
+    /// another socket, and waiting for it to let go would only wait out the deadline.
+    fn wait_for_previous(&self, deadline: Instant) -> Previous {
+        let mut holder = match running_pid(&self.pid_file) {
+            Ok(None) => return Previous::Stayed,
+            Ok(pid) => pid,
+            Err(_) => None,
+        };
+        let mut no_socket_since = None;
         while Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
-            if matches!(running_pid(&self.pid_file), Ok(None)) {
-                return true;
+            let pid = match running_pid(&self.pid_file) {
+                Ok(None) => return Previous::Gone,
+                Ok(Some(pid)) => pid,
+                Err(_) => continue,
+            };
+            let no_socket = std::fs::symlink_metadata(&self.socket)
+                .is_err_and(|e| e.kind() == io::ErrorKind::NotFound);
+            no_socket_since = match (no_socket, no_socket_since) {
+                (true, Some(since)) if holder == Some(pid) => Some(since),
+                (true, _) => Some(Instant::now()),
+                (false, _) => None,
+            };
+            holder = Some(pid);
+            if no_socket_since.is_some_and(|since| since.elapsed() >= ELSEWHERE_AFTER) {
+                return Previous::Elsewhere(pid);
             }
         }
-        false
+        Previous::Stayed
+    }
+
+    /// The error for a PID file held by the daemon of another socket.
+    fn held_elsewhere(&self, pid: u32) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "cannot start the daemon: pid {pid} holds {} but nothing is at {}: it serves \
+                 another socket with the same PID file (or its socket was removed); give each \
+                 socket a PID file of its own (by default the one beside it)",
+                self.pid_file.display(),
+                self.socket.display()
+            ),
+        )
     }
 }
 
-/// The spawn lock beside the socket: `<socket>.spawn.lock`.
+/// How long a daemon holding the PID file, with nothing at our socket's path, is taken for
+/// one that is starting or about to exit, each a matter of a few system calls.
+const ELSEWHERE_AFTER: Duration = Duration::from_secs(1);
+
+/// What became of the daemon in the way of ours; see [`Spawn::wait_for_previous`].
+enum Previous {
+    /// It let go of the PID file: ours may start.
+    Gone,
+    /// It still holds it at the deadline, or none held it when we looked.
+    Stayed,
+    /// It holds it, and serves another socket: this pid.
+    Elsewhere(u32),
+}
+
 /// Whether a probe's `response` comes from a daemon that serves `namespace` and `config_id`
 /// at this crate's protocol version or newer: one that needs no replacing.
 fn serves(response: &crate::Response, namespace: &str, config_id: &str) -> bool {
@@ -336,6 +394,7 @@ fn serves(response: &crate::Response, namespace: &str, config_id: &str) -> bool 
         })
 }
 
+/// The spawn lock beside the socket: `<socket>.spawn.lock`.
 fn lock_path(socket: &Path) -> PathBuf {
     let mut name = socket.file_name().unwrap_or_default().to_owned();
     name.push(".spawn.lock");

@@ -158,6 +158,33 @@ fn spawn_waits_for_a_draining_daemon_through_the_pid_file_beside_the_socket() {
 }
 
 #[test]
+fn spawn_names_a_pid_file_held_for_another_socket_instead_of_waiting_it_out() {
+    let dir = temp_dir();
+    let running = ChildDaemon::start(&dir.path().join("a.sock"), &[]);
+    let socket = dir.path().join("b.sock");
+    // b.sock's daemon is told to use a.sock's PID file, which a.sock's daemon holds for as
+    // long as it runs: however long the spawner waited, the PID file would not come free.
+    let mut command = common::child_command(&socket, &[]);
+    command.env("KHIVE_PID", &running.pid_file);
+    // Long enough for any machine to start and look; without the check it is waited out.
+    let spawned = khived::Spawn::new(&socket, command)
+        .pid_file(&running.pid_file)
+        .ready_timeout(Duration::from_secs(60))
+        .connect(Duration::from_secs(10));
+    let e = spawned.expect_err("no daemon can start on b.sock");
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+    let text = e.to_string();
+    let holder = format!("pid {} holds {}", running.pid(), running.pid_file.display());
+    assert!(text.contains(&holder), "{text}");
+    assert!(text.contains("serves another socket"), "{text}");
+    assert!(!socket.exists(), "nothing was bound on b.sock");
+    assert!(
+        khived::probe(&running.socket, Duration::from_secs(10)).is_ok(),
+        "the running daemon goes on"
+    );
+}
+
+#[test]
 fn second_signal_during_the_drain_exits_at_once() {
     let dir = temp_dir();
     // Never released, and a drain timeout no run reaches: only the second signal can end
