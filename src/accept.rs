@@ -7,7 +7,6 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -32,30 +31,44 @@ const ADMIT_BATCH: u32 = 32;
 /// Descriptors kept free for the daemon's own use when the open-file limit caps connections.
 const FD_RESERVE: u64 = 32;
 
-/// Accepts connections and spawns a task for each, until `closing` is set. Runs as a task of
-/// its own, not inside the supervisor's future, which is polled again whenever the executor's
-/// loop is woken.
+/// How far the accept task has come in a stop: set in this order, each once.
+#[derive(Debug, Default)]
+pub(crate) struct Closing {
+    /// Set by the shutdown when someone else (a successor in the middle of a handover) may
+    /// hold the listening socket and go on with it: it is not closed to newcomers then.
+    pub(crate) lent: Flag,
+    /// Set by the shutdown: accept no more.
+    pub(crate) asked: Flag,
+    /// This daemon no longer takes in connections, or, when a stop finds no descriptor for
+    /// the clients queued, only they are left: the drain that gives descriptors back may
+    /// begin while the task waits for them.
+    pub(crate) closed: Flag,
+    /// The task has ended: no connection is taken in any more. Set however it ends, a panic
+    /// included, so that the shutdown never waits for ever.
+    pub(crate) ended: Flag,
+}
+
+/// Accepts connections and spawns a task for each, until `closing.asked` is set. Runs as a
+/// task of its own, not inside the supervisor's future, which is polled again whenever the
+/// executor's loop is woken.
 ///
 /// The executor is held weakly: this task lives in it, and a strong hold would keep it, its
 /// tasks and their connections alive for ever after a daemon's future is dropped unfinished.
 ///
-/// `ours`: no one else (a service manager, a successor in the middle of a handover) holds
-/// the listening socket, as the shutdown finds it, so it may then be closed to newcomers
-/// while the clients queued on it are taken in.
-/// `closed` is set once this daemon no longer takes in connections, or, when a stop finds no
-/// descriptor for the queued ones, once only they are left: the drain that gives descriptors
-/// back may then begin while this task waits for them.
+/// `activated`: the listening socket is a service manager's, which keeps it open to
+/// newcomers for the next start.
 pub(crate) async fn accept_loop<D: Dispatch>(
     listener: Async<UnixListener>,
     shared: Arc<Shared<D>>,
     executor: Weak<Executor<'static>>,
     max_connections: usize,
-    closing: Arc<Flag>,
-    ours: Arc<AtomicBool>,
-    closed: Arc<Flag>,
+    activated: bool,
+    closing: Arc<Closing>,
 ) {
-    // Set however the task ends, a panic included, so that the shutdown never waits for ever.
-    let closed = SetOnDrop(closed);
+    // Dropped in the reverse order: at the end, `ended` is set before `closed`, so that a
+    // shutdown woken by `closed` finds the task ended.
+    let closed = SetOnDrop(Arc::clone(&closing), |closing| &closing.closed);
+    let _ended = SetOnDrop(Arc::clone(&closing), |closing| &closing.ended);
     let mut gate = Gate {
         shared,
         executor,
@@ -67,13 +80,13 @@ pub(crate) async fn accept_loop<D: Dispatch>(
     let mut admitted = 0;
     loop {
         // While connections are queued, or accepting fails at once (out of descriptors), the
-        // accept below is ready first and wins every race with `closing`.
-        if closing.is_set() {
+        // accept below is ready first and wins every race with the shutdown.
+        if closing.asked.is_set() {
             break;
         }
         let accepted = async { Some(when_ready(&listener).await) }
             .or(async {
-                closing.wait().await;
+                closing.asked.wait().await;
                 None
             })
             .await;
@@ -89,7 +102,7 @@ pub(crate) async fn accept_loop<D: Dispatch>(
                 }
             }
             // A shutdown does not wait for the back-off to end.
-            Some(Err(e)) => backoff.failed(e).or(closing.wait()).await,
+            Some(Err(e)) => backoff.failed(e).or(closing.asked.wait()).await,
         }
     }
     // Clients the kernel queued before the shutdown have connected and may have sent their
@@ -98,7 +111,9 @@ pub(crate) async fn accept_loop<D: Dispatch>(
     if !gate.shared.handed_over.is_set() {
         // From here a client that connects is refused at once, as it is once the listener is
         // closed, rather than queued and then cut off when it closes: the queue only shrinks.
-        let refusing = ours.load(Ordering::SeqCst) && sys::refuse_connections(listener.get_ref());
+        // Only a listener no one else holds is closed to newcomers.
+        let ours = !activated && !closing.lent.is_set();
+        let refusing = ours && sys::refuse_connections(listener.get_ref());
         // A listener still open to newcomers (a service manager's, one a successor may hold,
         // any where newcomers cannot be refused) is taken from for as long as its queue at
         // the stop can be, not for as long as clients keep connecting.
@@ -110,12 +125,11 @@ pub(crate) async fn accept_loop<D: Dispatch>(
         let mut taken = take_in_queued(listener.get_ref(), &mut gate, most);
         if refusing && taken.as_ref().is_err_and(out_of_room) {
             // The drain gives descriptors back as connections close, so it begins now, and
-            // waits for the queue: this task counts as one connection meanwhile.
-            let counted = gate.shared.in_flight.enter();
-            closed.0.set();
+            // waits for this task to end as well as for its connections.
+            drop(closed);
             backoff.reset();
             while let Err(e) = taken {
-                if gate.shared.in_flight.get() == 1 {
+                if gate.shared.in_flight.get() == 0 {
                     // No connection is left to give a descriptor back.
                     taken = Err(e);
                     break;
@@ -123,14 +137,12 @@ pub(crate) async fn accept_loop<D: Dispatch>(
                 backoff.failed(e).await;
                 taken = take_in_queued(listener.get_ref(), &mut gate, most);
             }
-            drop(counted);
         }
         if let Err(e) = taken {
             log::warn!("accept failed while stopping: {e}; clients still queued are not taken in");
         }
     }
     drop(listener);
-    drop(closed);
 }
 
 /// Whether an accept failed for want of descriptors or memory, which closing connections
@@ -142,12 +154,12 @@ fn out_of_room(e: &io::Error) -> bool {
         .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
 }
 
-/// Sets its flag when dropped.
-struct SetOnDrop(Arc<Flag>);
+/// Sets one of the stop's flags when dropped.
+struct SetOnDrop(Arc<Closing>, fn(&Closing) -> &Flag);
 
 impl Drop for SetOnDrop {
     fn drop(&mut self) {
-        self.0.set();
+        (self.1)(&self.0).set();
     }
 }
 

@@ -5,7 +5,6 @@
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use async_signal::{Signal, Signals};
 use futures_lite::future::{self, FutureExt};
 use futures_lite::StreamExt;
 
-use crate::accept::{accept_loop, connection_cap};
+use crate::accept::{accept_loop, connection_cap, Closing};
 use crate::config::Config;
 use crate::dispatch::Dispatch;
 use crate::execution;
@@ -397,9 +396,7 @@ async fn supervise<D: Dispatch>(
         },
         false => None,
     };
-    let closing = Arc::new(Flag::default());
-    let closed = Arc::new(Flag::default());
-    let ours = Arc::new(AtomicBool::new(!listening.activated));
+    let closing = Arc::new(Closing::default());
     execution::spawn_task(
         executor,
         accept_loop(
@@ -407,9 +404,8 @@ async fn supervise<D: Dispatch>(
             Arc::clone(shared),
             Arc::downgrade(executor),
             listening.max_connections,
+            listening.activated,
             Arc::clone(&closing),
-            Arc::clone(&ours),
-            Arc::clone(&closed),
         ),
     )
     .detach();
@@ -447,11 +443,11 @@ async fn supervise<D: Dispatch>(
     }
     // Stopped in the middle of a handover, a successor may hold the listener and go on with it.
     if offer.as_ref().is_some_and(handover::Offer::lent) {
-        ours.store(false, Ordering::SeqCst);
+        closing.lent.set();
     }
-    closing.set();
+    closing.asked.set();
     // The task may go on to take in queued clients as the drain gives back descriptors.
-    closed.wait().await;
+    closing.closed.wait().await;
     drop(listener_fd);
     // A successor binds its own handover socket once told that we stopped accepting.
     drop(offer);
@@ -466,16 +462,21 @@ async fn supervise<D: Dispatch>(
     };
     shared.draining.set();
     let drain = shared.config.drain_timeout;
+    let open = shared.in_flight.get();
+    // Out of descriptors, the clients still queued are taken in as the drain frees some.
+    let queued = match closing.ended.is_set() {
+        true => "",
+        false => " and the clients queued as descriptors come free",
+    };
     shared.notify(&format!(
-        "STOPPING=1\nSTATUS=draining {} connection(s)",
-        shared.in_flight.get()
+        "STOPPING=1\nSTATUS=draining {open} connection(s){queued}"
     ));
     log::info!(
-        "stopping ({reason}): listener closed, draining {} connection(s) for up to {drain:?}",
-        shared.in_flight.get()
+        "stopping ({reason}): listener closed, draining {open} connection(s){queued} for up to {drain:?}"
     );
 
     let drained = async {
+        closing.ended.wait().await;
         shared.in_flight.until_zero().await;
         Stopped::Drained
     }

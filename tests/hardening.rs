@@ -426,6 +426,14 @@ fn a_stop_out_of_descriptors_still_answers_the_queued_clients() {
     daemon.wait_for_log("accept failed: Too many open files");
     daemon.terminate();
     daemon.wait_for_log("stopping (SIGTERM received)");
+    // None of the connections taken in can end before the gate opens, nor can the take-in.
+    assert!(
+        daemon
+            .log()
+            .contains(" connection(s) and the clients queued as descriptors come free for up to"),
+        "{}",
+        daemon.log()
+    );
     // The daemon still holds the listener for the clients it could not take in yet.
     let late = UnixStream::connect(&daemon.socket).map(|_| ());
     assert_eq!(
@@ -468,13 +476,13 @@ fn a_stop_out_of_descriptors_with_nothing_to_drain_gives_up_the_queue() {
     daemon.wait_for_log("accept failed: Too many open files");
     daemon.terminate();
     assert_eq!(daemon.wait(Duration::from_secs(60)).code(), Some(0));
+    let log = daemon.log();
     assert!(
-        daemon
-            .log()
-            .contains("accept failed while stopping: Too many open files"),
-        "{}",
-        daemon.log()
+        log.contains("accept failed while stopping: Too many open files"),
+        "{log}"
     );
+    // The take-in is waited for, but is not a connection.
+    assert!(log.contains("draining 0 connection(s)"), "{log}");
     assert!(
         common::is_closed(&mut queued),
         "the queued client was left waiting"
