@@ -343,8 +343,11 @@ async fn exchange(
 ) -> Result<Result<String, String>, String> {
     let talk = async {
         let send = async {
-            stdin.write_all(line).await?;
-            stdin.flush().await
+            let sent = match stdin.write_all(line).await {
+                Ok(()) => stdin.flush().await,
+                Err(e) => Err(e),
+            };
+            sent.map_err(|e| format!("could not take the request: {e}"))
         };
         // A worker that exited while a process it started holds its stdin never reads the
         // rest of a request larger than the pipe holds: its exit ends the wait.
@@ -352,12 +355,7 @@ async fn exchange(
             let _ = exited.as_mut().await;
             Err(EXITED.to_owned())
         };
-        async {
-            send.await
-                .map_err(|e| format!("could not take the request: {e}"))
-        }
-        .or(gone)
-        .await?;
+        send.or(gone).await?;
         // A reply printed just before exiting is read first: `or` polls the read first, and
         // the reply is in the pipe before the exit can be seen.
         let read = async { Ok(read_line(stdout).await) };
