@@ -417,16 +417,20 @@ impl Handshake {
             Ok(_) => Ok(()),
             // It died after handing over: the listener is ours alone already.
             Err(_) if !crate::pidfile::is_process_running(from) => Ok(()),
-            Err(e) => {
-                // Gone for the daemon we asked even while a process this one starts holds a
-                // copy of the descriptor (between its fork and its exec): if it reads our
-                // `ready` only now, it sees that nobody is left to take over.
-                let _ = self.stream.shutdown(std::net::Shutdown::Both);
-                Err(io::Error::new(
-                    e.kind(),
-                    format!("pid {from} did not stop accepting after the handover: {e}"),
-                ))
-            }
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("pid {from} did not stop accepting after the handover: {e}"),
+            )),
         }
+    }
+}
+
+impl Drop for Handshake {
+    /// Gone for the daemon we asked, whichever way this one's start ends (ready, given up,
+    /// cut short), even while a process this one starts holds a copy of the descriptor
+    /// (between its fork and its exec): if it reads our `ready` only now, it sees that
+    /// nobody is left to take over.
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }

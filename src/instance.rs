@@ -28,7 +28,9 @@ pub(crate) const LISTEN_BACKLOG: i32 = 1024;
 /// What a running daemon owns on the file system, removed when it stops if still its own.
 #[derive(Debug)]
 pub(crate) struct Instance {
-    pid_file: File,
+    /// `None` once handed over: the successor's copy of the descriptor holds the lock, and
+    /// ours must not hold it for our drain, past a successor that dies meanwhile.
+    pid_file: Option<File>,
     pid_path: PathBuf,
     socket_path: PathBuf,
     /// Device and inode of the socket we bound: a socket put there by anyone else survives.
@@ -70,7 +72,7 @@ impl Instance {
 
     fn new(config: &Config, pid_file: File, socket_id: Option<(u64, u64)>) -> Instance {
         Instance {
-            pid_file,
+            pid_file: Some(pid_file),
             pid_path: config.pid_file.clone(),
             socket_path: config.socket.clone(),
             socket_id,
@@ -79,13 +81,18 @@ impl Instance {
     }
 
     /// What a predecessor handed over (see `handover`): its socket, which stays where it is,
-    /// and its PID file, whose lock came with the descriptor. Our PID goes in with
-    /// [`write_our_pid`](Self::write_our_pid) once the predecessor has stopped accepting.
+    /// and its PID file, whose lock came with the descriptor. They become ours, to be removed
+    /// when we stop, only when our PID goes in, with [`write_our_pid`](Self::write_our_pid),
+    /// once the predecessor has stopped accepting: a start cut short before then (its future
+    /// dropped, a panic, the predecessor refusing) leaves them to the predecessor, which
+    /// serves on.
     pub(crate) fn taken_over(config: &Config, pid_file: File) -> Instance {
         let socket_id = fs::symlink_metadata(&config.socket)
             .ok()
             .map(|meta| (meta.dev(), meta.ino()));
-        Instance::new(config, pid_file, socket_id)
+        let mut instance = Instance::new(config, pid_file, socket_id);
+        instance.cleaned = true;
+        instance
     }
 
     /// Whether the socket and the PID file taken over are still where they were. A
@@ -94,22 +101,33 @@ impl Instance {
         let socket = fs::symlink_metadata(&self.socket_path).map(|meta| (meta.dev(), meta.ino()));
         self.socket_id.is_some()
             && socket.ok() == self.socket_id
-            && same_file(&self.pid_file, &self.pid_path)
+            && self
+                .pid_file
+                .as_ref()
+                .is_some_and(|file| same_file(file, &self.pid_path))
     }
 
-    /// Writes our PID into the PID file, whose lock we hold.
+    /// Writes our PID into the PID file, whose lock we hold; from now on the files are ours.
     pub(crate) fn write_our_pid(&mut self) -> io::Result<()> {
-        write_pid(&mut self.pid_file)
+        let file = self.pid_file.as_mut().ok_or(io::ErrorKind::NotFound)?;
+        write_pid(file)?;
+        self.cleaned = false;
+        Ok(())
     }
 
-    /// The open PID file, whose descriptor carries the lock to a successor.
-    pub(crate) fn pid_file(&self) -> &File {
-        &self.pid_file
+    /// The open PID file, whose descriptor carries the lock to a successor; `None` once
+    /// handed over.
+    pub(crate) fn pid_file(&self) -> Option<&File> {
+        self.pid_file.as_ref()
     }
 
-    /// The files are a successor's now: they stay when this daemon stops.
+    /// The files are a successor's now: they stay when this daemon stops, and our copy of
+    /// the PID file's descriptor is closed, so that the lock is the successor's alone (were
+    /// it to die, the file would otherwise stay locked, naming a dead process, until our
+    /// drain ends).
     pub(crate) fn handed_over(&mut self) {
         self.cleaned = true;
+        self.pid_file = None;
     }
 
     /// Removes the socket and the PID file, each only if it is still ours.
@@ -130,8 +148,10 @@ impl Instance {
             ),
             Err(_) => {}
         }
-        let ours = read_pid(&mut self.pid_file) == Some(std::process::id())
-            && same_file(&self.pid_file, &self.pid_path);
+        let Some(file) = self.pid_file.as_mut() else {
+            return;
+        };
+        let ours = read_pid(file) == Some(std::process::id()) && same_file(file, &self.pid_path);
         if ours {
             if let Err(e) = fs::remove_file(&self.pid_path) {
                 log::warn!("cannot remove {}: {e}", self.pid_path.display());

@@ -365,15 +365,12 @@ async fn supervise<D: Dispatch>(
         let from = handshake.from;
         // One turn of the executor first: the warming task starts.
         future::yield_now().await;
-        if let Err(e) = handshake.ready() {
-            // The files are still the predecessor's, which goes on serving.
-            instance.handed_over();
-            return Err(e);
-        }
+        // Until our PID is in, the files are still the predecessor's: none is removed when
+        // we return early.
+        handshake.ready()?;
         // Gone without saying `stopped`: killed, and its files are ours, or told to stop,
         // and it removed them. Serving on then would leave a daemon nobody can reach.
         if !instance.in_place() {
-            instance.handed_over();
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!(
@@ -425,13 +422,13 @@ async fn supervise<D: Dispatch>(
         }
     })
     .or(async {
-        match &offer {
-            Some(offer) => {
-                let successor = offer.successor(listener_fd.as_fd(), instance.pid_file());
+        match (&offer, instance.pid_file()) {
+            (Some(offer), Some(pid_file)) => {
+                let successor = offer.successor(listener_fd.as_fd(), pid_file);
                 let successor = handover::out_of_line(successor).await;
                 Reason::HandedOver(successor)
             }
-            None => future::pending().await,
+            _ => future::pending().await,
         }
     })
     .await;

@@ -15,10 +15,16 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::{process_exited, temp_dir, wait_until};
+use common::{process_exited, start_held_request, temp_dir, wait_until, ChildDaemon};
 use khived::{Client, Request};
+use rustix::process::Signal;
 
 const KHIVED: &str = env!("CARGO_BIN_EXE_khived");
+
+#[test]
+fn child_daemon() {
+    common::child_main();
+}
 
 struct Place {
     dir: tempfile::TempDir,
@@ -633,4 +639,65 @@ fn a_handover_is_refused_to_another_user() {
     std::fs::set_permissions(place.dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     assert_eq!(place.pid_of_answer("echo"), pid);
     assert_eq!(khived::running_pid(&place.pid_file).unwrap(), Some(pid));
+}
+
+/// A successor whose start is cut short before it says `ready` (an embedder drops its
+/// `run` future) has the descriptors but not the files: they are still the predecessor's,
+/// which serves on, on a socket that is still there.
+#[test]
+fn a_successor_dropped_before_it_is_ready_leaves_its_predecessor_the_files() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let old = ChildDaemon::start(&socket, &[]);
+    let mut config = khived::Config::at(&socket);
+    config.replace = true;
+    config.handle_signals = false;
+    let successor = khived::Daemon::new(config, common::TestDispatch::default());
+    let mut run = Box::pin(successor.run());
+    // The first poll takes the descriptors and stops at the executor's first turn, before
+    // `ready` is said.
+    let polled = futures_lite::future::block_on(futures_lite::future::poll_once(&mut run));
+    assert!(polled.is_none(), "the start ended at once: {polled:?}");
+    drop(run);
+    assert!(socket.exists(), "the predecessor's socket was removed");
+    old.wait_for_log("handover failed, still serving");
+    let info = khived::probe(&socket, Duration::from_secs(10)).unwrap();
+    assert_eq!(info.pid, old.pid());
+    assert_eq!(khived::running_pid(&old.pid_file).unwrap(), Some(old.pid()));
+}
+
+/// A predecessor that has handed over lets go of the PID file at once, though it drains on
+/// for as long as its requests take: were its successor to die meanwhile, the file would
+/// stay locked, naming a dead process, and no daemon could start until the drain ended.
+#[test]
+fn a_successor_killed_while_its_predecessor_drains_leaves_the_pid_file_to_the_next() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let release = dir.path().join("release");
+    let mut old = ChildDaemon::start(&socket, &[("KHIVE_DRAIN_TIMEOUT_SECS", "600")]);
+    let held = start_held_request(&old, &release);
+    let mut new = ChildDaemon::spawn(&socket, &[("KHIVE_REPLACE", "1")]);
+    new.wait_for_log(&format!("took over from pid {}", old.pid()));
+    old.wait_for_log(&format!("handed over to pid {}", new.pid()));
+    new.signal(Signal::KILL);
+    new.wait(Duration::from_secs(20));
+    // The old daemon still drains, and holds nothing.
+    assert!(!process_exited(old.pid()));
+    assert_eq!(khived::running_pid(&old.pid_file).unwrap(), None);
+    let next = ChildDaemon::start(&socket, &[]);
+    assert_eq!(
+        khived::running_pid(&next.pid_file).unwrap(),
+        Some(next.pid())
+    );
+    std::fs::write(&release, "").unwrap();
+    assert!(
+        held.join().unwrap().unwrap().ok,
+        "the held request is answered"
+    );
+    assert_eq!(
+        old.wait(Duration::from_secs(20)).code(),
+        Some(0),
+        "{}",
+        old.log()
+    );
 }

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixListener;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::{request, temp_dir, ChildDaemon};
+use common::{request, start_held_request, temp_dir, ChildDaemon};
 use rustix::process::Signal;
 
 /// Entry point of the child daemons; does nothing in a normal test run.
@@ -38,24 +38,6 @@ fn sigint_stops_like_sigterm() {
     daemon.signal(Signal::INT);
     assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
     assert!(!daemon.socket.exists());
-}
-
-/// Starts a request that the daemon holds until the file `release` exists, and waits until
-/// the daemon holds it.
-fn start_held_request(
-    daemon: &ChildDaemon,
-    release: &std::path::Path,
-) -> std::thread::JoinHandle<std::io::Result<khived::Response>> {
-    let socket = daemon.socket.clone();
-    let ops = format!("until:{}", release.display());
-    let log_line = format!("test dispatcher: {ops} started");
-    let held = std::thread::spawn(move || {
-        // Answered only once released: the deadline only keeps a failure from hanging.
-        let mut client = khived::Client::connect(&socket, Duration::from_secs(120))?;
-        client.request(&request(&ops))
-    });
-    daemon.wait_for_log(&log_line);
-    held
 }
 
 #[test]

@@ -455,6 +455,24 @@ impl ChildDaemon {
     }
 }
 
+/// Starts a request that the daemon holds until the file `release` exists, and waits until
+/// the daemon holds it.
+pub fn start_held_request(
+    daemon: &ChildDaemon,
+    release: &std::path::Path,
+) -> JoinHandle<io::Result<Response>> {
+    let socket = daemon.socket.clone();
+    let ops = format!("until:{}", release.display());
+    let log_line = format!("test dispatcher: {ops} started");
+    let held = std::thread::spawn(move || {
+        // Answered only once released: the deadline only keeps a failure from hanging.
+        let mut client = Client::connect(&socket, Duration::from_secs(120))?;
+        client.request(&request(&ops))
+    });
+    daemon.wait_for_log(&log_line);
+    held
+}
+
 /// Waits for `child` to exit, failing the test after `timeout` with `log()` in the message.
 pub fn wait_exit(child: &mut Child, timeout: Duration, log: impl Fn() -> String) -> ExitStatus {
     let deadline = Instant::now() + timeout;
