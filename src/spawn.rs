@@ -173,7 +173,9 @@ impl Spawn {
     /// a regular file. The spawn lock cannot be created or taken in time; the command cannot
     /// be started; the
     /// started daemon exits before it answers (the error gives its exit status and the last
-    /// lines of its log) or does not answer within the ready timeout; the PID file is held by
+    /// lines of its log) or does not answer within the ready timeout
+    /// ([`io::ErrorKind::TimedOut`]; naming the daemon that still holds the PID file, if one
+    /// other than ours does, such as one still draining); the PID file is held by
     /// a daemon with nothing at this socket's path, one that serves another socket
     /// ([`io::ErrorKind::AlreadyExists`], about a second after the start, not at the ready
     /// timeout); or, once started, the daemon cannot be connected to (as
@@ -288,7 +290,8 @@ impl Spawn {
                     true => false,
                     false => match self.wait_for_previous(deadline) {
                         Previous::Gone => true,
-                        Previous::Stayed => std::mem::take(&mut draining),
+                        Previous::NoneHeld => std::mem::take(&mut draining),
+                        Previous::Stayed(pid) => return Err(self.still_held(pid)),
                         Previous::Elsewhere(pid) => return Err(self.held_elsewhere(pid)),
                     },
                 };
@@ -303,7 +306,13 @@ impl Spawn {
                 )));
             }
             if Instant::now() >= deadline {
+                let ours = child.id();
                 std::thread::spawn(move || child.wait());
+                // Ours slow to find it in its way (a busy machine): the same daemon as above.
+                match running_pid(&self.pid_file) {
+                    Ok(Some(pid)) if !replacing && pid != ours => return Err(self.still_held(pid)),
+                    _ => {}
+                }
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
@@ -328,7 +337,7 @@ impl Spawn {
     /// another socket, and waiting for it to let go would only wait out the deadline.
     fn wait_for_previous(&self, deadline: Instant) -> Previous {
         let mut holder = match running_pid(&self.pid_file) {
-            Ok(None) => return Previous::Stayed,
+            Ok(None) => return Previous::NoneHeld,
             Ok(pid) => pid,
             Err(_) => None,
         };
@@ -352,7 +361,26 @@ impl Spawn {
                 return Previous::Elsewhere(pid);
             }
         }
-        Previous::Stayed
+        match holder {
+            Some(pid) => Previous::Stayed(pid),
+            None => Previous::NoneHeld,
+        }
+    }
+
+    /// The error for a PID file still held at the ready timeout, most likely by a daemon
+    /// that drains for our socket.
+    fn still_held(&self, pid: u32) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "cannot start the daemon: pid {pid} still holds {} after {:?} without \
+                 answering on {}: a daemon draining there lets go once its last requests end \
+                 or its drain timeout passes; try again then, or give a longer ready timeout",
+                self.pid_file.display(),
+                self.ready_timeout,
+                self.socket.display()
+            ),
+        )
     }
 
     /// The error for a PID file held by the daemon of another socket.
@@ -378,8 +406,10 @@ const ELSEWHERE_AFTER: Duration = Duration::from_secs(1);
 enum Previous {
     /// It let go of the PID file: ours may start.
     Gone,
-    /// It still holds it at the deadline, or none held it when we looked.
-    Stayed,
+    /// None held the PID file when we looked (nor, or not as a live process, since).
+    NoneHeld,
+    /// It still holds it at the deadline: this pid.
+    Stayed(u32),
     /// It holds it, and serves another socket: this pid.
     Elsewhere(u32),
 }

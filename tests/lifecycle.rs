@@ -139,6 +139,43 @@ fn spawn_waits_for_a_draining_daemon_through_the_pid_file_beside_the_socket() {
     }
 }
 
+/// A drain that outlasts the spawner's ready timeout ends the spawn with an error that names
+/// the daemon in the way, rather than "did not answer" from one more start left to fail.
+#[test]
+fn spawn_names_the_draining_daemon_still_in_its_way_at_the_ready_timeout() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let release = dir.path().join("release");
+    let mut old = ChildDaemon::start(&socket, &[("KHIVE_DRAIN_TIMEOUT_SECS", "600")]);
+    let held = start_held_request(&old, &release);
+    old.terminate();
+    old.wait_for_log("listener closed");
+    let e = khived::Spawn::new(&socket, common::child_command(&socket, &[]))
+        .ready_timeout(Duration::from_secs(2))
+        .connect(Duration::from_secs(10))
+        .expect_err("the old daemon holds the PID file until it is released");
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    let text = e.to_string();
+    let holder = format!("pid {} still holds {}", old.pid(), old.pid_file.display());
+    assert!(text.contains(&holder), "{text}");
+    // The same when the daemon started is still starting at the timeout, as on a busy
+    // machine: here one that only sleeps (and then exits, reaped by the spawner's thread).
+    let mut slow = std::process::Command::new("sleep");
+    slow.arg("5");
+    let e = khived::Spawn::new(&socket, slow)
+        .pid_file(&old.pid_file)
+        .ready_timeout(Duration::from_secs(1))
+        .connect(Duration::from_secs(10))
+        .expect_err("the old daemon holds the PID file until it is released");
+    assert!(e.to_string().contains(&holder), "{e}");
+    std::fs::write(&release, "").unwrap();
+    assert!(
+        held.join().unwrap().unwrap().ok,
+        "the held request is answered"
+    );
+    assert_eq!(old.wait(EXIT_WAIT).code(), Some(0), "{}", old.log());
+}
+
 #[test]
 fn spawn_names_a_pid_file_held_for_another_socket_instead_of_waiting_it_out() {
     let dir = temp_dir();
