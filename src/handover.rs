@@ -349,11 +349,21 @@ fn ask(mut stream: UnixStream, config: &Config) -> io::Result<(UnixListener, Fil
 /// The PID file handed over, if it is the regular file at `path`.
 fn check_pid_file(fd: OwnedFd, path: &Path) -> io::Result<File> {
     let file = File::from(fd);
-    let (held, there) = (file.metadata()?, fs::symlink_metadata(path)?);
-    if !held.is_file() || (held.dev(), held.ino()) != (there.dev(), there.ino()) {
+    let held = file.metadata()?;
+    // Most often missing: this daemon was given another PID file than the running one.
+    let there = fs::symlink_metadata(path).map(|there| (there.dev(), there.ino()));
+    if !held.is_file() || there.as_ref().ok() != Some(&(held.dev(), held.ino())) {
+        let why = match there {
+            Err(e) => format!(" ({e})"),
+            Ok(_) => String::new(),
+        };
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("the PID file handed over is not {}", path.display()),
+            format!(
+                "the PID file handed over is not {}{why}: give this daemon the PID file of \
+                 the one it replaces",
+                path.display()
+            ),
         ));
     }
     Ok(file)

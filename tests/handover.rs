@@ -701,3 +701,33 @@ fn a_successor_killed_while_its_predecessor_drains_leaves_the_pid_file_to_the_ne
         old.log()
     );
 }
+
+/// A successor given another PID file than the running daemon's is refused, and says so
+/// (before, it named the handover socket: "No such file or directory"); the running daemon
+/// serves on.
+#[test]
+fn a_successor_with_another_pid_file_names_it() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let old = ChildDaemon::start(&socket, &[]);
+    let other = dir.path().join("other.pid");
+    let other_text = other.display().to_string();
+    let mut new = ChildDaemon::spawn(
+        &socket,
+        &[("KHIVE_REPLACE", "1"), ("KHIVE_PID", other_text.as_str())],
+    );
+    assert_eq!(
+        new.wait(Duration::from_secs(20)).code(),
+        Some(1),
+        "{}",
+        new.log()
+    );
+    let expected = format!("the PID file handed over is not {other_text} (");
+    assert!(new.log().contains(&expected), "{}", new.log());
+    assert!(new
+        .log()
+        .contains("give this daemon the PID file of the one it replaces"));
+    old.wait_for_log("handover failed, still serving");
+    let info = khived::probe(&socket, Duration::from_secs(10)).unwrap();
+    assert_eq!(info.pid, old.pid());
+}
