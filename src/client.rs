@@ -198,6 +198,14 @@ pub fn probe(path: impl AsRef<Path>, timeout: Duration) -> io::Result<ProbeInfo>
     Client::connect(path, timeout)?.probe()
 }
 
+/// Whether a daemon answers a probe on `path` within `timeout`, with an error included
+/// (`daemon_busy` from one at its connection cap).
+pub(crate) fn answers(path: &Path, timeout: Duration) -> bool {
+    Client::connect(path, timeout)
+        .and_then(|mut client| client.request(&crate::Request::probe()))
+        .is_ok()
+}
+
 /// The error of a failed `connect` to `path`, saying what it means for a daemon.
 pub(crate) fn connect_error(e: io::Error, path: &Path) -> io::Error {
     let message = match e.kind() {

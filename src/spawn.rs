@@ -103,7 +103,8 @@ impl Spawn {
         }
     }
 
-    /// Replaces the daemon that answers on the socket, if one does: the command is started
+    /// Replaces the daemon that answers on the socket, if one does (one at its connection
+    /// cap, which answers `daemon_busy`, included): the command is started
     /// with `KHIVE_REPLACE=1`, so that its daemon ([`Config::replace`](crate::Config::replace),
     /// read by [`Config::from_env`](crate::Config::from_env)) takes over the running one's
     /// socket (PROTOCOL.md, "Handover"). [`connect`](Spawn::connect) returns once the new
@@ -119,7 +120,9 @@ impl Spawn {
     /// Replaces, as [`replace`](Spawn::replace) does, a daemon that answers with another
     /// namespace or config id than these, or with an older protocol version than this
     /// crate's: the daemon of an older build of the application. A daemon that serves them
-    /// is connected to as usual.
+    /// is connected to as usual. One too busy to say what it serves (it answers the probe
+    /// `daemon_busy` or `daemon_draining`) is left alone: [`connect`](Spawn::connect) fails
+    /// with [`io::ErrorKind::ResourceBusy`], and the caller may try again shortly.
     #[must_use = "a builder method returns the changed Spawn"]
     pub fn replace_unless(
         mut self,
@@ -170,7 +173,8 @@ impl Spawn {
     /// [`io::ErrorKind::PermissionDenied`] for a socket or directory the user cannot trust (as
     /// [`Client::connect`], or the daemon's own directory check, with the fix in the message);
     /// [`io::ErrorKind::InvalidInput`] for a spawn lock or log that is a symbolic link or not
-    /// a regular file. The spawn lock cannot be created or taken in time; the command cannot
+    /// a regular file; [`io::ErrorKind::ResourceBusy`] with
+    /// [`replace_unless`](Spawn::replace_unless) and a daemon too busy to answer the probe. The spawn lock cannot be created or taken in time; the command cannot
     /// be started; the
     /// started daemon exits before it answers (the error gives its exit status and the last
     /// lines of its log) or does not answer within the ready timeout
@@ -181,20 +185,30 @@ impl Spawn {
     /// timeout); or, once started, the daemon cannot be connected to (as
     /// [`Client::connect`]).
     pub fn connect(mut self, timeout: Duration) -> io::Result<Client> {
+        // Someone else's socket or directory, or a daemon too busy to say what it serves:
+        // starting a daemon would not help.
+        let final_error = |e: &io::Error| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::PermissionDenied | io::ErrorKind::ResourceBusy
+            )
+        };
         match self.usable(timeout) {
             Ok(Some(client)) => return Ok(client),
-            // Someone else's socket or directory: starting a daemon would not help.
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(e),
+            Err(e) if final_error(&e) => return Err(e),
             _ => {}
         }
         let _lock = self.lock()?;
         // Another client may have started (or replaced) a daemon while we waited for the lock.
-        if let Ok(Some(client)) = self.usable(timeout) {
-            return Ok(client);
+        match self.usable(timeout) {
+            Ok(Some(client)) => return Ok(client),
+            Err(e) if final_error(&e) => return Err(e),
+            _ => {}
         }
-        // Whether a daemon answers that ours is to take over from.
+        // Whether a daemon answers that ours is to take over from: one at its connection cap
+        // answers `daemon_busy`, and is replaced like any other.
         let replacing =
-            self.replace != Replace::Never && crate::client::probe(&self.socket, timeout).is_ok();
+            self.replace != Replace::Never && crate::client::answers(&self.socket, timeout);
         self.start(replacing)?;
         Client::connect(&self.socket, timeout)
     }
@@ -212,6 +226,16 @@ impl Spawn {
             } => (namespace, config_id),
         };
         let response = client.request(&crate::Request::probe())?;
+        if response.is_retryable() {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "{} answered the probe with {}; try again shortly",
+                    self.socket.display(),
+                    response.error.unwrap_or_default()
+                ),
+            ));
+        }
         Ok(serves(&response, namespace, config_id).then_some(client))
     }
 

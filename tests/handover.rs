@@ -731,3 +731,58 @@ fn a_successor_with_another_pid_file_names_it() {
     let info = khived::probe(&socket, Duration::from_secs(10)).unwrap();
     assert_eq!(info.pid, old.pid());
 }
+
+/// A daemon at its connection cap answers `daemon_busy` to every newcomer, a probe
+/// included. `Spawn::replace` replaces it all the same, without cutting its clients off;
+/// `replace_unless`, which cannot tell what it serves, says so at once, rather than start a
+/// daemon that could only fail, and leaves it alone.
+#[test]
+fn a_daemon_at_its_connection_cap_is_replaced_or_named_busy() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let old = ChildDaemon::start(&socket, &[("KHIVED_TEST_MAX_CONNECTIONS", "1")]);
+    let mut slot = common::hold_a_slot(&socket);
+    let spawn = || {
+        khived::Spawn::new(&socket, common::child_command(&socket, &[]))
+            .ready_timeout(Duration::from_secs(60))
+    };
+    let e = spawn()
+        .replace_unless(common::NAMESPACE, common::CONFIG_ID)
+        .connect(Duration::from_secs(10))
+        .expect_err("the daemon is busy");
+    assert_eq!(e.kind(), std::io::ErrorKind::ResourceBusy, "{e}");
+    assert!(e.to_string().contains("daemon_busy"), "{e}");
+    assert_eq!(khived::running_pid(&old.pid_file).unwrap(), Some(old.pid()));
+
+    let mut client = spawn().replace().connect(Duration::from_secs(10)).unwrap();
+    let new = client.probe().unwrap().pid;
+    assert_ne!(new, old.pid());
+    old.wait_for_log(&format!("handed over to pid {new}"));
+    // The client holding the old daemon's slot was served, and is closed as the old one
+    // drains, not cut off mid-request.
+    assert!(common::is_closed(&mut slot));
+    let pid = rustix::process::Pid::from_raw(new as i32).unwrap();
+    rustix::process::kill_process(pid, Signal::TERM).unwrap();
+    wait_until("the new daemon to stop", || process_exited(new));
+}
+
+/// `khived start` and `restart` take a daemon at its connection cap, which answers
+/// `daemon_busy`, for a running one: `start` says it runs, and `restart` hands over from it,
+/// rather than stop it and leave a gap for clients to find no daemon in.
+#[test]
+fn start_and_restart_know_a_daemon_at_its_connection_cap() {
+    let place = Place::new();
+    let args = ["--namespace", "echo", "--max-connections", "1"];
+    let pid = place.started("start", &args);
+    let _slot = common::hold_a_slot(&place.socket);
+    let again = place.run("start", &args);
+    assert!(
+        text(&again.stderr).contains(&format!("already running as pid {pid}")),
+        "{}",
+        text(&again.stderr)
+    );
+    let new = place.started("restart", &args);
+    assert_ne!(new, pid);
+    let log = common::read_log(&place.dir.path().join("k.log"));
+    assert!(log.contains(&format!("handed over to pid {new}")), "{log}");
+}

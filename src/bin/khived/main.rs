@@ -314,6 +314,10 @@ fn run_start(start: Start) -> u8 {
     if let Ok(info) = khived::probe(&common.socket, Duration::from_secs(2)) {
         return already_running(Some(info.pid));
     }
+    // One at its connection cap answers `daemon_busy`: it runs all the same.
+    if answers(&common.socket) {
+        return already_running(khived::running_pid(&common.pid_file).ok().flatten());
+    }
     // A daemon that holds the PID file but does not answer (starting, draining, stopped)
     // would make the new one fail: say so instead of waiting for it.
     match khived::running_pid(&common.pid_file) {
@@ -330,6 +334,13 @@ fn run_start(start: Start) -> u8 {
         Err(e) => return fail(status::FAILED, e),
     }
     started(spawner(&start.serve), &start, "cannot start the daemon")
+}
+
+/// Whether a daemon answers on `socket`, one at its connection cap (`daemon_busy`) included.
+fn answers(socket: &std::path::Path) -> bool {
+    khived::Client::connect(socket, Duration::from_secs(2))
+        .and_then(|mut client| client.request(&khived::Request::probe()))
+        .is_ok()
 }
 
 /// Starts a daemon that takes over from the running one (or starts as usual if none runs),
@@ -358,9 +369,7 @@ fn run_restart(mut start: Start) -> u8 {
     let common = &start.serve.common;
     // A daemon that offers a handover is replaced without a gap.
     let offered = khived::beside(&common.socket, "handover");
-    if std::fs::symlink_metadata(&offered).is_ok()
-        && khived::probe(&common.socket, Duration::from_secs(2)).is_ok()
-    {
+    if std::fs::symlink_metadata(&offered).is_ok() && answers(&common.socket) {
         start.serve.replace = true;
         return replace(&start);
     }
