@@ -209,8 +209,10 @@ impl<D: Dispatch> Daemon<D> {
     /// [`Dispatch::shut_down`] is not called (the dispatcher is dropped once the runner
     /// threads, which leave at once, have finished the poll they are in).
     ///
-    /// Starting blocks the polling thread briefly: taking the PID file's lock retries for up
-    /// to 100 ms, and a socket left in place is probed for up to 1 s before it is replaced.
+    /// Starting blocks the polling thread: taking the PID file's lock waits while others only
+    /// look at it (up to 5 s), a socket left in place is probed for up to 1 s before it is
+    /// replaced, and a handover ([`Config::replace`]) waits up to 30 s for each of the
+    /// predecessor's two steps.
     /// Under a service manager, starting removes `LISTEN_PID`, `LISTEN_FDS`,
     /// `LISTEN_FDNAMES` and `NOTIFY_SOCKET` from the environment so that child processes do
     /// not take them for their own; like any change of the environment, that is best done
