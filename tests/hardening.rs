@@ -534,3 +534,58 @@ fn timeouts_of_duration_max_mean_never() {
         assert!(client.request(&request("x")).unwrap().ok);
     }
 }
+
+/// A client in a program that lets `SIGPIPE` kill it (as command-line tools often do, so
+/// that `| head` ends them quietly) is not killed when the daemon closes while it writes:
+/// one at its cap answers `daemon_busy` and closes without reading, here while a request of
+/// 1 MiB is being written, and both clients read that answer. (Their writes go through the
+/// standard library's, which never raises `SIGPIPE`: this keeps it so.)
+#[test]
+fn a_client_that_keeps_sigpipe_survives_a_daemon_closing_while_it_writes() {
+    const CHILD: &str = "KHIVED_TEST_SIGPIPE_SOCKET";
+    if let Some(socket) = std::env::var_os(CHILD) {
+        default_sigpipe();
+        let ops = "x".repeat(1 << 20);
+        let timeout = Duration::from_secs(30);
+        let blocking = khived::Client::connect(&socket, timeout)
+            .and_then(|mut client| client.request(&request(&ops)))
+            .unwrap();
+        assert_eq!(blocking.error_code(), Some("daemon_busy"), "{blocking:?}");
+        let asynchronous = futures_lite::future::block_on(async {
+            let mut client = khived::AsyncClient::connect(&socket, timeout).await?;
+            client.request(&request(&ops)).await
+        })
+        .unwrap();
+        assert_eq!(
+            asynchronous.error_code(),
+            Some("daemon_busy"),
+            "{asynchronous:?}"
+        );
+        return;
+    }
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let _daemon = ChildDaemon::start(&socket, &[("KHIVED_TEST_MAX_CONNECTIONS", "1")]);
+    let _slot = common::hold_a_slot(&socket);
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_client_that_keeps_sigpipe_survives_a_daemon_closing_while_it_writes",
+            "--nocapture",
+        ])
+        .env(CHILD, &socket)
+        .status()
+        .unwrap();
+    // Killed by the signal, it ends with "signal: 13 (SIGPIPE)".
+    assert!(status.success(), "the client's process failed: {status}");
+}
+
+/// Gives `SIGPIPE` its default action, which kills the process; Rust programs start with
+/// it ignored.
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    // SAFETY: `signal` with `SIG_DFL` installs no handler, so no code of ours can run in
+    // signal context; it changes the action for the whole process, this child alone.
+    let previous = unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    assert_ne!(previous, libc::SIG_ERR);
+}
