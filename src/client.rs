@@ -88,8 +88,10 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// As [`request`](Client::request), and [`io::ErrorKind::InvalidData`] if the daemon
-    /// answers with an error or with something that is not a [`ProbeInfo`].
+    /// As [`request`](Client::request); [`io::ErrorKind::ResourceBusy`] if the daemon answers
+    /// `daemon_busy` (it is at its connection cap) or `daemon_draining`, which may pass if
+    /// asked again shortly; [`io::ErrorKind::InvalidData`] if it answers with another error or
+    /// with something that is not a [`ProbeInfo`].
     ///
     /// # Examples
     ///
@@ -252,11 +254,16 @@ pub(crate) fn check_echo(sent: Option<u64>, response: &Response, path: &Path) ->
 
 /// The daemon's description of itself from a probe's response.
 pub(crate) fn probe_info(response: Response, path: &Path) -> io::Result<ProbeInfo> {
+    // `daemon_busy` (at its connection cap) or `daemon_draining`: a daemon, asked too soon.
+    let kind = match response.is_retryable() {
+        true => io::ErrorKind::ResourceBusy,
+        false => io::ErrorKind::InvalidData,
+    };
     let text = match (response.ok, response.result) {
         (true, Some(text)) => text,
         _ => {
             return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
+                kind,
                 format!(
                     "{} answered a probe with an error: {}",
                     path.display(),

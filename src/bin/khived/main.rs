@@ -352,10 +352,20 @@ fn replace(start: &Start) -> u8 {
 
 /// Starts the daemon as `spawn` says and prints its pid once it answers.
 fn started(spawn: khived::Spawn, start: &Start, failed: &str) -> u8 {
-    let spawned = spawn
+    let deadline = Instant::now() + start.timeout;
+    let mut spawned = spawn
         .ready_timeout(start.timeout)
         .connect(start.timeout)
         .and_then(|mut client| client.probe());
+    // A daemon with a cap of a connection or two may still count the one on which it was
+    // seen ready, and answer `daemon_busy`: it is asked again, on a new connection.
+    while spawned
+        .as_ref()
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ResourceBusy && Instant::now() < deadline)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+        spawned = khived::probe(&start.serve.common.socket, start.timeout);
+    }
     match spawned {
         Ok(info) => {
             println!("{}", info.pid);
