@@ -226,15 +226,10 @@ impl Spawn {
             } => (namespace, config_id),
         };
         let response = client.request(&crate::Request::probe())?;
+        // One too busy to say what it serves is left alone: `probe_info` makes its answer
+        // the error, `ResourceBusy`.
         if response.is_retryable() {
-            return Err(io::Error::new(
-                io::ErrorKind::ResourceBusy,
-                format!(
-                    "{} answered the probe with {}; try again shortly",
-                    self.socket.display(),
-                    response.error.unwrap_or_default()
-                ),
-            ));
+            return crate::client::probe_info(response, &self.socket).map(|_| None);
         }
         Ok(serves(&response, namespace, config_id).then_some(client))
     }
