@@ -224,6 +224,37 @@ fn a_command_that_cannot_start_fails_requests_with_the_reason() {
     );
 }
 
+/// A warm request is bound by the request timeout too. A worker that cannot finish it in
+/// time never serves: requests fail with the reason and the fix instead of waiting in the
+/// queue for a worker that is restarted for ever.
+#[test]
+fn a_worker_that_cannot_finish_warming_fails_requests_with_the_reason() {
+    let daemon = PoolDaemon::start(
+        options(&["python3", WORKER])
+            .request_timeout(Duration::from_millis(300))
+            .warm("hang"),
+    );
+    let error = daemon.error("upper x");
+    assert!(
+        error.contains("no worker is running: worker 1 did not finish warming: it did not answer its warm request within the request timeout (300ms); raise the timeout"),
+        "{error}"
+    );
+}
+
+/// Limits too long to count (`Duration::MAX`) are no limits: requests and the warm request
+/// are served, and the shutdown waits for the workers to exit.
+#[test]
+fn limits_too_long_to_count_are_no_limits() {
+    let daemon = PoolDaemon::start(
+        options(&["python3", "-c", TINY_WORKER])
+            .request_timeout(Duration::MAX)
+            .shutdown_grace(Duration::MAX)
+            .warm("warm up"),
+    );
+    assert_eq!(daemon.ok("first"), "warm up");
+    daemon.shutdown().unwrap();
+}
+
 /// The log records of this test process (the daemons under test run in it), kept for the
 /// tests that read what a daemon logged. Bounded, so that a flood cannot fill memory.
 struct Capture(Mutex<Vec<String>>);

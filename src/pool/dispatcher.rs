@@ -158,7 +158,8 @@ impl Dispatch for Pool {
                 .inner
                 .options
                 .request_timeout
-                .map(|t| Instant::now() + t),
+                // A limit too far to count is none.
+                .and_then(|t| Instant::now().checked_add(t)),
             reply,
         };
         // Should this future be dropped (its client gone), `answer` goes with it and the
@@ -202,7 +203,8 @@ impl Dispatch for Pool {
     async fn shut_down(&self) {
         self.inner.jobs.close();
         let grace = self.inner.options.shutdown_grace;
-        let deadline = Instant::now() + grace;
+        // A grace too long to count is waited out without end.
+        let deadline = Instant::now().checked_add(grace);
         for (id, slot) in self.inner.children.iter().enumerate() {
             let Some(mut child) = lock(slot).take() else {
                 continue;
@@ -210,7 +212,7 @@ impl Dispatch for Pool {
             let group = child.id();
             let exited = async { child.status().await.ok() }
                 .or(async {
-                    Timer::at(deadline).await;
+                    deadline.map_or_else(Timer::never, Timer::at).await;
                     None
                 })
                 .await;

@@ -49,8 +49,12 @@ pub struct PoolOptions {
     /// running on for nobody.
     pub request_timeout: Option<Duration>,
     /// Ops sent to each worker once it starts, before it takes requests, so that it loads
-    /// what it needs (default: none). A failed warm request is logged; a worker that dies or
-    /// breaks the protocol on it is restarted.
+    /// what it needs (default: none). A failed warm request is logged. The warm request is
+    /// bound by [`request_timeout`](PoolOptions::request_timeout) too, counted from the
+    /// worker's start: a worker that dies, breaks the protocol or is still warming then is
+    /// restarted, with a back-off that grows however long it warmed, and while no worker
+    /// runs, requests fail at once with the reason (`no worker is running: worker N did
+    /// not finish warming: …`).
     pub warm: Option<String>,
     /// How long workers get to exit on their own at shutdown, once their stdin is closed,
     /// before they are killed (default 3 s).

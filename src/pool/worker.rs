@@ -37,6 +37,8 @@ enum Ended {
     /// The worker cannot be trusted any more; `job` is the request it held, answered once
     /// the process has been reaped so that the error can name its exit status.
     Failed { why: String, job: Option<Job> },
+    /// The worker died, hung or broke the protocol on its warm request: it never served.
+    NotWarmed(String),
 }
 
 /// Keeps worker `id` alive: start it, serve jobs, restart it with backoff when it fails.
@@ -69,8 +71,20 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
             }
         };
         let (status, exited) = reap(&inner, id).await;
+        // A run that never got past its warm request is no healthy one, however long it
+        // lasted: a warm step slower than the request timeout must not restart at full speed.
+        let mut healthy = started.elapsed() >= HEALTHY_RUN;
         match ended {
             Ended::Stopping => return,
+            Ended::NotWarmed(why) => {
+                healthy = false;
+                let why = format!("worker {id} did not finish warming: {why} ({status})");
+                log::warn!("{why}");
+                // While no worker runs, requests fail at once with the reason rather than
+                // wait in the queue for a worker that may never warm up.
+                *lock(&inner.start_failure) = Some(why.clone());
+                inner.fail_queued(&why).await;
+            }
             Ended::Failed { mut why, job } => {
                 // Its stdout ended before its exit was seen: if it was not killed by `reap`,
                 // it had exited on its own, which is the clearer message.
@@ -89,7 +103,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                 }
             }
         }
-        if started.elapsed() >= HEALTHY_RUN {
+        if healthy {
             delay = FIRST_RESTART_DELAY;
         }
         log::info!("worker {id}: restarting in {delay:?}");
@@ -214,19 +228,31 @@ async fn serve(
     if let Some(ops) = &inner.options.warm {
         *last_request += 1;
         let line = line::encode_request_with_id(*last_request, ops, None, None);
-        let deadline = timeout.map(|limit| (Instant::now() + limit, limit));
         let warmed = exchange(
             &mut stdin,
             &mut stdout,
             exited.as_mut(),
             &line,
             *last_request,
-            deadline,
+            None,
         );
-        match warmed.await {
+        // Bound by the request timeout too, from the worker's start.
+        let late = async {
+            match timeout {
+                Some(limit) => {
+                    Timer::after(limit).await;
+                    Err(format!(
+                        "it did not answer its warm request within the request timeout \
+                         ({limit:?}); raise the timeout above what warming takes"
+                    ))
+                }
+                None => future::pending().await,
+            }
+        };
+        match warmed.or(late).await {
             Ok(Ok(_)) => log::info!("worker {id}: warmed"),
             Ok(Err(error)) => log::warn!("worker {id}: warm request failed: {error}"),
-            Err(why) => return Ended::Failed { why, job: None },
+            Err(why) => return Ended::NotWarmed(why),
         }
     }
     loop {
