@@ -224,6 +224,36 @@ fn a_command_that_cannot_start_fails_requests_with_the_reason() {
     );
 }
 
+/// Writes its last words to standard error, without a newline, and exits on its first
+/// request.
+const LAST_WORDS_WORKER: &str = r#"
+while read -r line; do
+    printf 'last words of %s' "$$" >&2
+    exit 3
+done
+"#;
+
+/// What a worker wrote to standard error before it died (its last words, above all) reaches
+/// the log before its request is answered: the pipe is read to its end, a last line
+/// without a newline included, before the worker is reaped.
+#[test]
+fn a_dying_workers_last_words_reach_the_log() {
+    capture_logs();
+    let daemon = PoolDaemon::start(options(&["sh", "-c", LAST_WORDS_WORKER]));
+    for died in 1..=3 {
+        let error = daemon.error("anything");
+        assert!(
+            error.contains("exited while handling the request"),
+            "{error}"
+        );
+        assert_eq!(
+            logged("last words of").len(),
+            died,
+            "worker {died}'s are not in the log"
+        );
+    }
+}
+
 /// A warm request is bound by the request timeout too. A worker that cannot finish it in
 /// time never serves: requests fail with the reason and the fix instead of waiting in the
 /// queue for a worker that is restarted for ever.

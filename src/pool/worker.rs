@@ -24,6 +24,9 @@ const FIRST_RESTART_DELAY: Duration = Duration::from_millis(100);
 const LAST_RESTART_DELAY: Duration = Duration::from_secs(10);
 /// A worker that ran this long before failing starts over with the shortest delay.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
+/// How long the end of an exiting worker's standard error is waited for, which only a
+/// process it started and that holds the pipe delays.
+const LAST_WORDS: Duration = Duration::from_secs(1);
 
 const EXITED: &str = "exited while handling the request";
 const CLOSED_STDOUT: &str = "closed its standard output while handling the request";
@@ -41,6 +44,15 @@ enum Ended {
     NotWarmed(String),
 }
 
+/// Whether the worker ended by exiting (or closing its stdout, as it does when it exits).
+fn exiting(ended: &Ended) -> bool {
+    let why = match ended {
+        Ended::Stopping => return false,
+        Ended::Failed { why, .. } | Ended::NotWarmed(why) => why,
+    };
+    [EXITED, CLOSED_STDOUT, EXITED_IDLE, CLOSED_IDLE].contains(&why.as_str())
+}
+
 /// Keeps worker `id` alive: start it, serve jobs, restart it with backoff when it fails.
 /// Returns once the queue closes (the daemon is stopping).
 pub(super) async fn run(inner: Arc<Inner>, id: usize) {
@@ -54,13 +66,40 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
             Ok(((stdin, stdout, stderr), exited)) => {
                 inner.running.fetch_add(1, Ordering::SeqCst);
                 *lock(&inner.start_failure) = None;
-                let forward = async {
-                    forward_stderr(id, stderr, inner.options.stderr_lines_per_second).await;
-                    future::pending().await
-                };
+                let mut forward = pin!(forward_stderr(
+                    id,
+                    stderr,
+                    inner.options.stderr_lines_per_second
+                ));
                 let serve = serve(&inner, id, stdin, stdout, exited, &mut last_request);
-                let ended = serve.or(forward).await;
+                let mut forwarded = false;
+                let ended = serve
+                    .or(async {
+                        forward.as_mut().await;
+                        forwarded = true;
+                        future::pending().await
+                    })
+                    .await;
                 inner.running.fetch_sub(1, Ordering::SeqCst);
+                // What it wrote before it ended (a dying worker's last words, above all) is
+                // read before it is reaped. One that is exiting closes its end of the pipe as
+                // it goes, just after its stdout, which may be what was seen: the pipe is read
+                // to that end (for a moment at most, should a process it started hold it),
+                // so that a last line without a newline is logged too. One that lives on
+                // (hung, out of sync) has only what is in the pipe now read.
+                if !forwarded && !matches!(ended, Ended::Stopping) {
+                    match exiting(&ended) {
+                        true => {
+                            let moment = async {
+                                Timer::after(LAST_WORDS).await;
+                            };
+                            forward.as_mut().or(moment).await;
+                        }
+                        false => {
+                            future::poll_once(forward.as_mut()).await;
+                        }
+                    }
+                }
                 ended
             }
             Err(e) => {
