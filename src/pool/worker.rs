@@ -60,6 +60,9 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
     // The last request id sent. Ids keep growing across restarts: a reply is never taken
     // for the answer to a request sent to an earlier process.
     let mut last_request = 0;
+    // A request taken from the queue but never sent to a worker, which went wrong first: it
+    // goes to the next process, not back to its client as a failure.
+    let mut carried: Option<Job> = None;
     loop {
         let started = Instant::now();
         let ended = match start(&inner, id).await {
@@ -71,7 +74,13 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                     stderr,
                     inner.options.stderr_lines_per_second
                 ));
-                let serve = serve(&inner, id, stdin, stdout, exited, &mut last_request);
+                let serve = serve(
+                    &inner,
+                    id,
+                    (stdin, stdout, exited),
+                    &mut carried,
+                    &mut last_request,
+                );
                 let mut forwarded = false;
                 let ended = serve
                     .or(async {
@@ -105,6 +114,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
             Err(e) => {
                 let why = format!("worker {id} cannot start: {e}");
                 *lock(&inner.start_failure) = Some(why.clone());
+                fail_carried(&mut carried, &why).await;
                 inner.fail_queued(&why).await;
                 Ended::Failed { why, job: None }
             }
@@ -122,6 +132,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                 // While no worker runs, requests fail at once with the reason rather than
                 // wait in the queue for a worker that may never warm up.
                 *lock(&inner.start_failure) = Some(why.clone());
+                fail_carried(&mut carried, &why).await;
                 inner.fail_queued(&why).await;
             }
             Ended::Failed { mut why, job } => {
@@ -253,13 +264,27 @@ pub(super) fn kill_group(leader: u32) {
     let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
 }
 
-/// Serves jobs one at a time until the worker fails or the daemon stops.
+/// Answers a request carried over to a worker that could not take it, while none runs.
+async fn fail_carried(carried: &mut Option<Job>, why: &str) {
+    if let Some(job) = carried.take() {
+        let _ = job
+            .reply
+            .send(Err(format!("no worker is running: {why}").into()))
+            .await;
+    }
+}
+
+/// Serves jobs one at a time, `carried` first, until the worker fails or the daemon stops.
+/// A job it could not send is left in `carried`.
 async fn serve(
     inner: &Inner,
     id: usize,
-    mut stdin: ChildStdin,
-    mut stdout: BufReader<ChildStdout>,
-    exited: impl Future<Output = io::Result<ExitStatus>>,
+    (mut stdin, mut stdout, exited): (
+        ChildStdin,
+        BufReader<ChildStdout>,
+        impl Future<Output = io::Result<ExitStatus>>,
+    ),
+    carried: &mut Option<Job>,
     last_request: &mut u64,
 ) -> Ended {
     let mut exited = pin!(exited);
@@ -295,10 +320,13 @@ async fn serve(
         }
     }
     loop {
-        let job = match idle(inner, &mut stdout, exited.as_mut()).await {
-            Ok(Some(job)) => job,
-            Ok(None) => return Ended::Stopping,
-            Err(why) => return Ended::Failed { why, job: None },
+        let job = match carried.take() {
+            Some(job) => job,
+            None => match idle(inner, &mut stdout, exited.as_mut()).await {
+                Ok(Some(job)) => job,
+                Ok(None) => return Ended::Stopping,
+                Err(why) => return Ended::Failed { why, job: None },
+            },
         };
         if job.abandoned() {
             log::debug!("worker {id}: skipped a request whose client is gone");
@@ -317,12 +345,11 @@ async fn serve(
             let _ = job.reply.send(Err(error)).await;
             continue;
         }
-        // Output that came in with the job, after `idle` last looked, is just as stray.
+        // Output that came in with the job, after `idle` last looked, is just as stray. The
+        // job was not sent: the next process gets it.
         if let Some(why) = stray_output(&mut stdout).await {
-            return Ended::Failed {
-                why,
-                job: Some(job),
-            };
+            *carried = Some(job);
+            return Ended::Failed { why, job: None };
         }
         *last_request += 1;
         let line = job.line(*last_request);
