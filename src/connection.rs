@@ -453,14 +453,17 @@ impl<'a> Connection<'a> {
 
     /// Reads until a whole frame is buffered (`Ok(true)`; it stays buffered until
     /// `frames.consume()`, and [`request`](Self::request) gives its body). `Ok(false)` is a
-    /// clean end: the client closed between frames, or `idle_stop` was set while no byte of a
-    /// next frame had arrived.
+    /// clean end: the client closed between frames, or `idle_stop` was set while the next
+    /// frame had not all arrived (a part of it is dropped with the connection, PROTOCOL.md,
+    /// "Pipelining").
     async fn read_frame(
         &mut self,
         deadline: Option<Instant>,
         idle_stop: Option<&Flag>,
     ) -> Result<bool, ReadError> {
         let mut patience = PATIENCE;
+        // Whether the socket was read once more after `idle_stop` was seen set.
+        let mut looked_again = false;
         loop {
             match self.frames.decode() {
                 Ok(Some(_)) => return Ok(true),
@@ -508,10 +511,23 @@ impl<'a> Connection<'a> {
                             continue;
                         }
                     }
-                    let stop = if buffered == 0 { idle_stop } else { None };
-                    match self.wait(true, deadline, stop).await {
+                    // A part of a frame, too, is no request in hand: left to wait for its
+                    // rest, it would hold the drain until the idle deadline.
+                    match self.wait(true, deadline, idle_stop).await {
                         Ok(Wake::Ready) => {}
-                        Ok(Wake::Stopped) => return Ok(false),
+                        // Bytes may have arrived that the reactor has not reported yet: a
+                        // request sent just as the drain began is read, and answered, rather
+                        // than closed on unread.
+                        Ok(Wake::Stopped) if !looked_again => {
+                            looked_again = true;
+                            patience = 0;
+                        }
+                        Ok(Wake::Stopped) => {
+                            if buffered > 0 {
+                                log::debug!("dropped {buffered} byte(s) of a frame: draining");
+                            }
+                            return Ok(false);
+                        }
                         Ok(Wake::TimedOut) => return Err(ReadError::TimedOut),
                         Err(e) => return Err(ReadError::Io(e)),
                     }

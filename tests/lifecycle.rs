@@ -203,6 +203,38 @@ fn spawn_names_a_pid_file_held_for_another_socket_instead_of_waiting_it_out() {
     );
 }
 
+/// A connection between requests holding a part of its next frame is no request in hand: the
+/// drain drops it with the connection (PROTOCOL.md, "Pipelining") instead of waiting for the
+/// rest until the idle deadline. The drain timeout here is an hour: only that ends the stop.
+#[test]
+fn a_part_of_a_frame_does_not_hold_the_drain() {
+    use std::io::Write;
+    let dir = temp_dir();
+    let mut daemon = ChildDaemon::start(
+        &dir.path().join("k.sock"),
+        &[("KHIVE_DRAIN_TIMEOUT_SECS", "3600")],
+    );
+    let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    // One write: the daemon reads the whole request and the part of the next one together,
+    // so once the answer comes, the part is in the daemon's buffer.
+    let mut bytes = common::frame(&serde_json::to_vec(&request("whole")).unwrap());
+    let next = common::frame(&serde_json::to_vec(&request("cut short")).unwrap());
+    bytes.extend_from_slice(&next[..next.len() / 2]);
+    stream.write_all(&bytes).unwrap();
+    let answer = common::read_response(&mut stream).unwrap();
+    assert_eq!(answer.result.as_deref(), Some("whole"));
+    daemon.terminate();
+    assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
+    assert!(!daemon.log().contains("drain timeout"), "{}", daemon.log());
+    assert!(
+        common::is_closed(&mut stream),
+        "the connection was left open"
+    );
+}
+
 #[test]
 fn second_signal_during_the_drain_exits_at_once() {
     let dir = temp_dir();
