@@ -122,17 +122,28 @@ impl AsyncClient {
         self.check_idle()?;
         let (frame, id) = self.encode(request)?;
         self.begin()?;
-        let write_error = match self.write(frame.as_bytes()).await {
-            Ok(()) => None,
-            Err(e) if peer_closed(&e) => Some(e),
-            Err(e) => return Err(e),
+        let timeout = self.timeout;
+        let exchange = async {
+            let write_error = match self.write(frame.as_bytes()).await {
+                Ok(()) => None,
+                Err(e) if peer_closed(&e) => Some(e),
+                Err(e) => return Err(e),
+            };
+            self.pending.push_back(id);
+            match self.receive_started().await {
+                Ok(response) => Ok(response),
+                // The daemon closed without an answer: the write's error says more.
+                Err(e) => Err(write_error.unwrap_or(e)),
+            }
         };
-        self.pending.push_back(id);
-        match self.receive_started().await {
-            Ok(response) => Ok(response),
-            // The daemon closed without an answer: the write's error says more.
-            Err(e) => Err(write_error.unwrap_or(e)),
-        }
+        // The timeout bounds the call, not the write and the read each.
+        let ended = async { Some(exchange.await) }
+            .or(async {
+                Timer::after(timeout).await;
+                None
+            })
+            .await;
+        ended.unwrap_or_else(|| Err(timed_out(&self.path, timeout, "waiting for the response")))
     }
 
     /// Sends one request without waiting for its response, and returns its request id (the

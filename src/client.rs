@@ -114,7 +114,6 @@ impl Client {
     /// was being done; any error of the socket, or of [`read_frame`](crate::read_frame) (a
     /// frame cut short, a header above the cap).
     pub fn exchange(&mut self, frame: &Frame) -> io::Result<Vec<u8>> {
-        use std::io::Write;
         self.arm_timeouts()?;
         let timed_out = |e: io::Error, doing: &str| match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
@@ -124,15 +123,20 @@ impl Client {
         };
         // A daemon over its connection cap answers `daemon_busy` and closes before reading:
         // our write may then fail while that answer waits to be read, so read it anyway.
-        let written = (&self.stream).write_all(frame.as_bytes());
+        let written = self.write_all(frame.as_bytes());
         if let Err(e) = &written {
             if !peer_closed(e) {
                 return Err(timed_out(written.unwrap_err(), "writing the request"));
             }
         }
         self.arm_timeouts()?;
-        // The socket blocks, bounded by its timeouts.
-        match read_frame_blocking(&self.stream) {
+        // The socket blocks, bounded by its timeouts, which count for each system call: a
+        // read after the first gets only the time left.
+        let rearm = || {
+            self.time_left()
+                .and_then(|left| self.stream.set_read_timeout(left))
+        };
+        match read_frame_blocking(&self.stream, rearm) {
             Ok(body) => Ok(body),
             Err(e) => Err(match written {
                 Err(write_error) => write_error,
@@ -141,9 +145,38 @@ impl Client {
         }
     }
 
+    /// Writes `bytes` whole; a write after the first gets only the time left (the socket's
+    /// timeout counts for each system call).
+    fn write_all(&self, mut bytes: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        let mut first = true;
+        while !bytes.is_empty() {
+            if !std::mem::take(&mut first) {
+                self.stream.set_write_timeout(self.time_left()?)?;
+            }
+            match (&self.stream).write(bytes) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     fn arm_timeouts(&self) -> io::Result<()> {
+        let left = self.time_left()?;
+        if left.is_some() {
+            self.stream.set_write_timeout(left)?;
+            self.stream.set_read_timeout(left)?;
+        }
+        Ok(())
+    }
+
+    /// What is left of the deadline (`None`: no deadline); an error once nothing is.
+    fn time_left(&self) -> io::Result<Option<Duration>> {
         let Some(deadline) = self.deadline else {
-            return Ok(());
+            return Ok(None);
         };
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -156,21 +189,29 @@ impl Client {
                 ),
             ));
         }
-        self.stream.set_write_timeout(Some(left))?;
-        self.stream.set_read_timeout(Some(left))?;
-        Ok(())
+        Ok(Some(left))
     }
 }
 
 /// [`read_frame`](crate::read_frame) for a blocking socket: the same decoder and errors,
 /// without an executor to run the async reader on (which every daemon's binary would carry
 /// for its start-up probe).
-fn read_frame_blocking(mut stream: &UnixStream) -> io::Result<Vec<u8>> {
+///
+/// `rearm` runs before every read but the first: it gives the socket's timeout what is left
+/// of the call's deadline.
+fn read_frame_blocking(
+    mut stream: &UnixStream,
+    mut rearm: impl FnMut() -> io::Result<()>,
+) -> io::Result<Vec<u8>> {
     use std::io::Read;
     let mut decoder = FrameDecoder::new();
+    let mut first = true;
     loop {
         if decoder.decode()?.is_some() {
             return Ok(decoder.into_body());
+        }
+        if !std::mem::take(&mut first) {
+            rearm()?;
         }
         match stream.read(decoder.read_buf_in_frame()) {
             Ok(0) => return Err(decoder.cut_short()),

@@ -470,7 +470,6 @@ impl<'a> Connection<'a> {
                 Ok(None) => {}
                 Err(e) => return Err(ReadError::TooLarge(e)),
             }
-            let buffered = self.frames.buffered();
             // A large frame is paid for in full before its buffer grows: a connection that
             // got part of it could otherwise wait for the rest while holding what it got.
             let frame_capacity = self.frames.capacity_for_frame();
@@ -522,12 +521,7 @@ impl<'a> Connection<'a> {
                             looked_again = true;
                             patience = 0;
                         }
-                        Ok(Wake::Stopped) => {
-                            if buffered > 0 {
-                                log::debug!("dropped {buffered} byte(s) of a frame: draining");
-                            }
-                            return Ok(false);
-                        }
+                        Ok(Wake::Stopped) => return Ok(false),
                         Ok(Wake::TimedOut) => return Err(ReadError::TimedOut),
                         Err(e) => return Err(ReadError::Io(e)),
                     }

@@ -1,10 +1,12 @@
 //! `AsyncClient` against a real daemon: requests, pipelining with ids given and checked,
-//! probes, busy replies, and deadlines that end a connect or a request nobody answers.
+//! probes, busy replies, and deadlines that end a connect or a request nobody answers; and
+//! deadlines that bound a whole call, of both clients, against a server that is slow.
 
 mod common;
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::time::Duration;
 
 use common::{request, temp_dir, InProcess, CONFIG_ID};
@@ -198,4 +200,66 @@ fn a_request_nobody_answers_ends_at_its_deadline() {
         let again = client.request(&request("x")).await.unwrap_err();
         assert_eq!(again.kind(), io::ErrorKind::NotConnected, "{again}");
     });
+}
+
+/// A server for one request: it reads the request `read_after` after the connection, then
+/// answers it `answer_after` later, in `pieces` writes 100 ms apart.
+fn slow_server(
+    path: &Path,
+    read_after: Duration,
+    answer_after: Duration,
+    pieces: usize,
+) -> std::thread::JoinHandle<()> {
+    let listener = UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        std::thread::sleep(read_after);
+        let mut header = [0; 4];
+        stream.read_exact(&mut header).unwrap();
+        let mut body = vec![0; u32::from_be_bytes(header) as usize];
+        stream.read_exact(&mut body).unwrap();
+        std::thread::sleep(answer_after);
+        let answer = serde_json::to_vec(&khived::Response::ok("x".repeat(64), CONFIG_ID));
+        let frame = common::frame(&answer.unwrap());
+        for piece in frame.chunks(frame.len().div_ceil(pieces)) {
+            // An error: the client gave up.
+            if stream.write_all(piece).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+/// A socket's timeout counts for each system call: an answer that comes in 30 pieces,
+/// 100 ms apart, never keeps one read waiting for long. The blocking client's timeout bounds
+/// the whole call all the same.
+#[test]
+fn an_answer_that_trickles_in_ends_at_the_deadline_of_the_whole_call() {
+    let dir = temp_dir();
+    let path = dir.path().join("slow.sock");
+    let _server = slow_server(&path, Duration::ZERO, Duration::ZERO, 30);
+    let answered = khived::Client::connect(&path, Duration::from_secs(1))
+        .and_then(|mut client| client.request(&request("x")));
+    let err = answered.expect_err("the answer takes 3 s, the timeout is 1 s");
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+}
+
+/// The async client's timeout bounds the write and the read together: a server that reads
+/// a large request 0.7 s late and answers it 0.7 s later keeps neither waiting for its
+/// whole timeout, and the call for more than it.
+#[test]
+fn a_request_written_slowly_and_answered_slowly_ends_at_its_deadline() {
+    let dir = temp_dir();
+    let path = dir.path().join("slow.sock");
+    let late = Duration::from_millis(700);
+    let _server = slow_server(&path, late, late, 1);
+    // More than the socket's buffers hold: the write waits for the server to read.
+    let ops = "x".repeat(4 << 20);
+    let answered = block_on(async {
+        let mut client = AsyncClient::connect(&path, Duration::from_secs(1)).await?;
+        client.request(&request(&ops)).await
+    });
+    let err = answered.expect_err("the call takes 1.4 s, the timeout is 1 s");
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
 }
