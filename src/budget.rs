@@ -12,7 +12,10 @@
 //! with nothing; and there are only as many responses as requests that got their bytes.
 //! No connection ever waits while it holds bytes of the budget ([`Held::resize`] gives its
 //! bytes back before it waits), so waiters cannot block each other for good: whoever holds
-//! bytes is reading, dispatching or writing, each bounded by a deadline.
+//! bytes is reading or writing, each bounded by a deadline, or dispatching, which the
+//! request's bytes are held for and which only `Config::request_timeout` bounds (no limit by
+//! default): dispatches of large requests that never end keep their bytes, and other large
+//! frames wait, and are refused at their deadline, for as long.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
