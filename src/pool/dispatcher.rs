@@ -45,7 +45,9 @@ pub struct Pool {
 /// What the dispatcher and the worker tasks share.
 pub(super) struct Inner {
     pub(super) options: PoolOptions,
-    jobs: Sender<Job>,
+    /// Requests for the workers: from `dispatch`, and back from a worker that could not
+    /// take one.
+    pub(super) jobs: Sender<Job>,
     pub(super) queued: Receiver<Job>,
     /// Each worker's current process, kept here so that shutdown can reap it even after
     /// the tasks that talked to it are gone.

@@ -114,7 +114,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
             Err(e) => {
                 let why = format!("worker {id} cannot start: {e}");
                 *lock(&inner.start_failure) = Some(why.clone());
-                fail_carried(&mut carried, &why).await;
+                requeue_carried(&inner, &mut carried, &why).await;
                 inner.fail_queued(&why).await;
                 Ended::Failed { why, job: None }
             }
@@ -132,7 +132,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                 // While no worker runs, requests fail at once with the reason rather than
                 // wait in the queue for a worker that may never warm up.
                 *lock(&inner.start_failure) = Some(why.clone());
-                fail_carried(&mut carried, &why).await;
+                requeue_carried(&inner, &mut carried, &why).await;
                 inner.fail_queued(&why).await;
             }
             Ended::Failed { mut why, job } => {
@@ -264,12 +264,18 @@ pub(super) fn kill_group(leader: u32) {
     let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
 }
 
-/// Answers a request carried over to a worker that could not take it, while none runs.
-async fn fail_carried(carried: &mut Option<Job>, why: &str) {
-    if let Some(job) = carried.take() {
-        let _ = job
+/// Puts a request carried over to this worker, which could not start or warm up, back in
+/// the queue for the other workers (with none running, `fail_queued` then answers it with
+/// the rest); fails it if the queue has no room.
+async fn requeue_carried(inner: &Inner, carried: &mut Option<Job>, why: &str) {
+    let Some(job) = carried.take() else {
+        return;
+    };
+    if let Err(refused) = inner.jobs.try_send(job) {
+        let _ = refused
+            .into_inner()
             .reply
-            .send(Err(format!("no worker is running: {why}").into()))
+            .send(Err(format!("no worker could take it: {why}").into()))
             .await;
     }
 }
