@@ -174,8 +174,8 @@ impl Spawn {
     /// [`Client::connect`], or the daemon's own directory check, with the fix in the message);
     /// [`io::ErrorKind::InvalidInput`] for a spawn lock or log that is a symbolic link or not
     /// a regular file; [`io::ErrorKind::ResourceBusy`] with
-    /// [`replace_unless`](Spawn::replace_unless) and a daemon too busy to answer the probe. The spawn lock cannot be created or taken in time; the command cannot
-    /// be started; the
+    /// [`replace_unless`](Spawn::replace_unless) and a daemon too busy to answer the probe.
+    /// The spawn lock cannot be created or taken in time; the command cannot be started; the
     /// started daemon exits before it answers (the error gives its exit status and the last
     /// lines of its log) or does not answer within the ready timeout
     /// ([`io::ErrorKind::TimedOut`]; naming the daemon that still holds the PID file, if one

@@ -44,13 +44,26 @@ enum Ended {
     NotWarmed(String),
 }
 
-/// Whether the worker ended by exiting (or closing its stdout, as it does when it exits).
-fn exiting(ended: &Ended) -> bool {
+/// Forwards what a worker that `ended` wrote to standard error before it is reaped (a dying
+/// worker's last words, above all). One that is exiting closes its end of the pipe as it
+/// goes, just after its stdout, which may be what was seen: the pipe is read to that end (for
+/// a moment at most, should a process it started hold it), so that a last line without a
+/// newline is logged too. One that lives on (hung, out of sync) has only what is in the pipe
+/// now read. At a stop, the stop's own order applies.
+async fn last_words(forward: Pin<&mut impl Future<Output = ()>>, ended: &Ended) {
     let why = match ended {
-        Ended::Stopping => return false,
+        Ended::Stopping => return,
         Ended::Failed { why, .. } | Ended::NotWarmed(why) => why,
     };
-    [EXITED, CLOSED_STDOUT, EXITED_IDLE, CLOSED_IDLE].contains(&why.as_str())
+    // It exited, or closed its stdout, as it does when it exits.
+    if [EXITED, CLOSED_STDOUT, EXITED_IDLE, CLOSED_IDLE].contains(&why.as_str()) {
+        let moment = async {
+            Timer::after(LAST_WORDS).await;
+        };
+        forward.or(moment).await;
+    } else {
+        future::poll_once(forward).await;
+    }
 }
 
 /// Keeps worker `id` alive: start it, serve jobs, restart it with backoff when it fails.
@@ -90,24 +103,8 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                     })
                     .await;
                 inner.running.fetch_sub(1, Ordering::SeqCst);
-                // What it wrote before it ended (a dying worker's last words, above all) is
-                // read before it is reaped. One that is exiting closes its end of the pipe as
-                // it goes, just after its stdout, which may be what was seen: the pipe is read
-                // to that end (for a moment at most, should a process it started hold it),
-                // so that a last line without a newline is logged too. One that lives on
-                // (hung, out of sync) has only what is in the pipe now read.
-                if !forwarded && !matches!(ended, Ended::Stopping) {
-                    match exiting(&ended) {
-                        true => {
-                            let moment = async {
-                                Timer::after(LAST_WORDS).await;
-                            };
-                            forward.as_mut().or(moment).await;
-                        }
-                        false => {
-                            future::poll_once(forward.as_mut()).await;
-                        }
-                    }
+                if !forwarded {
+                    last_words(forward, &ended).await;
                 }
                 ended
             }

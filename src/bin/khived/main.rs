@@ -311,12 +311,13 @@ fn run_start(start: Start) -> u8 {
     if start.serve.replace {
         return replace(&start);
     }
-    if let Ok(info) = khived::probe(&common.socket, Duration::from_secs(2)) {
-        return already_running(Some(info.pid));
-    }
-    // One at its connection cap answers `daemon_busy`: it runs all the same.
-    if answers(&common.socket) {
-        return already_running(khived::running_pid(&common.pid_file).ok().flatten());
+    match khived::probe(&common.socket, Duration::from_secs(2)) {
+        Ok(info) => return already_running(Some(info.pid)),
+        // One at its connection cap answers `daemon_busy`: it runs all the same.
+        Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
+            return already_running(khived::running_pid(&common.pid_file).ok().flatten())
+        }
+        Err(_) => {}
     }
     // A daemon that holds the PID file but does not answer (starting, draining, stopped)
     // would make the new one fail: say so instead of waiting for it.
