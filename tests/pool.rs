@@ -254,6 +254,47 @@ fn a_dying_workers_last_words_reach_the_log() {
     }
 }
 
+/// Says hello on standard error as it starts and answers every request; at the end of its
+/// stdin (the daemon's stop) says goodbye there, twice (the second time without a newline),
+/// before it exits.
+const GOODBYE_WORKER: &str = r#"
+echo "hello from $$" >&2
+while read -r line; do
+    echo '{"ok": true, "result": "served"}'
+done
+echo "goodbye from $$" >&2
+printf 'last goodbye from %s' "$$" >&2
+exit 7
+"#;
+
+/// At a stop the workers' stdin closes and they get the shutdown grace to exit: what they
+/// write to standard error meanwhile reaches the log, and writing it does not kill them (a
+/// closed pipe would: SIGPIPE).
+#[test]
+fn what_workers_say_as_they_stop_reaches_the_log() {
+    capture_logs();
+    let daemon = PoolDaemon::start(options(&["sh", "-c", GOODBYE_WORKER]).workers(2));
+    assert_eq!(daemon.ok("anything"), "served");
+    wait_for("both workers' hello", || logged(": hello from ").len() == 2);
+    daemon.shutdown().unwrap();
+    for hello in logged(": hello from ") {
+        let pid = hello.rsplit(' ').next().unwrap();
+        assert_eq!(logged(&format!(": goodbye from {pid}")).len(), 1, "{pid}");
+        assert_eq!(
+            logged(&format!(": last goodbye from {pid}")).len(),
+            1,
+            "{pid}"
+        );
+    }
+    // Each exited as it chose, not by SIGPIPE: `run` returned only once both were reaped.
+    assert_eq!(
+        logged("exited (exit status: 7)").len(),
+        2,
+        "{:?}",
+        logged("exited (")
+    );
+}
+
 /// A warm request is bound by the request timeout too. A worker that cannot finish it in
 /// time never serves: requests fail with the reason and the fix instead of waiting in the
 /// queue for a worker that is restarted for ever.

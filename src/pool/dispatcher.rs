@@ -9,9 +9,7 @@ use std::time::Instant;
 
 use async_channel::{Receiver, Sender, TrySendError};
 use async_executor::Executor;
-use async_io::Timer;
-use async_process::Child;
-use futures_lite::future::{self, FutureExt};
+use futures_lite::future;
 
 use super::spawner::Spawner;
 use super::{line, worker, PoolOptions};
@@ -51,7 +49,7 @@ pub(super) struct Inner {
     pub(super) queued: Receiver<Job>,
     /// Each worker's current process, kept here so that shutdown can reap it even after
     /// the tasks that talked to it are gone.
-    pub(super) children: Vec<Mutex<Option<Child>>>,
+    pub(super) children: Vec<Mutex<Option<worker::Process>>>,
     /// Workers whose process is up.
     pub(super) running: AtomicUsize,
     /// Why the last worker start failed, while none is running: requests fail at once
@@ -200,38 +198,32 @@ impl Dispatch for Pool {
 
     /// Ends every worker once the daemon has drained: their stdin is already closed (the
     /// tasks holding it ended with `warm_all`), so they get the shutdown grace to exit, then
-    /// SIGKILL. Whatever is left of each worker's process group (children it started) is
-    /// killed too, and every worker is reaped before the daemon lets go of its PID file.
+    /// SIGKILL; what they write to standard error meanwhile is still forwarded to the log.
+    /// Whatever is left of each worker's process group (children it started) is killed too,
+    /// and every worker is reaped before the daemon lets go of its PID file.
     async fn shut_down(&self) {
         self.inner.jobs.close();
         let grace = self.inner.options.shutdown_grace;
         // A grace too long to count is waited out without end.
         let deadline = Instant::now().checked_add(grace);
-        for (id, slot) in self.inner.children.iter().enumerate() {
-            let Some(mut child) = lock(slot).take() else {
-                continue;
-            };
-            let group = child.id();
-            let exited = async { child.status().await.ok() }
-                .or(async {
-                    deadline.map_or_else(Timer::never, Timer::at).await;
-                    None
-                })
-                .await;
-            // Its children may still run, holding its pipes or not: none outlives the pool.
-            worker::kill_group(group);
-            match exited {
-                Some(status) => log::info!("worker {}: exited ({status})", id + 1),
-                None => {
-                    log::warn!(
-                        "worker {}: still running after {grace:?}; killed it",
-                        id + 1
-                    );
-                    let _ = child.kill();
-                    let _ = child.status().await;
+        // All at once: each worker's stderr is read while it exits, so none waits on a full
+        // pipe behind another.
+        let ending = Executor::new();
+        let ends: Vec<_> = (1..)
+            .zip(&self.inner.children)
+            .filter_map(|(id, slot)| Some((id, lock(slot).take()?)))
+            .map(|(id, process)| {
+                let end = worker::end(id, process, deadline, grace);
+                crate::execution::spawn_task(&ending, end)
+            })
+            .collect();
+        ending
+            .run(async {
+                for end in ends {
+                    end.await;
                 }
-            }
-        }
+            })
+            .await;
     }
 
     fn namespace(&self) -> &str {
@@ -279,8 +271,8 @@ impl Drop for Inner {
             let slot = slot
                 .get_mut()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if let Some(child) = slot.as_ref() {
-                worker::kill_group(child.id());
+            if let Some(process) = slot.as_ref() {
+                worker::kill_group(process.id());
             }
         }
     }

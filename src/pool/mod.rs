@@ -47,7 +47,8 @@
 //!   normal shutdown) or fails to write a reply (broken pipe), so one stuck in a request
 //!   outlives the daemon. At a normal shutdown
 //!   the daemon drains the requests in flight, then the workers' stdin is closed, they get
-//!   [`PoolOptions::shutdown_grace`] to exit, then SIGKILL; every child is reaped before the
+//!   [`PoolOptions::shutdown_grace`] to exit (their stderr still reaches the log, so saying
+//!   goodbye there does not kill them with SIGPIPE), then SIGKILL; every child is reaped before the
 //!   daemon lets go of its PID file. Being in their own group, workers do not get the
 //!   terminal's Ctrl-C directly: the daemon stops them in order.
 //!

@@ -7,11 +7,11 @@ use std::io;
 use std::pin::{pin, Pin};
 use std::process::ExitStatus;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_io::Timer;
-use async_process::{ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use async_process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use futures_lite::future::{self, FutureExt};
 use futures_lite::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -49,20 +49,52 @@ enum Ended {
 /// goes, just after its stdout, which may be what was seen: the pipe is read to that end (for
 /// a moment at most, should a process it started hold it), so that a last line without a
 /// newline is logged too. One that lives on (hung, out of sync) has only what is in the pipe
-/// now read. At a stop, the stop's own order applies.
-async fn last_words(forward: Pin<&mut impl Future<Output = ()>>, ended: &Ended) {
+/// now read. At a stop, [`end`] forwards it during the grace.
+async fn last_words(stderr: &mut Stderr, ended: &Ended) {
     let why = match ended {
         Ended::Stopping => return,
         Ended::Failed { why, .. } | Ended::NotWarmed(why) => why,
     };
     // It exited, or closed its stdout, as it does when it exits.
     if [EXITED, CLOSED_STDOUT, EXITED_IDLE, CLOSED_IDLE].contains(&why.as_str()) {
-        let moment = async {
-            Timer::after(LAST_WORDS).await;
-        };
-        forward.or(moment).await;
+        stderr.forward().or(moment()).await;
     } else {
-        future::poll_once(forward).await;
+        future::poll_once(stderr.forward()).await;
+    }
+}
+
+/// How long the end of an exiting worker's standard error is waited for.
+async fn moment() {
+    Timer::after(LAST_WORDS).await;
+}
+
+/// A worker's process, kept in its slot for [`reap`] and shutdown, and its standard error
+/// once the task that forwarded it has let it go.
+pub(super) struct Process {
+    child: Child,
+    stderr: Option<Stderr>,
+}
+
+impl Process {
+    /// The worker's process id, which is also its process group's.
+    pub(super) fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// A worker's standard error, lent to the task that serves it: given back to the process's
+/// slot however the task ends. At a stop the task is dropped, and [`end`] forwards what the
+/// worker says while it exits; after a failure [`reap`] drops it with the process.
+struct Lent<'a> {
+    stderr: Option<Stderr>,
+    slot: &'a Mutex<Option<Process>>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(process) = lock(self.slot).as_mut() {
+            process.stderr = self.stderr.take();
+        }
     }
 }
 
@@ -82,11 +114,12 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
             Ok(((stdin, stdout, stderr), exited)) => {
                 inner.running.fetch_add(1, Ordering::SeqCst);
                 *lock(&inner.start_failure) = None;
-                let mut forward = pin!(forward_stderr(
-                    id,
-                    stderr,
-                    inner.options.stderr_lines_per_second
-                ));
+                let mut lent = Lent {
+                    stderr: None,
+                    slot: &inner.children[id - 1],
+                };
+                let per_second = inner.options.stderr_lines_per_second;
+                let stderr = lent.stderr.insert(Stderr::new(id, stderr, per_second));
                 let serve = serve(
                     &inner,
                     id,
@@ -94,18 +127,14 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                     &mut carried,
                     &mut last_request,
                 );
-                let mut forwarded = false;
                 let ended = serve
                     .or(async {
-                        forward.as_mut().await;
-                        forwarded = true;
+                        stderr.forward().await;
                         future::pending().await
                     })
                     .await;
                 inner.running.fetch_sub(1, Ordering::SeqCst);
-                if !forwarded {
-                    last_words(forward, &ended).await;
-                }
+                last_words(stderr, &ended).await;
                 ended
             }
             Err(e) => {
@@ -220,7 +249,10 @@ async fn start(
     log::info!("worker {id}: started (pid {})", child.id());
     // The future holds its own handle on the process: the child stays in its slot.
     let exited = child.status();
-    *lock(&inner.children[id - 1]) = Some(child);
+    *lock(&inner.children[id - 1]) = Some(Process {
+        child,
+        stderr: None,
+    });
     Ok((pipes, exited))
 }
 
@@ -231,8 +263,8 @@ const SIGKILL: i32 = rustix::process::Signal::KILL.as_raw();
 /// for it; returns how it ended, and whether it had exited on its own (not by SIGKILL).
 async fn reap(inner: &Inner, id: usize) -> (String, bool) {
     use std::os::unix::process::ExitStatusExt;
-    let child = lock(&inner.children[id - 1]).take();
-    let Some(mut child) = child else {
+    let process = lock(&inner.children[id - 1]).take();
+    let Some(Process { mut child, .. }) = process else {
         return ("not started".to_owned(), false);
     };
     // A worker that printed garbage or hung may still run; one that died is only reaped.
@@ -242,6 +274,53 @@ async fn reap(inner: &Inner, id: usize) -> (String, bool) {
     match child.status().await {
         Ok(status) => (status.to_string(), status.signal() != Some(SIGKILL)),
         Err(e) => (format!("not reaped: {e}"), false),
+    }
+}
+
+/// Ends worker `id` at a stop, once its stdin is closed: waits for it to exit until
+/// `deadline` (the shutdown grace, `grace` long), forwarding what it writes to standard error
+/// meanwhile, then kills what is left of its process group (itself too, past the grace) and
+/// reaps it.
+pub(super) async fn end(id: usize, process: Process, deadline: Option<Instant>, grace: Duration) {
+    let Process { mut child, stderr } = process;
+    let group = child.id();
+    let mut stderr = stderr;
+    let exited = {
+        let forward = async {
+            if let Some(stderr) = stderr.as_mut() {
+                stderr.forward().await;
+            }
+            future::pending().await
+        };
+        let past_grace = async {
+            deadline.map_or_else(Timer::never, Timer::at).await;
+            None
+        };
+        async { child.status().await.ok() }
+            .or(past_grace)
+            .or(forward)
+            .await
+    };
+    // Its children may still run, holding its pipes or not: none outlives the pool.
+    kill_group(group);
+    let status = match exited {
+        Some(status) => status.to_string(),
+        None => {
+            let _ = child.kill();
+            match child.status().await {
+                Ok(status) => status.to_string(),
+                Err(e) => format!("not reaped: {e}"),
+            }
+        }
+    };
+    // What it wrote last, up to the end of the pipe, which no process of its group holds
+    // any more.
+    if let Some(stderr) = stderr.as_mut() {
+        stderr.forward().or(moment()).await;
+    }
+    match exited {
+        Some(_) => log::info!("worker {id}: exited ({status})"),
+        None => log::warn!("worker {id}: still running after {grace:?}; killed it ({status})"),
     }
 }
 
@@ -513,85 +592,112 @@ const LONGEST_LINE: usize = 8 * 1024;
 /// How often the count of dropped lines is logged, while lines are being dropped.
 const DROP_REPORT: Duration = Duration::from_secs(1);
 
-/// Copies a worker's standard error into the daemon's log, a line at a time, until the
-/// worker closes it: at most `per_second` lines a second (in bursts of as many); the rest are
-/// read and dropped, and their count logged once a second. Bytes that are not UTF-8 are
-/// logged lossily and overlong lines cut: stopping early would close the pipe and kill the
-/// worker at its next write.
-///
-/// The forwarding must not starve the daemon's other tasks, which run on the same thread:
-/// it handles one chunk per turn and then lets them run, and while over its rate it waits
-/// for the next line's turn before reading on, so a flood costs a read per turn, not a CPU
-/// (the worker blocks on its full pipe meanwhile).
-async fn forward_stderr(id: usize, stderr: ChildStderr, per_second: u32) {
-    let mut stderr = BufReader::with_capacity(STDERR_CHUNK, stderr);
-    let mut bucket = Bucket::new(per_second);
-    let mut line = Vec::new();
-    let mut cut = 0;
-    // Also reports what is left when the forwarding ends with the worker.
-    let mut dropped = Dropped {
-        id,
-        per_second,
-        count: 0,
-        reported: Instant::now(),
-    };
-    loop {
-        let report_at = dropped.reported + DROP_REPORT;
-        let waiting_drops = dropped.count > 0;
-        let filled = async { Some(stderr.fill_buf().await.map(|buf| buf.len())) }
-            .or(async {
-                match waiting_drops {
-                    true => Timer::at(report_at).await,
-                    false => future::pending().await,
-                };
-                None
-            })
-            .await;
-        match filled {
-            None => {
-                dropped.report();
-                continue;
-            }
-            Some(Ok(0) | Err(_)) => {
-                if !line.is_empty() {
-                    match bucket.take() {
-                        true => log_line(id, &line, cut),
-                        false => dropped.count += 1,
-                    }
+/// A worker's standard error on its way to the daemon's log: the pipe, and where the
+/// copying stands (a line begun, the rate's tokens, the lines dropped), so that it goes on
+/// where it was left when the worker's task is dropped at a stop and the shutdown takes it up
+/// during the grace.
+pub(super) struct Stderr {
+    pipe: BufReader<ChildStderr>,
+    bucket: Bucket,
+    line: Vec<u8>,
+    cut: usize,
+    dropped: Dropped,
+    /// The worker closed its end: everything it wrote is forwarded.
+    ended: bool,
+}
+
+impl Stderr {
+    fn new(id: usize, pipe: ChildStderr, per_second: u32) -> Stderr {
+        Stderr {
+            pipe: BufReader::with_capacity(STDERR_CHUNK, pipe),
+            bucket: Bucket::new(per_second),
+            line: Vec::new(),
+            cut: 0,
+            // Also reports what is left when the forwarding ends with the worker.
+            dropped: Dropped {
+                id,
+                per_second,
+                count: 0,
+                reported: Instant::now(),
+            },
+            ended: false,
+        }
+    }
+
+    /// Copies the worker's standard error into the daemon's log, a line at a time, until the
+    /// worker closes it: at most `per_second` lines a second (in bursts of as many); the rest
+    /// are read and dropped, and their count logged once a second. Bytes that are not UTF-8
+    /// are logged lossily and overlong lines cut: stopping early would close the pipe and
+    /// kill the worker at its next write.
+    ///
+    /// The forwarding must not starve the daemon's other tasks, which run on the same
+    /// thread: it handles one chunk per turn and then lets them run, and while over its rate
+    /// it waits for the next line's turn before reading on, so a flood costs a read per
+    /// turn, not a CPU (the worker blocks on its full pipe meanwhile).
+    ///
+    /// Dropped at an await, it loses nothing: a chunk is consumed only once its lines are
+    /// handled, and a call after the end returns at once.
+    async fn forward(&mut self) {
+        let id = self.dropped.id;
+        while !self.ended {
+            let report_at = self.dropped.reported + DROP_REPORT;
+            let waiting_drops = self.dropped.count > 0;
+            let filled = async { Some(self.pipe.fill_buf().await.map(|buf| buf.len())) }
+                .or(async {
+                    match waiting_drops {
+                        true => Timer::at(report_at).await,
+                        false => future::pending().await,
+                    };
+                    None
+                })
+                .await;
+            match filled {
+                None => {
+                    self.dropped.report();
+                    continue;
                 }
-                return;
-            }
-            Some(Ok(_)) => {}
-        }
-        let chunk = stderr.buffer();
-        let len = chunk.len();
-        let mut over = false;
-        for piece in chunk.split_inclusive(|&b| b == b'\n') {
-            let complete = piece.last() == Some(&b'\n');
-            let body = &piece[..piece.len() - usize::from(complete)];
-            let room = LONGEST_LINE.saturating_sub(line.len());
-            line.extend_from_slice(&body[..body.len().min(room)]);
-            cut += body.len().saturating_sub(room);
-            if complete {
-                match bucket.take() {
-                    true => log_line(id, &line, cut),
-                    false => {
-                        dropped.count += 1;
-                        over = true;
+                Some(Ok(0) | Err(_)) => {
+                    if !self.line.is_empty() {
+                        match self.bucket.take() {
+                            true => log_line(id, &self.line, self.cut),
+                            false => self.dropped.count += 1,
+                        }
                     }
+                    self.ended = true;
+                    return;
                 }
-                line.clear();
-                cut = 0;
+                Some(Ok(_)) => {}
             }
-        }
-        stderr.consume(len);
-        if dropped.reported.elapsed() >= DROP_REPORT {
-            dropped.report();
-        }
-        if over {
-            Timer::at(bucket.next_token()).await;
-        } else {
-            future::yield_now().await;
+            let chunk = self.pipe.buffer();
+            let len = chunk.len();
+            let mut over = false;
+            for piece in chunk.split_inclusive(|&b| b == b'\n') {
+                let complete = piece.last() == Some(&b'\n');
+                let body = &piece[..piece.len() - usize::from(complete)];
+                let room = LONGEST_LINE.saturating_sub(self.line.len());
+                self.line.extend_from_slice(&body[..body.len().min(room)]);
+                self.cut += body.len().saturating_sub(room);
+                if complete {
+                    match self.bucket.take() {
+                        true => log_line(id, &self.line, self.cut),
+                        false => {
+                            self.dropped.count += 1;
+                            over = true;
+                        }
+                    }
+                    self.line.clear();
+                    self.cut = 0;
+                }
+            }
+            self.pipe.consume(len);
+            if self.dropped.reported.elapsed() >= DROP_REPORT {
+                self.dropped.report();
+            }
+            if over {
+                Timer::at(self.bucket.next_token()).await;
+            } else {
+                future::yield_now().await;
+            }
         }
     }
 }
