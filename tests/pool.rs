@@ -235,12 +235,13 @@ done
 
 /// What a worker wrote to standard error before it died (its last words, above all) reaches
 /// the log before its request is answered: the pipe is read to its end, a last line
-/// without a newline included, before the worker is reaped.
+/// without a newline included, before the worker is reaped. (Twice: a third request may
+/// find no worker, since this one never answers.)
 #[test]
 fn a_dying_workers_last_words_reach_the_log() {
     capture_logs();
     let daemon = PoolDaemon::start(options(&["sh", "-c", LAST_WORDS_WORKER]));
-    for died in 1..=3 {
+    for died in 1..=2 {
         let error = daemon.error("anything");
         assert!(
             error.contains("exited while handling the request"),
@@ -252,6 +253,87 @@ fn a_dying_workers_last_words_reach_the_log() {
             "worker {died}'s are not in the log"
         );
     }
+}
+
+/// Exits as it starts, with a reason on standard error.
+const BROKEN_WORKER: &str = r#"
+echo "cannot load the model" >&2
+exit 41
+"#;
+
+/// A worker that fails twice in a row before it answers anything is one that cannot start:
+/// requests fail at once with the reason (a start that was still running may take one and
+/// fail it), not each after waiting for a restart, ever further apart.
+#[test]
+fn a_worker_that_dies_as_it_starts_fails_requests_with_the_reason() {
+    capture_logs();
+    let daemon = PoolDaemon::start(options(&["sh", "-c", BROKEN_WORKER]));
+    let reason = "answered nothing in 2 starts in a row, the last of which exited while idle \
+                  (exit status: 41); its standard error is in the daemon's log";
+    wait_for("the second failed start", || !logged(reason).is_empty());
+    assert!(!logged("worker 1: cannot load the model").is_empty());
+    for _ in 0..3 {
+        let error = daemon.error("anything");
+        assert!(
+            error.starts_with("no worker is running: worker 1 answered nothing in ")
+                || error.starts_with("worker 1 answered nothing in "),
+            "{error}"
+        );
+        assert!(
+            error.contains("(exit status: 41); its standard error"),
+            "{error}"
+        );
+    }
+}
+
+/// Holds `poison` until the file `$GATE` exists, then dies; answers anything else.
+const POISONED_WORKER: &str = r#"
+import json, os, sys, time
+gate = os.environ["GATE"]
+for line in sys.stdin:
+    ops = json.loads(line)["ops"]
+    if ops == "poison":
+        open(gate + ".in", "w").close()
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+        sys.exit(5)
+    print(json.dumps({"ok": True, "result": ops}), flush=True)
+"#;
+
+/// A fresh worker killed by its first request is not yet taken for one that cannot start:
+/// that request fails, and the request queued behind it goes to the next worker.
+#[test]
+fn a_request_queued_behind_one_that_kills_a_fresh_worker_is_served() {
+    let dir = temp_dir();
+    let gate = dir.path().join("gate");
+    let options = options(&["python3", "-c", POISONED_WORKER])
+        .env("GATE", gate.as_os_str())
+        .queue(1);
+    let daemon = std::sync::Arc::new(PoolDaemon::start(options));
+    let poison = {
+        let daemon = std::sync::Arc::clone(&daemon);
+        std::thread::spawn(move || daemon.error("poison"))
+    };
+    wait_for("the worker to hold the poison", || {
+        gate.with_extension("in").exists()
+    });
+    // The queue holds one request: once one of these two is refused, the other is queued.
+    let (answered, answers) = std::sync::mpsc::channel();
+    for i in 0..2 {
+        let (daemon, answered) = (std::sync::Arc::clone(&daemon), answered.clone());
+        std::thread::spawn(move || answered.send(daemon.call(&format!("next {i}"))).unwrap());
+    }
+    let refused = answers.recv().unwrap();
+    assert_eq!(refused.error_code(), Some("daemon_busy"), "{refused:?}");
+    std::fs::write(&gate, "").unwrap();
+    let killed = poison.join().unwrap();
+    assert!(
+        killed.contains("worker 1 exited while handling the request (exit status: 5)"),
+        "{killed}"
+    );
+    let queued = answers.recv().unwrap();
+    assert!(queued.ok, "{:?}", queued.error);
+    assert!(queued.result.unwrap().starts_with("next "));
 }
 
 /// Says hello on standard error as it starts and answers every request; at the end of its
@@ -703,10 +785,16 @@ fn queued_requests_whose_client_is_gone_are_skipped() {
 }
 
 /// Fails its first five starts (exit status 77), so that the pool waits 1.6 s before the
-/// sixth; then runs `COUNTING_WORKER`.
+/// sixth; then runs `COUNTING_WORKER`. Each failing start answers its warm request first:
+/// a worker that never answered would be taken for one that cannot start, and requests
+/// would fail at once instead of waiting in the queue.
 const FAILS_FIVE_STARTS: &str = r#"
 echo start >> "$STARTS"
-[ "$(wc -l < "$STARTS")" -le 5 ] && exit 77
+if [ "$(wc -l < "$STARTS")" -le 5 ]; then
+    read -r warm
+    echo '{"ok": true, "result": "warmed"}'
+    exit 77
+fi
 exec python3 -c "$COUNTING_WORKER"
 "#;
 
@@ -723,6 +811,7 @@ fn a_request_whose_time_runs_out_in_the_queue_is_answered_without_running() {
             .env("REQUESTS", &requests)
             .env("RELEASE", dir.path().join("release"))
             .env("READY", &ready)
+            .warm("warm")
             .request_timeout(Duration::from_millis(200)),
     )
     .unwrap();
@@ -760,10 +849,12 @@ fn a_request_whose_time_runs_out_in_the_queue_is_answered_without_running() {
             }
         }
     }));
-    // The worker never saw the request whose time had run out.
+    // The worker never saw the request whose time had run out (only its warm request and
+    // the next one).
     let seen = std::fs::read_to_string(&requests).unwrap();
     assert!(
-        !seen.is_empty() && seen.lines().all(|ops| ops == "next"),
+        seen.lines().any(|ops| ops == "next")
+            && seen.lines().all(|ops| ops == "next" || ops == "warm"),
         "{seen:?}"
     );
     future::block_on(pool.shut_down());

@@ -24,6 +24,11 @@ const FIRST_RESTART_DELAY: Duration = Duration::from_millis(100);
 const LAST_RESTART_DELAY: Duration = Duration::from_secs(10);
 /// A worker that ran this long before failing starts over with the shortest delay.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
+/// Starts in a row that failed before the worker answered anything, after which it is taken
+/// for one that cannot start. Two, not one: a fresh worker that dies on its first request
+/// may have been killed by that request, and the requests queued behind it deserve the next
+/// worker.
+const FAILED_STARTS: u32 = 2;
 /// How long the end of an exiting worker's standard error is waited for, which only a
 /// process it started and that holds the pipe delays.
 const LAST_WORDS: Duration = Duration::from_secs(1);
@@ -42,6 +47,8 @@ enum Ended {
     Failed { why: String, job: Option<Job> },
     /// The worker died, hung or broke the protocol on its warm request: it never served.
     NotWarmed(String),
+    /// Its process could not be started (logged, and requests failed, already).
+    NotStarted,
 }
 
 /// Forwards what a worker that `ended` wrote to standard error before it is reaped (a dying
@@ -52,7 +59,7 @@ enum Ended {
 /// now read. At a stop, [`end`] forwards it during the grace.
 async fn last_words(stderr: &mut Stderr, ended: &Ended) {
     let why = match ended {
-        Ended::Stopping => return,
+        Ended::Stopping | Ended::NotStarted => return,
         Ended::Failed { why, .. } | Ended::NotWarmed(why) => why,
     };
     // It exited, or closed its stdout, as it does when it exits.
@@ -108,8 +115,12 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
     // A request taken from the queue but never sent to a worker, which went wrong first: it
     // goes to the next process, not back to its client as a failure.
     let mut carried: Option<Job> = None;
+    // Runs in a row that ended before the worker answered anything (its warm request or a
+    // request), and were short of a healthy run.
+    let mut unproven = 0;
     loop {
         let started = Instant::now();
+        let mut answered = false;
         let ended = match start(&inner, id).await {
             Ok(((stdin, stdout, stderr), exited)) => {
                 inner.running.fetch_add(1, Ordering::SeqCst);
@@ -126,6 +137,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                     (stdin, stdout, exited),
                     &mut carried,
                     &mut last_request,
+                    &mut answered,
                 );
                 let ended = serve
                     .or(async {
@@ -139,10 +151,11 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
             }
             Err(e) => {
                 let why = format!("worker {id} cannot start: {e}");
+                log::warn!("{why}");
                 *lock(&inner.start_failure) = Some(why.clone());
                 requeue_carried(&inner, &mut carried, &why).await;
                 inner.fail_queued(&why).await;
-                Ended::Failed { why, job: None }
+                Ended::NotStarted
             }
         };
         let (status, exited) = reap(&inner, id).await;
@@ -151,6 +164,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
         let mut healthy = started.elapsed() >= HEALTHY_RUN;
         match ended {
             Ended::Stopping => return,
+            Ended::NotStarted => {}
             Ended::NotWarmed(why) => {
                 healthy = false;
                 let why = format!("worker {id} did not finish warming: {why} ({status})");
@@ -171,11 +185,28 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                     };
                 }
                 log::warn!("worker {id}: {why} ({status})");
+                unproven = match answered || healthy {
+                    true => 0,
+                    false => unproven + 1,
+                };
+                let cannot_start = unproven >= FAILED_STARTS;
+                let error = match cannot_start {
+                    false => format!("worker {id} {why} ({status})"),
+                    true => format!(
+                        "worker {id} answered nothing in {unproven} starts in a row, the \
+                         last of which {why} ({status}); its standard error is in the daemon's log"
+                    ),
+                };
                 if let Some(job) = job {
-                    let _ = job
-                        .reply
-                        .send(Err(format!("worker {id} {why} ({status})").into()))
-                        .await;
+                    let _ = job.reply.send(Err(error.clone().into())).await;
+                }
+                // Like one that cannot start: while it is down, requests fail at once with
+                // the reason rather than each wait for a start that fails again.
+                if cannot_start {
+                    log::warn!("{error}");
+                    *lock(&inner.start_failure) = Some(error.clone());
+                    requeue_carried(&inner, &mut carried, &error).await;
+                    inner.fail_queued(&error).await;
                 }
             }
         }
@@ -368,6 +399,7 @@ async fn serve(
     ),
     carried: &mut Option<Job>,
     last_request: &mut u64,
+    answered: &mut bool,
 ) -> Ended {
     let mut exited = pin!(exited);
     let timeout = inner.options.request_timeout;
@@ -400,6 +432,7 @@ async fn serve(
             Ok(Err(error)) => log::warn!("worker {id}: warm request failed: {error}"),
             Err(why) => return Ended::NotWarmed(why),
         }
+        *answered = true;
     }
     loop {
         let job = match carried.take() {
@@ -448,6 +481,7 @@ async fn serve(
         crate::pages::release(line);
         match answer {
             Ok(answer) => {
+                *answered = true;
                 let _ = job.reply.send(answer.map_err(DispatchError::from)).await;
             }
             Err(why) => {
