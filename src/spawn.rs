@@ -110,7 +110,9 @@ impl Spawn {
     /// socket (PROTOCOL.md, "Handover"). [`connect`](Spawn::connect) returns once the new
     /// daemon answers; clients of the old one are not cut off mid-request. If the new one
     /// fails before it is ready, the old one goes on serving and `connect` fails with the new
-    /// one's error.
+    /// one's error. If it is not ready within the ready timeout, `connect` fails with
+    /// [`io::ErrorKind::TimedOut`] and the new one is left running, to take over once it is
+    /// ready: by then it may hold the listener, and killing it could leave nobody serving.
     #[must_use = "a builder method returns the changed Spawn"]
     pub fn replace(mut self) -> Spawn {
         self.replace = Replace::Always;
@@ -332,10 +334,17 @@ impl Spawn {
                     Ok(Some(pid)) if !replacing && pid != ours => return Err(self.still_held(pid)),
                     _ => {}
                 }
+                // Left running, not killed: a successor may hold the listener by now, and
+                // killing it would leave nobody serving.
+                let then = match replacing {
+                    true => "takes over once it is ready",
+                    false => "answers once it is ready",
+                };
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "the daemon did not answer on {} within {:?}; last lines of {}:\n{}",
+                        "the daemon (pid {ours}) did not answer on {} within {:?}; it was left \
+                         running, and {then} (or exits if it cannot); last lines of {}:\n{}",
                         self.socket.display(),
                         self.ready_timeout,
                         self.log.display(),

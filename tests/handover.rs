@@ -786,3 +786,71 @@ fn start_and_restart_know_a_daemon_at_its_connection_cap() {
     let log = common::read_log(&place.dir.path().join("k.log"));
     assert!(log.contains(&format!("handed over to pid {new}")), "{log}");
 }
+
+/// `restart` whose new daemon is not ready in time says so truly: that daemon is left
+/// running, to take over once it is ready (killing it could leave nobody serving, should it
+/// hold the listener by then), not that the running one goes on. Here the running daemon's
+/// handover socket takes the new one's connection and answers nothing until the test
+/// closes it; the new one then exits, and the running one serves on.
+#[test]
+fn a_replacement_not_ready_in_time_is_named_and_left_to_go_on() {
+    let dir = temp_dir();
+    let socket = dir.path().join("k.sock");
+    let mut config = khived::Config::at(&socket);
+    config.handle_signals = false;
+    config.handover = false;
+    let pid_file = config.pid_file.clone();
+    let daemon = khived::Daemon::new(config, common::TestDispatch::default());
+    let stop = daemon.shutdown_handle();
+    let running = thread::spawn(move || daemon.run_blocking());
+    common::wait_until_serving(&socket);
+    let slow_handover =
+        std::os::unix::net::UnixListener::bind(dir.path().join("k.handover")).unwrap();
+
+    let out = Command::new(KHIVED)
+        .arg("restart")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--pid")
+        .arg(&pid_file)
+        .args(["--timeout", "1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.starts_with("khived: not ready in time: the daemon (pid "),
+        "{said}"
+    );
+    assert!(
+        said.contains(
+            "it was left running, and takes over once it is ready (or exits if it cannot)"
+        ),
+        "{said}"
+    );
+    assert!(!said.contains("goes on"), "{said}");
+    let new: u32 = said["khived: not ready in time: the daemon (pid ".len()..]
+        .split(')')
+        .next()
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {said:?}"));
+    assert!(!process_exited(new), "pid {new} did not go on");
+
+    // The new daemon asked for the files; with no answer, it gives up and exits.
+    slow_handover.set_nonblocking(true).unwrap();
+    let asking = std::cell::RefCell::new(None);
+    wait_until("the new daemon to ask for the files", || {
+        *asking.borrow_mut() = slow_handover.accept().ok();
+        asking.borrow().is_some()
+    });
+    let (asking, _) = asking.into_inner().unwrap();
+    asking.shutdown(std::net::Shutdown::Both).unwrap();
+    wait_until("the new daemon to exit", || process_exited(new));
+    assert_eq!(
+        khived::probe(&socket, Duration::from_secs(10)).unwrap().pid,
+        std::process::id()
+    );
+    stop.shutdown();
+    assert!(running.join().unwrap().is_ok());
+}

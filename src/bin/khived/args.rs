@@ -193,7 +193,8 @@ Takes every option of 'khived serve' (see 'khived serve --help'), and:
 With --replace, a running daemon is replaced as 'khived restart' does.
 
 Exit status: 0 once the daemon answers, 5 if a daemon already runs (or still holds the
-PID file), 1 if it could not be started, 2 on a usage error.
+PID file), 1 if it could not be started or did not answer in time (it is left running),
+2 on a usage error.
 ";
 
 const RESTART_HELP: &str = "\
@@ -212,7 +213,8 @@ Takes every option of 'khived serve' (see 'khived serve --help'), and:
   -h, --help          Print help
 
 Exit status: 0 once the new daemon answers, 1 if the old one did not stop or the new one
-could not be started (the old one, if replaced, still serving), 2 on a usage error.
+could not be started (the old one, if replaced, still serving) or did not answer in time
+(it is left running, to take over once ready), 2 on a usage error.
 ";
 
 const CALL_HELP: &str = "\

@@ -372,6 +372,11 @@ fn started(spawn: khived::Spawn, start: &Start, failed: &str) -> u8 {
             println!("{}", info.pid);
             status::OK
         }
+        // Still starting, and left to: not a failure to start, nor (replacing) one that
+        // leaves the running daemon serving.
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            fail(status::FAILED, format!("not ready in time: {e}"))
+        }
         Err(e) => fail(status::FAILED, format!("{failed}: {e}")),
     }
 }
