@@ -1,10 +1,12 @@
 //! The baseline's `--epoll` form (Linux): one thread serves every connection from an epoll
 //! loop, answering as `baseline.rs` does. The least an event loop does (no executor, no
 //! timers, no peer check): the yardstick for what serving many connections from one thread
-//! costs against a thread for each.
+//! costs against a thread for each. With `--pinned`, one such loop per core instead, each
+//! pinned to its core and accepting its own connections: the least an event loop on every
+//! core costs.
 
 use std::io::{self, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
 use rustix::buffer::spare_capacity;
@@ -14,23 +16,46 @@ use crate::baseline::{answer, bind, refuse};
 use crate::frame::FrameReader;
 
 /// Serves `socket` from one thread's epoll loop until the process is killed: level-triggered,
-/// each ready connection answered for every whole frame it has, then the next.
-pub fn run(socket: &Path) -> io::Result<()> {
-    const LISTENER: u64 = u64::MAX;
+/// each ready connection answered for every whole frame it has, then the next. `pinned`:
+/// one loop per core, each pinned to it, sharing the listener (`EPOLLEXCLUSIVE`, so that a
+/// newcomer wakes one loop, which keeps the connection).
+pub fn run(socket: &Path, pinned: bool) -> io::Result<()> {
     let listener = bind(socket)?;
     listener.set_nonblocking(true)?;
-    let poller = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-    epoll::add(
-        &poller,
-        &listener,
-        epoll::EventData::new_u64(LISTENER),
-        epoll::EventFlags::IN,
-    )?;
+    let loops = match pinned {
+        true => std::thread::available_parallelism().map_or(1, usize::from),
+        false => 1,
+    };
     eprintln!(
-        "baseline: serving namespace \"echo\" on {} from one epoll thread (pid {})",
+        "baseline: serving namespace \"echo\" on {} from {loops} epoll thread(s) (pid {})",
         socket.display(),
         std::process::id()
     );
+    let listener = std::sync::Arc::new(listener);
+    for core in 1..loops {
+        let listener = std::sync::Arc::clone(&listener);
+        std::thread::spawn(move || serve(&listener, Some(core)));
+    }
+    serve(&listener, pinned.then_some(0))
+}
+
+/// One epoll loop, on `core` if given.
+fn serve(listener: &UnixListener, core: Option<usize>) -> io::Result<()> {
+    const LISTENER: u64 = u64::MAX;
+    let mut flags = epoll::EventFlags::IN;
+    if let Some(core) = core {
+        let mut cores = rustix::thread::CpuSet::new();
+        cores.set(core);
+        rustix::thread::sched_setaffinity(None, &cores)?;
+        flags |= epoll::EventFlags::EXCLUSIVE;
+    }
+    let poller = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+    epoll::add(
+        &poller,
+        listener,
+        epoll::EventData::new_u64(LISTENER),
+        flags,
+    )?;
     // Connection `i` is registered with key `i`; closed ones leave a slot to reuse.
     let mut connections: Vec<Option<Connection>> = Vec::new();
     let mut events = Vec::with_capacity(256);
@@ -139,7 +164,7 @@ mod tests {
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("s.sock");
         let serving = socket.clone();
-        std::thread::spawn(move || run(&serving));
+        std::thread::spawn(move || run(&serving, false));
         let connect = || loop {
             match UnixStream::connect(&socket) {
                 Ok(stream) => return stream,

@@ -23,7 +23,7 @@ khived-bench: load generator and baseline server for khived's wire format
 
 USAGE:
     khived-bench load --socket PATH [OPTIONS]
-    khived-bench baseline --socket PATH [--threads N | --epoll]
+    khived-bench baseline --socket PATH [--threads N | --epoll [--pinned]]
     khived-bench burst --socket PATH --pid PID [OPTIONS]
     khived-bench restart --khived PATH [OPTIONS]
 
@@ -55,6 +55,8 @@ CPU time. Removes a leftover socket file before binding; runs until killed.
     --threads N          pool size, the calling thread included [default: 2]
     --epoll              (Linux) instead, one thread serving every connection from an epoll loop
                          (level-triggered, nonblocking sockets; work requests compute on it)
+    --pinned             with --epoll, one such loop per core, each pinned to its core and
+                         keeping the connections it accepts
 
 burst: large-frame burst against an echo server. Each client connects, writes all its
 requests at once and reads nothing for --hold seconds, then reads and checks every answer
@@ -115,10 +117,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "burst" => burst::run(&burst_options(parser)?)?,
         "restart" => restart::run(&restart_options(parser)?)?,
         "baseline" => {
-            let (socket, threads, epoll) = baseline_options(parser)?;
+            let (socket, threads, epoll, pinned) = baseline_options(parser)?;
             match epoll {
                 #[cfg(target_os = "linux")]
-                true => epoll::run(&socket)?,
+                true => epoll::run(&socket, pinned)?,
                 #[cfg(not(target_os = "linux"))]
                 true => return Err("--epoll is Linux only".into()),
                 false => baseline::run(&socket, threads)?,
@@ -240,15 +242,18 @@ fn restart_options(mut parser: lexopt::Parser) -> Result<restart::Options, lexop
     Ok(options)
 }
 
-fn baseline_options(mut parser: lexopt::Parser) -> Result<(PathBuf, usize, bool), lexopt::Error> {
+type BaselineOptions = (PathBuf, usize, bool, bool);
+
+fn baseline_options(mut parser: lexopt::Parser) -> Result<BaselineOptions, lexopt::Error> {
     let mut socket = None;
     let mut threads = 2;
-    let mut epoll = false;
+    let (mut epoll, mut pinned) = (false, false);
     while let Some(arg) = parser.next()? {
         match arg {
             Long("socket") => socket = Some(PathBuf::from(parser.value()?)),
             Long("threads") => threads = parser.value()?.parse()?,
             Long("epoll") => epoll = true,
+            Long("pinned") => pinned = true,
             Long("help") | Short('h') => help_and_exit(),
             _ => return Err(arg.unexpected()),
         }
@@ -256,7 +261,15 @@ fn baseline_options(mut parser: lexopt::Parser) -> Result<(PathBuf, usize, bool)
     if threads == 0 {
         return Err("--threads must be at least 1".into());
     }
-    Ok((socket.ok_or("--socket PATH is required")?, threads, epoll))
+    if pinned && !epoll {
+        return Err("--pinned goes with --epoll".into());
+    }
+    Ok((
+        socket.ok_or("--socket PATH is required")?,
+        threads,
+        epoll,
+        pinned,
+    ))
 }
 
 fn seconds(secs: f64) -> Result<Duration, lexopt::Error> {
