@@ -210,8 +210,7 @@ async fn decide<D: Dispatch>(
     let request: Request<'_> = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(e) => {
-            let detail =
-                ErrorDetail::new(code::BAD_REQUEST, format!("bad request: {e}"), NotCommitted);
+            let detail = ErrorDetail::new(code::BAD_REQUEST, bad_request(&e), NotCommitted);
             let mut response = Response::error(detail, config_id);
             response.request_id = request_id_of(body);
             return Some((response, false));
@@ -321,6 +320,50 @@ async fn hung_up(io: &Io) {
 /// An error response for a request that was not started.
 fn refusal(code: &str, message: String, config_id: &str) -> Response {
     Response::error(ErrorDetail::new(code, message, NotCommitted), config_id)
+}
+
+/// The most of a decoding error quoted back to the client. serde_json's messages quote the
+/// value they name whole (`invalid type: string "…"`), and a value may be megabytes: quoted
+/// whole, in `error` and `error_detail` both, it made an answer over the frame limit.
+const QUOTED: usize = 200;
+
+/// `bad request: …` for a body that did not decode: the error's first [`QUOTED`] bytes, and
+/// where in the body it is when the rest was cut.
+fn bad_request(e: &serde_json::Error) -> String {
+    use std::fmt::Write as _;
+    let mut capped = Capped {
+        text: "bad request: ".to_owned(),
+        room: QUOTED,
+    };
+    if write!(capped, "{e}").is_err() {
+        let (line, column) = (e.line(), e.column());
+        let _ = write!(capped.text, "… [cut] at line {line} column {column}");
+    }
+    capped.text
+}
+
+/// Text that takes `room` bytes more, the rest of a write cut at a character, and then fails
+/// the write, which ends the formatting.
+struct Capped {
+    text: String,
+    room: usize,
+}
+
+impl std::fmt::Write for Capped {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if s.len() <= self.room {
+            self.text.push_str(s);
+            self.room -= s.len();
+            return Ok(());
+        }
+        let mut end = self.room;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.text.push_str(&s[..end]);
+        self.room = 0;
+        Err(std::fmt::Error)
+    }
 }
 
 /// The `request_id` of a frame that is not a valid request, if it is a JSON object with one

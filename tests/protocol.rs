@@ -334,3 +334,32 @@ fn a_draining_daemon_answers_the_frames_behind_the_request_in_hand() {
     assert_eq!(dispatched.load(Ordering::SeqCst), 2, "x and gate only");
     assert_eq!(daemon.shutdown().unwrap(), khived::Stopped::Drained);
 }
+
+/// A bad request's error quotes what was wrong with it, but not a field's whole value: a
+/// 5 MiB string where a flag goes is answered `bad_request` in a short message (quoted whole,
+/// twice, in `error` and `error_detail`, it made an answer over the frame limit, so the client
+/// got `response_too_large`, outcome unknown, for a request that never ran).
+#[test]
+fn a_bad_request_is_answered_briefly_however_large_the_value_it_names() {
+    let (daemon, dispatched) = counted(|_| {});
+    let huge = "A".repeat(5 << 20);
+    let body = format!(r#"{{"ops":"x","namespace":"test","probe":"{huge}"}}"#);
+    let bad = raw_exchange(&mut daemon.connect_raw(), &raw(&body)).unwrap();
+    assert_error(&bad, code::BAD_REQUEST, Disposition::NotCommitted);
+    let message = bad.error.unwrap();
+    assert!(
+        message.len() < 400,
+        "{} bytes: {}",
+        message.len(),
+        &message[..400]
+    );
+    assert!(
+        message.starts_with("bad request: invalid type: string \"AAAA"),
+        "{message}"
+    );
+    assert!(
+        message.contains("[cut]") && message.contains("at line 1 column"),
+        "{message}"
+    );
+    assert_eq!(dispatched.load(Ordering::SeqCst), 0);
+}
