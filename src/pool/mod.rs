@@ -32,10 +32,11 @@
 //!   is killed and restarted; one that prints something that is not a reply (or a line
 //!   longer than [`MAX_FRAME_BYTES`](crate::MAX_FRAME_BYTES)) is a worker error, not a
 //!   daemon crash. While no worker can start, requests fail at once with the reason: one
-//!   whose command cannot be run, one that fails its warm request, and one that fails twice
-//!   in a row before it answers anything (it exits, hangs or prints garbage as it starts).
-//!   Once is not enough: a fresh worker killed by its first request may have been killed by
-//!   that request, and the requests queued behind it wait for the next worker.
+//!   whose command cannot be run, one that dies, hangs or breaks the protocol on its warm
+//!   request, and one that fails twice in a row before it answers anything (it crashes,
+//!   hangs or prints garbage as it starts; a clean exit while idle is no failure). Once is
+//!   not enough: a fresh worker killed by its first request may have been killed by that
+//!   request, and the requests queued behind it wait for the next worker.
 //! - **Logs**: each worker's standard error goes to the daemon's log (the `log` crate), line
 //!   by line, prefixed with its id, which the worker also finds in `KHIVED_WORKER_ID`; at
 //!   most [`PoolOptions::stderr_lines_per_second`] lines a second (lines beyond 8 KiB cut).

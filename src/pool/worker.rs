@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::unix::process::ExitStatusExt;
 use std::pin::{pin, Pin};
 use std::process::ExitStatus;
 use std::sync::atomic::Ordering;
@@ -158,7 +159,9 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                 Ended::NotStarted
             }
         };
-        let (status, exited) = reap(&inner, id).await;
+        let (status, reaped) = reap(&inner, id).await;
+        // Not killed by `reap`: it ended on its own.
+        let exited = reaped.is_some_and(|s| s.signal() != Some(SIGKILL));
         // A run that never got past its warm request is no healthy one, however long it
         // lasted: a warm step slower than the request timeout must not restart at full speed.
         let mut healthy = started.elapsed() >= HEALTHY_RUN;
@@ -184,18 +187,32 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                         false => EXITED_IDLE.to_owned(),
                     };
                 }
-                log::warn!("worker {id}: {why} ({status})");
-                unproven = match answered || healthy {
-                    true => 0,
-                    false => unproven + 1,
+                // One that exited cleanly by itself while idle chose to (it recycles
+                // itself, say): that is no failed start, whatever it answered.
+                let chose_to = why == EXITED_IDLE && reaped.is_some_and(|s| s.success());
+                unproven = match (answered || healthy, chose_to) {
+                    (true, _) => 0,
+                    (false, true) => unproven,
+                    (false, false) => unproven + 1,
                 };
                 let cannot_start = unproven >= FAILED_STARTS;
                 let error = match cannot_start {
-                    false => format!("worker {id} {why} ({status})"),
-                    true => format!(
-                        "worker {id} answered nothing in {unproven} starts in a row, the \
-                         last of which {why} ({status}); its standard error is in the daemon's log"
-                    ),
+                    false => {
+                        log::warn!("worker {id}: {why} ({status})");
+                        format!("worker {id} {why} ({status})")
+                    }
+                    true => {
+                        log::warn!(
+                            "worker {id}: {why} ({status}); it answered nothing in {unproven} \
+                             starts in a row, so requests fail at once while it is down"
+                        );
+                        let why = why.strip_suffix("; restarting it").unwrap_or(&why);
+                        format!(
+                            "worker {id} answered nothing in {unproven} starts in a row, the \
+                             last of which {why} ({status}); its standard error is in the \
+                             daemon's log"
+                        )
+                    }
                 };
                 if let Some(job) = job {
                     let _ = job.reply.send(Err(error.clone().into())).await;
@@ -203,7 +220,6 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                 // Like one that cannot start: while it is down, requests fail at once with
                 // the reason rather than each wait for a start that fails again.
                 if cannot_start {
-                    log::warn!("{error}");
                     *lock(&inner.start_failure) = Some(error.clone());
                     requeue_carried(&inner, &mut carried, &error).await;
                     inner.fail_queued(&error).await;
@@ -291,20 +307,19 @@ async fn start(
 const SIGKILL: i32 = rustix::process::Signal::KILL.as_raw();
 
 /// Kills worker `id` if it still runs, with every process left in its group, and waits
-/// for it; returns how it ended, and whether it had exited on its own (not by SIGKILL).
-async fn reap(inner: &Inner, id: usize) -> (String, bool) {
-    use std::os::unix::process::ExitStatusExt;
+/// for it; returns how it ended, in words and as the status it was reaped with.
+async fn reap(inner: &Inner, id: usize) -> (String, Option<ExitStatus>) {
     let process = lock(&inner.children[id - 1]).take();
     let Some(Process { mut child, .. }) = process else {
-        return ("not started".to_owned(), false);
+        return ("not started".to_owned(), None);
     };
     // A worker that printed garbage or hung may still run; one that died is only reaped.
     // (One that is exiting keeps the exit status it chose: a later signal does not change it.)
     kill_group(child.id());
     let _ = child.kill();
     match child.status().await {
-        Ok(status) => (status.to_string(), status.signal() != Some(SIGKILL)),
-        Err(e) => (format!("not reaped: {e}"), false),
+        Ok(status) => (status.to_string(), Some(status)),
+        Err(e) => (format!("not reaped: {e}"), None),
     }
 }
 
@@ -348,6 +363,7 @@ pub(super) async fn end(id: usize, process: Process, deadline: Option<Instant>, 
     // any more.
     if let Some(stderr) = stderr.as_mut() {
         stderr.forward().or(moment()).await;
+        stderr.dropped.report();
     }
     match exited {
         Some(_) => log::info!("worker {id}: exited ({status})"),
