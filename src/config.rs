@@ -91,7 +91,8 @@ pub struct Config {
     /// compute (one more while they compute for long, for accepting, reading and answering
     /// whatever does not dispatch) and given back after idling. While all of them compute
     /// for long and others wait, up to twice as many dispatches run, so that quick requests
-    /// are not held up. 1 runs everything on the caller's thread.
+    /// are not held up. 1 runs everything on the caller's thread; more than 1,024 is taken
+    /// for 1,024.
     pub threads: usize,
     /// How long one request may take from the moment it has been read (default: no limit).
     /// At the deadline its dispatch future is dropped and the client gets the error

@@ -87,9 +87,13 @@ pub(crate) struct Execution {
     closed: Flag,
 }
 
+/// The most threads that may compute at once ([`Config::threads`](crate::Config::threads)).
+pub(crate) const MAX_THREADS: usize = 1024;
+
 impl Execution {
     pub(crate) fn new(threads: usize) -> Self {
-        let threads = threads.max(1);
+        // More than a process could run is taken for the most: twice the count must count.
+        let threads = threads.clamp(1, MAX_THREADS);
         Execution {
             threads,
             slots: Slots::new(threads, if threads > 1 { 2 * threads } else { 1 }),
