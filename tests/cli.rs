@@ -312,6 +312,11 @@ fn call_exits_75_when_the_daemon_is_busy_and_json_prints_the_response() {
     assert_eq!(value["ok"], false);
     assert_eq!(value["error_detail"]["code"], "daemon_busy");
     assert_eq!(value["error_detail"]["disposition"], "not_committed");
+    // With --spawn --replace, a daemon too busy to say what it serves is left alone: the
+    // call may be retried, as above, and nothing was unreachable.
+    let busy = place.run("call", &["--spawn", "--replace", "x"]);
+    assert_eq!(busy.status.code(), Some(75), "{}", stderr(&busy));
+    assert!(stderr(&busy).contains("daemon_busy"), "{}", stderr(&busy));
 }
 
 #[test]

@@ -214,7 +214,9 @@ Takes every option of 'khived serve' (see 'khived serve --help'), and:
 
 Exit status: 0 once the new daemon answers, 1 if the old one did not stop or the new one
 could not be started (the old one, if replaced, still serving) or did not answer in time
-(it is left running, to take over once ready), 2 on a usage error.
+(it is left running, to take over once ready), 5 if a daemon that offers no handover
+was stopped and another one started meanwhile (by a client's --spawn, say), 2 on a usage
+error.
 ";
 
 const CALL_HELP: &str = "\

@@ -220,6 +220,9 @@ fn run_call(mut call: Call) -> u8 {
     };
     let mut client = match connected {
         Ok(client) => client,
+        // `--spawn --replace` and a daemon too busy to say what it serves: it answered, and
+        // the call may be tried again shortly, as with its `daemon_busy` to a request.
+        Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => return fail(status::RETRY, e),
         Err(e) => return fail(status::UNREACHABLE, format!("daemon unreachable: {e}")),
     };
     let response = match client.request(&request) {
@@ -372,12 +375,20 @@ fn started(spawn: khived::Spawn, start: &Start, failed: &str) -> u8 {
             println!("{}", info.pid);
             status::OK
         }
-        // Still starting, and left to: not a failure to start, nor (replacing) one that
-        // leaves the running daemon serving.
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-            fail(status::FAILED, format!("not ready in time: {e}"))
+        Err(e) => {
+            let context = match e.kind() {
+                // Still starting, and left to: not a failure to start, nor (replacing) one
+                // that leaves the running daemon serving.
+                std::io::ErrorKind::TimedOut => "not ready in time",
+                _ => failed,
+            };
+            let e = e.to_string();
+            // Some of `Spawn`'s errors say so themselves.
+            match e.starts_with("cannot start the daemon") {
+                true => fail(status::FAILED, e),
+                false => fail(status::FAILED, format!("{context}: {e}")),
+            }
         }
-        Err(e) => fail(status::FAILED, format!("{failed}: {e}")),
     }
 }
 
