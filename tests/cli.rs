@@ -334,6 +334,49 @@ fn serve_refuses_to_start_twice() {
     );
 }
 
+/// A daemon that stopped, and whose PID file another daemon took at once (one a client's
+/// `--spawn` started, or a successor), has let go: `stop` says it stopped rather than wait
+/// for nobody to hold the file, report it "still running" and, with --force, SIGKILL a pid
+/// that is gone, or by then another process's. Here the test process holds the PID file's
+/// lock for two stand-in daemons in turn, and names the second once the first is gone.
+#[test]
+fn stop_sees_its_daemon_gone_when_another_takes_the_pid_file() {
+    let place = Place::new();
+    let file = std::fs::File::create(&place.pid_file).unwrap();
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let mut first = Command::new("sleep").arg("600").spawn().unwrap();
+    let mut second = Command::new("sleep").arg("600").spawn().unwrap();
+    std::fs::write(&place.pid_file, first.id().to_string()).unwrap();
+    let stop = place
+        .khived("stop")
+        .args(["--timeout", "60", "--force"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // SIGTERM ends it; the next daemon is in at once.
+    let ended = first.wait().unwrap();
+    std::fs::write(&place.pid_file, second.id().to_string()).unwrap();
+    let stop = stop.wait_with_output().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&ended),
+        Some(15),
+        "{ended}"
+    );
+    assert_eq!(stop.status.code(), Some(0), "{}", stderr(&stop));
+    assert_eq!(
+        stdout(&stop).trim(),
+        format!("stopped khived (pid {})", first.id())
+    );
+    assert!(
+        !common::process_exited(second.id()),
+        "the next daemon was signalled"
+    );
+    second.kill().unwrap();
+    let _ = second.wait();
+    drop(file);
+}
+
 #[test]
 fn stop_never_signals_a_process_named_by_a_stale_pid_file() {
     let place = Place::new();

@@ -418,7 +418,7 @@ fn terminate(pid: u32, pid_file: &std::path::Path, timeout: Duration) -> Result<
     // signalled, since the process now holding that number could be anything.
     signal(pid, rustix::process::Signal::TERM)
         .map_err(|e| format!("cannot signal pid {pid}: {e}"))?;
-    if wait_gone(pid_file, timeout) {
+    if wait_gone(pid_file, pid, timeout) {
         Ok(())
     } else {
         Err(format!("pid {pid} still running after {timeout:?}"))
@@ -673,10 +673,20 @@ fn stop(options: &Stop) -> Stopped {
     if !options.force {
         return failed(Some(pid), format!("{e}; use --force to kill it"));
     }
+    // Gone in the meantime (at the last moment, or while we waited for a new holder): its
+    // pid may be another process's by now, and is not to be signalled.
+    if let_go(pid_file, pid) {
+        return Stopped {
+            pid: Some(pid),
+            stopped: true,
+            forced: false,
+            message: format!("stopped khived (pid {pid})"),
+        };
+    }
     if let Err(e) = signal(pid, rustix::process::Signal::KILL) {
         return failed(Some(pid), format!("cannot kill pid {pid}: {e}"));
     }
-    if wait_gone(pid_file, Duration::from_secs(5)) {
+    if wait_gone(pid_file, pid, Duration::from_secs(5)) {
         Stopped {
             pid: Some(pid),
             stopped: true,
@@ -696,18 +706,29 @@ fn signal(pid: u32, signal: rustix::process::Signal) -> std::io::Result<()> {
     Ok(rustix::process::kill_process(pid, signal)?)
 }
 
-/// Waits until no daemon holds the PID file's lock: the daemon lets go of it last, after its
-/// workers are reaped and its files removed, just before it exits.
-fn wait_gone(pid_file: &std::path::Path, timeout: Duration) -> bool {
+/// Waits until daemon `pid` has let go of the PID file (see [`let_go`]).
+fn wait_gone(pid_file: &std::path::Path, pid: u32, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if matches!(khived::running_pid(pid_file), Ok(None)) {
+        if let_go(pid_file, pid) {
             return true;
         }
         if Instant::now() >= deadline {
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether daemon `pid` has let go of the PID file's lock, which it does last, after its
+/// workers are reaped and its files removed, just before it exits: nobody holds the lock,
+/// or another daemon does (one a client started the moment ours let go, or the successor
+/// ours handed over to), or the holder names no live process.
+fn let_go(pid_file: &std::path::Path, pid: u32) -> bool {
+    match khived::running_pid(pid_file) {
+        Ok(None) => true,
+        Ok(Some(holder)) => holder != pid,
+        Err(_) => !khived::is_process_running(pid),
     }
 }
 
