@@ -104,6 +104,11 @@ impl RotatingFile {
         self
     }
 
+    /// The most bytes a file takes before it is rotated.
+    pub(crate) fn file_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     /// Sets how many old files are kept; 0 keeps none (a full file is emptied).
     #[must_use]
     pub fn keep(mut self, keep: usize) -> RotatingFile {

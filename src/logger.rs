@@ -45,11 +45,32 @@ impl FileSink {
             self.lost = 0;
             self.error = None;
         }
+        // Cut to fit a whole file: the file cuts a longer write itself, and `write_all` would
+        // write the rest into the next files, rotating out every line before it.
+        let line = fit(line, self.file.file_bytes());
         if let Err(e) = self.file.write_all(line.as_bytes()) {
             self.lost += 1;
             self.error = Some(e);
         }
     }
+}
+
+/// `line`, cut to `most` bytes if it is longer, still ending with a newline.
+fn fit(line: &str, most: u64) -> std::borrow::Cow<'_, str> {
+    const CUT: &str = " [cut]\n";
+    let most = usize::try_from(most).unwrap_or(usize::MAX);
+    if line.len() <= most {
+        return line.into();
+    }
+    // A file too small for the mark keeps the newline alone.
+    let tail = if most >= CUT.len() { CUT } else { "\n" };
+    let mut end = most.saturating_sub(tail.len());
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut cut = line[..end].to_owned();
+    cut.push_str(tail);
+    cut.into()
 }
 
 static STDERR_LOGGER: StderrLogger = StderrLogger;
@@ -237,6 +258,33 @@ mod tests {
         assert!(!current.contains("not at this level"));
         let file = RotatingFile::open(dir.path().join("other.log")).unwrap();
         assert!(!init_file_logger(file, LevelFilter::Info));
+    }
+
+    /// A record longer than a whole file goes into one file, cut, rather than through as
+    /// many files as it fills, which pushed every line before it out.
+    #[test]
+    fn a_record_longer_than_a_file_is_cut_to_fit_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("daemon.log");
+        let mut sink = super::FileSink {
+            file: RotatingFile::open(&path).unwrap().max_bytes(4096).keep(2),
+            lost: 0,
+            error: None,
+        };
+        sink.write("the line before\n");
+        sink.write(&format!("{}\n", "x".repeat(200_000)));
+        sink.write("the line after\n");
+        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+        assert_eq!(read("daemon.log.2"), "the line before\n");
+        let cut = read("daemon.log.1");
+        assert_eq!(cut.len(), 4096);
+        assert!(
+            cut.starts_with("xxx") && cut.ends_with("x [cut]\n"),
+            "{cut}"
+        );
+        assert_eq!(read("daemon.log"), "the line after\n");
+        assert_eq!(super::fit("abc\n", 2), "a\n");
+        assert_eq!(super::fit(&"\u{e9}".repeat(5), 9), "\u{e9} [cut]\n");
     }
 
     #[test]
