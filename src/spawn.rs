@@ -176,7 +176,9 @@ impl Spawn {
     /// [`Client::connect`], or the daemon's own directory check, with the fix in the message);
     /// [`io::ErrorKind::InvalidInput`] for a spawn lock or log that is a symbolic link or not
     /// a regular file; [`io::ErrorKind::ResourceBusy`] with
-    /// [`replace_unless`](Spawn::replace_unless) and a daemon too busy to answer the probe.
+    /// [`replace_unless`](Spawn::replace_unless) and a daemon too busy to answer the probe;
+    /// [`io::ErrorKind::TimedOut`] for a daemon that accepts but does not answer within
+    /// `timeout` (hung or overloaded), which no daemon started now could replace.
     /// The spawn lock cannot be created or taken in time; the command cannot be started; the
     /// started daemon exits before it answers (the error gives its exit status and the last
     /// lines of its log) or does not answer within the ready timeout
@@ -187,12 +189,15 @@ impl Spawn {
     /// timeout); or, once started, the daemon cannot be connected to (as
     /// [`Client::connect`]).
     pub fn connect(mut self, timeout: Duration) -> io::Result<Client> {
-        // Someone else's socket or directory, or a daemon too busy to say what it serves:
-        // starting a daemon would not help.
+        // Someone else's socket or directory, a daemon too busy to say what it serves, or
+        // one that accepts but does not answer in time (hung, or overloaded): starting a
+        // daemon would not help, and one that holds the PID file keeps ours from starting.
         let final_error = |e: &io::Error| {
             matches!(
                 e.kind(),
-                io::ErrorKind::PermissionDenied | io::ErrorKind::ResourceBusy
+                io::ErrorKind::PermissionDenied
+                    | io::ErrorKind::ResourceBusy
+                    | io::ErrorKind::TimedOut
             )
         };
         match self.usable(timeout) {

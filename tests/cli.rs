@@ -319,6 +319,28 @@ fn call_exits_75_when_the_daemon_is_busy_and_json_prints_the_response() {
     assert!(stderr(&busy).contains("daemon_busy"), "{}", stderr(&busy));
 }
 
+/// A daemon that accepts but does not answer (hung; here stopped with SIGSTOP) is named as
+/// such by `call --spawn --replace`, after the call's timeout: starting another daemon
+/// cannot help while it holds the PID file. Before, each step waited its own timeout, and
+/// the call ended with the started daemon's failure, "pid N still holds … a daemon draining
+/// there lets go once its last requests end", as if it were draining.
+#[test]
+fn a_hung_daemon_is_named_by_spawn_instead_of_waited_out_step_by_step() {
+    let place = Place::new();
+    let server = place.serve(&[]);
+    let pid = rustix::process::Pid::from_raw(server.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    let call = place.run("call", &["--spawn", "--replace", "--timeout", "1", "x"]);
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::CONT);
+    assert_eq!(call.status.code(), Some(3), "{}", stderr(&call));
+    let said = stderr(&call);
+    assert!(
+        said.contains("no answer from") && said.contains("within 1s"),
+        "{said}"
+    );
+    assert!(!said.contains("still holds"), "{said}");
+}
+
 #[test]
 fn serve_refuses_to_start_twice() {
     let place = Place::new();
