@@ -33,7 +33,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Stop after this long with no connection open (default: never).
     pub idle_shutdown: Option<Duration>,
-    /// How long a new connection may take to deliver its first complete request (default 30 s).
+    /// How long a new connection may take to deliver its first complete request (default 30 s),
+    /// and any connection the rest of a frame above 64 KiB once its header is in (such a frame
+    /// holds room in the frame memory budget while it comes).
     pub first_request_timeout: Duration,
     /// How long a connection may stay open between requests (default 5 min).
     pub idle_connection_timeout: Duration,

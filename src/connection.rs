@@ -55,7 +55,10 @@ pub(crate) async fn serve<D: Dispatch>(shared: &Shared<D>, stream: UnixStream) {
     // draining waits for it; between requests a connection is idle and is closed at once.
     let mut idle_stop = None;
     loop {
-        match conn.read_frame(deadline, idle_stop).await {
+        match conn
+            .read_frame(deadline, idle_stop, config.first_request_timeout)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -124,6 +127,11 @@ fn closing_reply(error: ReadError, first_request: bool, config: &Config) -> Opti
             config.first_request_timeout
         ))),
         ReadError::TimedOut => None,
+        ReadError::Stalled(len) => Some(bad(format!(
+            "bad request: the rest of a frame of {len} bytes did not arrive within {:?} of its \
+             header; a frame this large holds daemon memory while it comes, so send it whole",
+            config.first_request_timeout
+        ))),
         ReadError::Io(e) => {
             log::debug!("connection read failed: {e}");
             None
@@ -415,6 +423,8 @@ enum ReadError {
     /// The client closed its side inside a frame.
     Truncated(io::Error),
     TimedOut,
+    /// A frame that holds room in the budget (this many bytes) did not come whole in time.
+    Stalled(usize),
     /// The frame memory budget had no room for the frame in time; what to tell the client.
     NoMemory(String),
     Io(io::Error),
@@ -503,8 +513,12 @@ impl<'a> Connection<'a> {
         &mut self,
         deadline: Option<Instant>,
         idle_stop: Option<&Flag>,
+        stall: Duration,
     ) -> Result<bool, ReadError> {
         let mut patience = PATIENCE;
+        // When a frame that holds room in the budget must have come whole: `stall` after its
+        // header, so that a client stalling in it cannot hold the memory until `deadline`.
+        let mut whole_by = None;
         // Whether the socket was read once more after `idle_stop` was seen set.
         let mut looked_again = false;
         loop {
@@ -529,6 +543,7 @@ impl<'a> Connection<'a> {
             }
             if charged(frame_capacity) > 0 {
                 self.frames.reserve_frame();
+                whole_by = whole_by.or_else(|| after(stall));
             }
             self.reads.fetch_add(1, Ordering::Relaxed);
             let read = match self.io.stream() {
@@ -555,7 +570,11 @@ impl<'a> Connection<'a> {
                     }
                     // A part of a frame, too, is no request in hand: left to wait for its
                     // rest, it would hold the drain until the idle deadline.
-                    match self.wait(true, deadline, idle_stop).await {
+                    let until = match (deadline, whole_by) {
+                        (Some(deadline), Some(by)) => Some(deadline.min(by)),
+                        (deadline, by) => deadline.or(by),
+                    };
+                    match self.wait(true, until, idle_stop).await {
                         Ok(Wake::Ready) => {}
                         // Bytes may have arrived that the reactor has not reported yet: a
                         // request sent just as the drain began is read, and answered, rather
@@ -565,6 +584,9 @@ impl<'a> Connection<'a> {
                             patience = 0;
                         }
                         Ok(Wake::Stopped) => return Ok(false),
+                        Ok(Wake::TimedOut) if until != deadline => {
+                            return Err(ReadError::Stalled(frame_capacity))
+                        }
                         Ok(Wake::TimedOut) => return Err(ReadError::TimedOut),
                         Err(e) => return Err(ReadError::Io(e)),
                     }

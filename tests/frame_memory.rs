@@ -229,3 +229,44 @@ fn a_request_that_gets_no_budget_in_time_is_told_so() {
     drop(holder);
     assert!(daemon.client().request(&request("after")).unwrap().ok);
 }
+
+/// A large frame whose room in the budget is held must come whole within the first-request
+/// timeout of its header: a client that stalls in the middle of one is told so and closed,
+/// rather than holding the daemon's memory until its idle deadline (5 minutes by default;
+/// an hour here), which a few such clients would take the whole budget for.
+#[test]
+fn a_large_frame_that_stalls_halfway_gives_its_memory_back() {
+    let daemon = InProcess::start(|config, _| {
+        config.idle_connection_timeout = Duration::from_secs(3600);
+        config.first_request_timeout = Duration::from_millis(300);
+    });
+    let mut stalled = daemon.connect_raw();
+    stalled
+        .write_all(khived::encode_frame(&request("small")).unwrap().as_bytes())
+        .unwrap();
+    assert_eq!(
+        read_response(&mut stalled).unwrap().result.as_deref(),
+        Some("small")
+    );
+    // The header of a 3 MiB request and a part of its body, and then nothing.
+    let large = khived::encode_frame(&request(&"y".repeat(3 << 20)))
+        .unwrap()
+        .into_bytes();
+    stalled.write_all(&large[..100_000]).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let response = read_response(&mut stalled).expect("an answer, not the idle deadline");
+    assert_eq!(
+        response.error_code(),
+        Some(khived::code::BAD_REQUEST),
+        "{response:?}"
+    );
+    let error = response.error.unwrap();
+    assert!(
+        error.contains("did not arrive within 300ms of its header"),
+        "{error}"
+    );
+    assert!(common::is_closed(&mut stalled));
+    assert!(daemon.client().request(&request("after")).unwrap().ok);
+}
