@@ -141,7 +141,7 @@ impl Config {
     /// `KHIVE_FRAME_MEMORY_MIB` ([`frame_memory_budget`](Self::frame_memory_budget) in MiB),
     /// `KHIVE_THREADS` and `KHIVE_REPLACE` ([`replace`](Self::replace)) applied where they
     /// are set (empty paths and unparsable numbers are
-    /// ignored). With only one of the two paths set, the other is beside it (see
+    /// ignored, the numbers with a warning in the log). With only one of the two paths set, the other is beside it (see
     /// [`socket_path`] and [`pid_path`]).
     ///
     /// # Examples
@@ -315,9 +315,15 @@ fn env_path(key: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// A whole number in variable `key`.
+/// A whole number in variable `key`. A value that is not one is ignored (the default
+/// applies), as the variables always were, but not silently: the log says so.
 fn env_number(key: &str) -> Option<u64> {
-    env::var(key).ok()?.trim().parse().ok()
+    let value = env::var(key).ok()?;
+    let number = value.trim().parse().ok();
+    if number.is_none() && !value.trim().is_empty() {
+        log::warn!("{key}={value:?} is not a whole number; ignored, so the default applies");
+    }
+    number
 }
 
 #[cfg(test)]

@@ -84,6 +84,27 @@ fn drain_timeout_cuts_off_a_request_that_is_too_slow() {
     assert!(!daemon.socket.exists() && !daemon.pid_file.exists());
 }
 
+/// A variable set to something that is not a whole number is ignored, as it always was
+/// (the default applies), but the log says so: `0.5` seconds is not taken for 0 or 10 in
+/// silence.
+#[test]
+fn an_unreadable_number_in_the_environment_is_named_in_the_log() {
+    let dir = temp_dir();
+    let env = [
+        ("KHIVE_DRAIN_TIMEOUT_SECS", "0.5"),
+        ("KHIVE_THREADS", "many"),
+    ];
+    let mut daemon = ChildDaemon::start(&dir.path().join("k.sock"), &env);
+    daemon.terminate();
+    assert_eq!(daemon.wait(EXIT_WAIT).code(), Some(0), "{}", daemon.log());
+    for named in [
+        r#"KHIVE_DRAIN_TIMEOUT_SECS="0.5" is not a whole number; ignored"#,
+        r#"KHIVE_THREADS="many" is not a whole number; ignored"#,
+    ] {
+        assert!(daemon.log().contains(named), "{named}: {}", daemon.log());
+    }
+}
+
 // Linux only: the test sees the spawner look at the PID file through inotify.
 #[cfg(target_os = "linux")]
 #[test]
