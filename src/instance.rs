@@ -187,7 +187,9 @@ fn claim_socket(
 
 /// After a failed start, removes the PID file if it is ours: created empty by our open, or
 /// holding our PID. One that names another process is left as it was. It is removed while
-/// still locked, so a daemon waiting for the lock finds the path gone and starts over.
+/// still locked, so a daemon that opened the path meanwhile and locks it once ours is gone
+/// sees that its file is no longer at the path (`lock_pid_file`) and starts over. (A daemon
+/// that tries the lock while ours holds it does not wait: it fails as already running.)
 fn abandon_pid_file(file: &mut File, path: &Path) {
     let empty = file.metadata().is_ok_and(|meta| meta.len() == 0);
     let ours = empty || read_pid(file) == Some(std::process::id());

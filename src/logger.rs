@@ -98,7 +98,9 @@ pub fn init_stderr_logger(level: LevelFilter) -> bool {
 /// Sends `log` records up to `level` to `file`, in the same form as
 /// [`init_stderr_logger`], so that the daemon's log cannot fill the disk: the file is
 /// rotated at its size limit (16 MiB and two old files unless set otherwise). Returns
-/// `false` (and changes nothing) if a logger is installed already.
+/// `false` if a logger is installed already: records then go where they went, and the file
+/// (this one, or the one a first call was given) stays open, unused, for the life of the
+/// process.
 ///
 /// Only records go to the file: standard error is left alone, so a panic message still goes
 /// wherever it points.
