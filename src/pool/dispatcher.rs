@@ -2,9 +2,11 @@
 //! for shutdown, and why none is running.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Instant;
 
 use async_channel::{Receiver, Sender, TrySendError};
@@ -208,22 +210,21 @@ impl Dispatch for Pool {
         let deadline = Instant::now().checked_add(grace);
         // All at once: each worker's stderr is read while it exits, so none waits on a full
         // pipe behind another.
-        let ending = Executor::new();
-        let ends: Vec<_> = (1..)
+        let mut ends: Vec<_> = (1..)
             .zip(&self.inner.children)
             .filter_map(|(id, slot)| Some((id, lock(slot).take()?)))
-            .map(|(id, process)| {
-                let end = worker::end(id, process, deadline, grace);
-                crate::execution::spawn_task(&ending, end)
-            })
+            .map(|(id, process)| Box::pin(worker::end(id, process, deadline, grace)))
             .collect();
-        ending
-            .run(async {
-                for end in ends {
-                    end.await;
-                }
-            })
-            .await;
+        // Polled together here rather than on an executor of their own: a few workers, and
+        // every poll of each is a look at its pipe and its exit.
+        future::poll_fn(|cx| {
+            ends.retain_mut(|end| end.as_mut().poll(cx).is_pending());
+            match ends.is_empty() {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        })
+        .await;
     }
 
     fn namespace(&self) -> &str {
