@@ -127,9 +127,9 @@ fn closing_reply(error: ReadError, first_request: bool, config: &Config) -> Opti
             config.first_request_timeout
         ))),
         ReadError::TimedOut => None,
-        ReadError::Stalled(len) => Some(bad(format!(
-            "bad request: the rest of a frame of {len} bytes did not arrive within {:?} of its \
-             header; a frame this large holds daemon memory while it comes, so send it whole",
+        ReadError::Stalled(held) => Some(bad(format!(
+            "bad request: a large frame did not arrive whole within {:?} of its header; it \
+             holds {held} bytes of the daemon's memory while it comes, so send it whole",
             config.first_request_timeout
         ))),
         ReadError::Io(e) => {

@@ -264,7 +264,7 @@ fn a_large_frame_that_stalls_halfway_gives_its_memory_back() {
     );
     let error = response.error.unwrap();
     assert!(
-        error.contains("did not arrive within 300ms of its header"),
+        error.contains("a large frame did not arrive whole within 300ms of its header"),
         "{error}"
     );
     assert!(common::is_closed(&mut stalled));

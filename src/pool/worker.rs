@@ -328,9 +328,11 @@ async fn reap(inner: &Inner, id: usize) -> (String, Option<ExitStatus>) {
 /// meanwhile, then kills what is left of its process group (itself too, past the grace) and
 /// reaps it.
 pub(super) async fn end(id: usize, process: Process, deadline: Option<Instant>, grace: Duration) {
-    let Process { mut child, stderr } = process;
+    let Process {
+        mut child,
+        mut stderr,
+    } = process;
     let group = child.id();
-    let mut stderr = stderr;
     let exited = {
         let forward = async {
             if let Some(stderr) = stderr.as_mut() {
