@@ -122,7 +122,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 #[cfg(target_os = "linux")]
                 true => epoll::run(&socket, pinned)?,
                 #[cfg(not(target_os = "linux"))]
-                true => return Err("--epoll is Linux only".into()),
+                true => {
+                    let _ = pinned;
+                    return Err("--epoll is Linux only".into());
+                }
                 false => baseline::run(&socket, threads)?,
             }
         }
