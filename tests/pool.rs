@@ -288,6 +288,25 @@ fn a_worker_that_dies_as_it_starts_fails_requests_with_the_reason() {
     }
 }
 
+/// Sends `count` requests (`next 0`, `next 1`, …) while the one worker holds a request and
+/// the queue holds one more: returns once all but one are refused `daemon_busy`, with where
+/// the answer of the one queued comes.
+fn queue_one_of(
+    daemon: &std::sync::Arc<PoolDaemon>,
+    count: usize,
+) -> std::sync::mpsc::Receiver<Response> {
+    let (answered, answers) = std::sync::mpsc::channel();
+    for i in 0..count {
+        let (daemon, answered) = (std::sync::Arc::clone(daemon), answered.clone());
+        std::thread::spawn(move || answered.send(daemon.call(&format!("next {i}"))).unwrap());
+    }
+    for _ in 1..count {
+        let refused = answers.recv().unwrap();
+        assert_eq!(refused.error_code(), Some("daemon_busy"), "{refused:?}");
+    }
+    answers
+}
+
 /// Holds `poison` until the file `$GATE` exists, then dies; answers anything else.
 const POISONED_WORKER: &str = r#"
 import json, os, sys, time
@@ -319,21 +338,14 @@ fn a_request_queued_behind_one_that_kills_a_fresh_worker_is_served() {
     wait_for("the worker to hold the poison", || {
         gate.with_extension("in").exists()
     });
-    // The queue holds one request: once one of these two is refused, the other is queued.
-    let (answered, answers) = std::sync::mpsc::channel();
-    for i in 0..2 {
-        let (daemon, answered) = (std::sync::Arc::clone(&daemon), answered.clone());
-        std::thread::spawn(move || answered.send(daemon.call(&format!("next {i}"))).unwrap());
-    }
-    let refused = answers.recv().unwrap();
-    assert_eq!(refused.error_code(), Some("daemon_busy"), "{refused:?}");
+    let queued = queue_one_of(&daemon, 2);
     std::fs::write(&gate, "").unwrap();
     let killed = poison.join().unwrap();
     assert!(
         killed.contains("worker 1 exited while handling the request (exit status: 5)"),
         "{killed}"
     );
-    let queued = answers.recv().unwrap();
+    let queued = queued.recv().unwrap();
     assert!(queued.ok, "{:?}", queued.error);
     assert!(queued.result.unwrap().starts_with("next "));
 }
@@ -682,20 +694,11 @@ fn a_request_taken_for_a_worker_found_out_of_sync_goes_to_the_next_one() {
     wait_for("the worker to hold the first request", || {
         gate.with_extension("in").exists()
     });
-    // The queue holds one request: once two of these three are refused, the third is the
-    // one queued, and it is taken from the queue as soon as the worker is idle again.
-    let (answered, answers) = std::sync::mpsc::channel();
-    for i in 0..3 {
-        let (daemon, answered) = (std::sync::Arc::clone(&daemon), answered.clone());
-        std::thread::spawn(move || answered.send(daemon.call(&format!("next {i}"))).unwrap());
-    }
-    for _ in 0..2 {
-        let refused = answers.recv().unwrap();
-        assert_eq!(refused.error_code(), Some("daemon_busy"), "{refused:?}");
-    }
+    // It is taken from the queue as soon as the worker is idle again.
+    let queued = queue_one_of(&daemon, 3);
     std::fs::write(&gate, "").unwrap();
     assert_eq!(held.join().unwrap(), "first");
-    let queued = answers.recv().unwrap();
+    let queued = queued.recv().unwrap();
     assert!(queued.ok, "{:?}", queued.error);
     assert!(queued.result.unwrap().starts_with("next "));
 }
