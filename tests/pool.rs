@@ -866,6 +866,46 @@ fn a_request_whose_time_runs_out_in_the_queue_is_answered_without_running() {
     future::block_on(pool.shut_down());
 }
 
+/// Runs `GATED_WORKER` on its first start; exits at once (status 9) on every later one.
+const GATED_THEN_BROKEN: &str = r#"
+echo start >> "$STARTS"
+[ "$(wc -l < "$STARTS")" -ge 2 ] && exit 9
+exec python3 -c "$GATED_WORKER"
+"#;
+
+/// A request carried over to the next worker (the one it was taken for was found out of sync
+/// before it was sent) that then cannot warm up goes back in the queue, and is answered with
+/// why no worker runs, as queued requests are: neither lost nor failed for the first one's
+/// fault.
+#[test]
+fn a_request_carried_to_a_worker_that_cannot_warm_up_gets_the_reason() {
+    let dir = temp_dir();
+    let gate = dir.path().join("gate");
+    let options = options(&["sh", "-c", GATED_THEN_BROKEN])
+        .env("GATE", gate.as_os_str())
+        .env("STARTS", dir.path().join("starts"))
+        .env("GATED_WORKER", GATED_WORKER)
+        .warm("warm")
+        .queue(1);
+    let daemon = std::sync::Arc::new(PoolDaemon::start(options));
+    let held = {
+        let daemon = std::sync::Arc::clone(&daemon);
+        std::thread::spawn(move || daemon.ok("gated"))
+    };
+    wait_for("the worker to hold the first request", || {
+        gate.with_extension("in").exists()
+    });
+    let queued = queue_one_of(&daemon, 2);
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(held.join().unwrap(), "first");
+    let error = queued.recv().unwrap().error.unwrap();
+    assert!(
+        error.starts_with("no worker is running: worker 1 did not finish warming: "),
+        "{error}"
+    );
+    assert!(error.contains("(exit status: 9)"), "{error}");
+}
+
 /// The daemon's executor runs on threads that come and go (runners leave when they are not
 /// needed). A worker started on one of them must live on when that thread leaves: on Linux
 /// a parent-death signal follows the thread that forked the child, not the process.
