@@ -34,8 +34,8 @@ pub struct Config {
     /// Stop after this long with no connection open (default: never).
     pub idle_shutdown: Option<Duration>,
     /// How long a new connection may take to deliver its first complete request (default 30 s),
-    /// and any connection the rest of a frame above 64 KiB once its header is in (such a frame
-    /// holds room in the frame memory budget while it comes).
+    /// and any connection the rest of a frame above 64 KiB once room for it is set aside in
+    /// the frame memory budget (which it holds while it comes).
     pub first_request_timeout: Duration,
     /// How long a connection may stay open between requests (default 5 min).
     pub idle_connection_timeout: Duration,
@@ -321,7 +321,7 @@ fn env_number(key: &str) -> Option<u64> {
     let value = env::var(key).ok()?;
     let number = value.trim().parse().ok();
     if number.is_none() && !value.trim().is_empty() {
-        log::warn!("{key}={value:?} is not a whole number; ignored, so the default applies");
+        log::warn!("{key}={value:?} is not a whole number; ignored");
     }
     number
 }

@@ -128,8 +128,8 @@ fn closing_reply(error: ReadError, first_request: bool, config: &Config) -> Opti
         ))),
         ReadError::TimedOut => None,
         ReadError::Stalled(held) => Some(bad(format!(
-            "bad request: a large frame did not arrive whole within {:?} of its header; it \
-             holds {held} bytes of the daemon's memory while it comes, so send it whole",
+            "bad request: a large frame did not arrive whole within {:?} of the daemon setting \
+             {held} bytes of memory aside for it; send it whole",
             config.first_request_timeout
         ))),
         ReadError::Io(e) => {
@@ -339,11 +339,19 @@ const QUOTED: usize = 200;
 /// where in the body it is when the rest was cut.
 fn bad_request(e: &serde_json::Error) -> String {
     use std::fmt::Write as _;
+    const PREFIX: &str = "bad request: ";
+    // Room for the place too (" at line L column C"), which ends serde_json's message: a
+    // message longer than that is cut before its place, which is then given whole.
     let mut capped = Capped {
-        text: "bad request: ".to_owned(),
-        room: QUOTED,
+        text: PREFIX.to_owned(),
+        room: QUOTED + 40,
     };
     if write!(capped, "{e}").is_err() {
+        let mut end = PREFIX.len() + QUOTED;
+        while !capped.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        capped.text.truncate(end);
         let (line, column) = (e.line(), e.column());
         let _ = write!(capped.text, "… [cut] at line {line} column {column}");
     }
@@ -718,5 +726,32 @@ impl<'a> Connection<'a> {
 impl Drop for Connection<'_> {
     fn drop(&mut self) {
         crate::pages::release(std::mem::take(&mut self.out));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{bad_request, QUOTED};
+
+    /// However long the value an error names, the message keeps its first bytes and ends with
+    /// where the error is, given once and whole.
+    #[test]
+    fn a_bad_request_message_is_cut_before_the_place_it_names() {
+        for len in 0..400 {
+            let body = format!("\"{}\"", "a".repeat(len));
+            let e = serde_json::from_str::<bool>(&body).unwrap_err();
+            let message = bad_request(&e);
+            let place = format!(" at line 1 column {}", len + 2);
+            assert!(message.ends_with(&place), "{len}: {message}");
+            assert_eq!(message.matches(" at line ").count(), 1, "{len}: {message}");
+            assert!(
+                message.len() <= "bad request: ".len() + QUOTED + 40,
+                "{len}"
+            );
+            match message.contains("[cut]") {
+                true => assert!(message.ends_with(&format!("… [cut]{place}")), "{message}"),
+                false => assert_eq!(message, format!("bad request: {e}")),
+            }
+        }
     }
 }

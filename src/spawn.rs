@@ -177,8 +177,9 @@ impl Spawn {
     /// [`io::ErrorKind::InvalidInput`] for a spawn lock or log that is a symbolic link or not
     /// a regular file; [`io::ErrorKind::ResourceBusy`] with
     /// [`replace_unless`](Spawn::replace_unless) and a daemon too busy to answer the probe;
-    /// [`io::ErrorKind::TimedOut`] for a daemon that accepts but does not answer within
-    /// `timeout` (hung or overloaded), which no daemon started now could replace.
+    /// [`io::ErrorKind::TimedOut`] with [`replace_unless`](Spawn::replace_unless) for a
+    /// daemon that accepts but does not answer its probe within `timeout` (hung or
+    /// overloaded), which no daemon started now could replace.
     /// The spawn lock cannot be created or taken in time; the command cannot be started; the
     /// started daemon exits before it answers (the error gives its exit status and the last
     /// lines of its log) or does not answer within the ready timeout

@@ -377,7 +377,7 @@ fn stop_sees_its_daemon_gone_when_another_takes_the_pid_file() {
         .spawn()
         .unwrap();
     // SIGTERM ends it; the next daemon is in at once.
-    let ended = first.wait().unwrap();
+    let ended = common::wait_exit(&mut first, Duration::from_secs(60), String::new);
     std::fs::write(&place.pid_file, second.id().to_string()).unwrap();
     let stop = stop.wait_with_output().unwrap();
     assert_eq!(
@@ -396,6 +396,47 @@ fn stop_sees_its_daemon_gone_when_another_takes_the_pid_file() {
     );
     second.kill().unwrap();
     let _ = second.wait();
+    drop(file);
+}
+
+/// A daemon that has let go of the PID file to another (a successor) but still runs past
+/// `stop`'s timeout (draining, say; here it ignores SIGTERM) is not killed by `--force`:
+/// once it no longer holds the lock, its pid is not proven to be the daemon's.
+#[test]
+fn stop_does_not_kill_a_pid_that_let_go_of_the_pid_file() {
+    let place = Place::new();
+    let file = std::fs::File::create(&place.pid_file).unwrap();
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let termed = place.dir.path().join("termed");
+    let mut first = Command::new("sh")
+        .arg("-c")
+        .arg(r#"trap 'echo >> "$TERMED"' TERM; while :; do sleep 0.05; done"#)
+        .env("TERMED", &termed)
+        .spawn()
+        .unwrap();
+    let mut second = Command::new("sleep").arg("600").spawn().unwrap();
+    std::fs::write(&place.pid_file, first.id().to_string()).unwrap();
+    let stop = place
+        .khived("stop")
+        .args(["--timeout", "10", "--force"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_until("stop's SIGTERM", || termed.exists());
+    std::fs::write(&place.pid_file, second.id().to_string()).unwrap();
+    let stop = stop.wait_with_output().unwrap();
+    let said = stderr(&stop);
+    assert_eq!(stop.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!("pid {} has let go of", first.id())) && said.contains("not killed"),
+        "{said}"
+    );
+    assert!(first.try_wait().unwrap().is_none(), "the first was killed");
+    for child in [&mut first, &mut second] {
+        child.kill().unwrap();
+        let _ = child.wait();
+    }
     drop(file);
 }
 

@@ -238,7 +238,8 @@ fn a_request_that_gets_no_budget_in_time_is_told_so() {
 fn a_large_frame_that_stalls_halfway_gives_its_memory_back() {
     let daemon = InProcess::start(|config, _| {
         config.idle_connection_timeout = Duration::from_secs(3600);
-        config.first_request_timeout = Duration::from_millis(300);
+        // Long enough for the first request of every client here on a busy machine.
+        config.first_request_timeout = Duration::from_secs(3);
     });
     let mut stalled = daemon.connect_raw();
     stalled
@@ -264,7 +265,7 @@ fn a_large_frame_that_stalls_halfway_gives_its_memory_back() {
     );
     let error = response.error.unwrap();
     assert!(
-        error.contains("a large frame did not arrive whole within 300ms of its header"),
+        error.contains("a large frame did not arrive whole within 3s of the daemon setting"),
         "{error}"
     );
     assert!(common::is_closed(&mut stalled));

@@ -376,15 +376,15 @@ fn started(spawn: khived::Spawn, start: &Start, failed: &str) -> u8 {
             status::OK
         }
         Err(e) => {
-            let context = match e.kind() {
-                // Still starting, and left to: not a failure to start, nor (replacing) one
-                // that leaves the running daemon serving.
-                std::io::ErrorKind::TimedOut => "not ready in time",
-                _ => failed,
-            };
             let e = e.to_string();
+            // The ready timeout's daemon is still starting, and left to: not a failure to
+            // start, nor (replacing) one that leaves the running daemon serving.
+            let context = match e.starts_with("the daemon (pid ") {
+                true => "not ready in time",
+                false => failed,
+            };
             // Some of `Spawn`'s errors say so themselves.
-            match e.starts_with("cannot start the daemon") {
+            match e.starts_with(context) {
                 true => fail(status::FAILED, e),
                 false => fail(status::FAILED, format!("{context}: {e}")),
             }
@@ -673,15 +673,30 @@ fn stop(options: &Stop) -> Stopped {
     if !options.force {
         return failed(Some(pid), format!("{e}; use --force to kill it"));
     }
-    // Gone in the meantime (at the last moment, or while we waited for a new holder): its
-    // pid may be another process's by now, and is not to be signalled.
-    if let_go(pid_file, pid) {
-        return Stopped {
-            pid: Some(pid),
-            stopped: true,
-            forced: false,
-            message: format!("stopped khived (pid {pid})"),
-        };
+    // Only a pid that still holds the lock is proven to be the daemon's: one that has let go
+    // of the file may be gone, its number another process's by now.
+    match holding(pid_file, pid) {
+        Holding::Held => {}
+        Holding::Gone => {
+            return Stopped {
+                pid: Some(pid),
+                stopped: true,
+                forced: false,
+                message: format!("stopped khived (pid {pid})"),
+            }
+        }
+        Holding::LetGo => {
+            return failed(
+                Some(pid),
+                format!(
+                    "pid {pid} has let go of {} but still runs after {:?} (draining after a \
+                     handover, say); not killed, since its pid is no longer proven to be the \
+                     daemon's",
+                    pid_file.display(),
+                    options.timeout
+                ),
+            )
+        }
     }
     if let Err(e) = signal(pid, rustix::process::Signal::KILL) {
         return failed(Some(pid), format!("cannot kill pid {pid}: {e}"));
@@ -706,11 +721,11 @@ fn signal(pid: u32, signal: rustix::process::Signal) -> std::io::Result<()> {
     Ok(rustix::process::kill_process(pid, signal)?)
 }
 
-/// Waits until daemon `pid` has let go of the PID file (see [`let_go`]).
+/// Waits until daemon `pid` is gone (see [`holding`]).
 fn wait_gone(pid_file: &std::path::Path, pid: u32, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if let_go(pid_file, pid) {
+        if holding(pid_file, pid) == Holding::Gone {
             return true;
         }
         if Instant::now() >= deadline {
@@ -720,15 +735,30 @@ fn wait_gone(pid_file: &std::path::Path, pid: u32, timeout: Duration) -> bool {
     }
 }
 
-/// Whether daemon `pid` has let go of the PID file's lock, which it does last, after its
-/// workers are reaped and its files removed, just before it exits: nobody holds the lock,
-/// or another daemon does (one a client started the moment ours let go, or the successor
-/// ours handed over to), or the holder names no live process.
-fn let_go(pid_file: &std::path::Path, pid: u32) -> bool {
+/// What has become of daemon `pid` and the PID file's lock.
+#[derive(PartialEq)]
+enum Holding {
+    /// It still holds the lock: its pid is proven to be the daemon's.
+    Held,
+    /// Another daemon holds the lock (one a client started the moment ours let go, or the
+    /// successor ours handed over to), or nobody does, and `pid` no longer runs: it is gone.
+    Gone,
+    /// It let go of the lock but `pid` still runs: a predecessor draining after a handover,
+    /// or another process that has the number by now.
+    LetGo,
+}
+
+/// The daemon lets go of the lock last, after its workers are reaped and its files removed,
+/// just before it exits.
+fn holding(pid_file: &std::path::Path, pid: u32) -> Holding {
     match khived::running_pid(pid_file) {
-        Ok(None) => true,
-        Ok(Some(holder)) => holder != pid,
-        Err(_) => !khived::is_process_running(pid),
+        Ok(None) => Holding::Gone,
+        Ok(Some(holder)) if holder == pid => Holding::Held,
+        // Another holder, or one that names no live process.
+        Ok(Some(_)) | Err(_) => match khived::is_process_running(pid) {
+            true => Holding::LetGo,
+            false => Holding::Gone,
+        },
     }
 }
 
