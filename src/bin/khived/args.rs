@@ -295,7 +295,8 @@ Options:
       --socket PATH   Socket of the daemon
       --pid PATH      PID file of the daemon
       --timeout SECS  How long to wait for the daemon to exit [default: 15]
-      --force         Send SIGKILL if it has not exited by then
+      --force         Send SIGKILL if it has not exited by then (and still holds the
+                      PID file's lock: a pid that let go of it is not proven the daemon's)
       --json          Print one JSON object: stopped, pid, was_running, forced, message
   -h, --help          Print help
 
