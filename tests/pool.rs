@@ -288,6 +288,38 @@ fn a_worker_that_dies_as_it_starts_fails_requests_with_the_reason() {
     }
 }
 
+/// A pool daemon of one worker and a queue of one, whose worker holds request `ops` until
+/// the test creates the file `gate` (the worker creates `gate.in` once it holds it).
+struct Holding {
+    _dir: tempfile::TempDir,
+    daemon: std::sync::Arc<PoolDaemon>,
+    gate: PathBuf,
+    /// The held request's answer.
+    answer: JoinHandle<Response>,
+}
+
+/// Starts the daemon of `options` (given `$GATE` and a queue of one), sends `ops` and waits
+/// until the worker holds it.
+fn hold(options: PoolOptions, ops: &'static str) -> Holding {
+    let dir = temp_dir();
+    let gate = dir.path().join("gate");
+    let options = options.env("GATE", gate.as_os_str()).env("DIR", dir.path());
+    let daemon = std::sync::Arc::new(PoolDaemon::start(options.queue(1)));
+    let answer = {
+        let daemon = std::sync::Arc::clone(&daemon);
+        std::thread::spawn(move || daemon.call(ops))
+    };
+    wait_for("the worker to hold the first request", || {
+        gate.with_extension("in").exists()
+    });
+    Holding {
+        _dir: dir,
+        daemon,
+        gate,
+        answer,
+    }
+}
+
 /// Sends `count` requests (`next 0`, `next 1`, …) while the one worker holds a request and
 /// the queue holds one more: returns once all but one are refused `daemon_busy`, with where
 /// the answer of the one queued comes.
@@ -325,22 +357,10 @@ for line in sys.stdin:
 /// that request fails, and the request queued behind it goes to the next worker.
 #[test]
 fn a_request_queued_behind_one_that_kills_a_fresh_worker_is_served() {
-    let dir = temp_dir();
-    let gate = dir.path().join("gate");
-    let options = options(&["python3", "-c", POISONED_WORKER])
-        .env("GATE", gate.as_os_str())
-        .queue(1);
-    let daemon = std::sync::Arc::new(PoolDaemon::start(options));
-    let poison = {
-        let daemon = std::sync::Arc::clone(&daemon);
-        std::thread::spawn(move || daemon.error("poison"))
-    };
-    wait_for("the worker to hold the poison", || {
-        gate.with_extension("in").exists()
-    });
-    let queued = queue_one_of(&daemon, 2);
-    std::fs::write(&gate, "").unwrap();
-    let killed = poison.join().unwrap();
+    let held = hold(options(&["python3", "-c", POISONED_WORKER]), "poison");
+    let queued = queue_one_of(&held.daemon, 2);
+    std::fs::write(&held.gate, "").unwrap();
+    let killed = held.answer.join().unwrap().error.unwrap();
     assert!(
         killed.contains("worker 1 exited while handling the request (exit status: 5)"),
         "{killed}"
@@ -681,23 +701,12 @@ for line in sys.stdin:
 /// line is found before the request is sent) is not failed: the restarted worker gets it.
 #[test]
 fn a_request_taken_for_a_worker_found_out_of_sync_goes_to_the_next_one() {
-    let dir = temp_dir();
-    let gate = dir.path().join("gate");
-    let options = options(&["python3", "-c", GATED_WORKER])
-        .env("GATE", gate.as_os_str())
-        .queue(1);
-    let daemon = std::sync::Arc::new(PoolDaemon::start(options));
-    let held = {
-        let daemon = std::sync::Arc::clone(&daemon);
-        std::thread::spawn(move || daemon.ok("gated"))
-    };
-    wait_for("the worker to hold the first request", || {
-        gate.with_extension("in").exists()
-    });
+    let held = hold(options(&["python3", "-c", GATED_WORKER]), "gated");
     // It is taken from the queue as soon as the worker is idle again.
-    let queued = queue_one_of(&daemon, 3);
-    std::fs::write(&gate, "").unwrap();
-    assert_eq!(held.join().unwrap(), "first");
+    let queued = queue_one_of(&held.daemon, 3);
+    std::fs::write(&held.gate, "").unwrap();
+    let first = held.answer.join().unwrap();
+    assert_eq!(first.result.as_deref(), Some("first"), "{:?}", first.error);
     let queued = queued.recv().unwrap();
     assert!(queued.ok, "{:?}", queued.error);
     assert!(queued.result.unwrap().starts_with("next "));
@@ -868,8 +877,8 @@ fn a_request_whose_time_runs_out_in_the_queue_is_answered_without_running() {
 
 /// Runs `GATED_WORKER` on its first start; exits at once (status 9) on every later one.
 const GATED_THEN_BROKEN: &str = r#"
-echo start >> "$STARTS"
-[ "$(wc -l < "$STARTS")" -ge 2 ] && exit 9
+echo start >> "$DIR/starts"
+[ "$(wc -l < "$DIR/starts")" -ge 2 ] && exit 9
 exec python3 -c "$GATED_WORKER"
 "#;
 
@@ -879,25 +888,14 @@ exec python3 -c "$GATED_WORKER"
 /// fault.
 #[test]
 fn a_request_carried_to_a_worker_that_cannot_warm_up_gets_the_reason() {
-    let dir = temp_dir();
-    let gate = dir.path().join("gate");
     let options = options(&["sh", "-c", GATED_THEN_BROKEN])
-        .env("GATE", gate.as_os_str())
-        .env("STARTS", dir.path().join("starts"))
         .env("GATED_WORKER", GATED_WORKER)
-        .warm("warm")
-        .queue(1);
-    let daemon = std::sync::Arc::new(PoolDaemon::start(options));
-    let held = {
-        let daemon = std::sync::Arc::clone(&daemon);
-        std::thread::spawn(move || daemon.ok("gated"))
-    };
-    wait_for("the worker to hold the first request", || {
-        gate.with_extension("in").exists()
-    });
-    let queued = queue_one_of(&daemon, 2);
-    std::fs::write(&gate, "").unwrap();
-    assert_eq!(held.join().unwrap(), "first");
+        .warm("warm");
+    let held = hold(options, "gated");
+    let queued = queue_one_of(&held.daemon, 2);
+    std::fs::write(&held.gate, "").unwrap();
+    let first = held.answer.join().unwrap();
+    assert_eq!(first.result.as_deref(), Some("first"), "{:?}", first.error);
     let error = queued.recv().unwrap().error.unwrap();
     assert!(
         error.starts_with("no worker is running: worker 1 did not finish warming: "),
