@@ -64,6 +64,16 @@ impl Place {
         self.run("call", &[ops])
     }
 
+    /// `khived stop ARGS` running on its own, its output piped.
+    fn stop_in_background(&self, args: &[&str]) -> Child {
+        self.khived("stop")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// `khived call ARGS` running on its own, its output piped.
     fn call_in_background(&self, args: &[&str]) -> Child {
         self.khived("call")
@@ -356,6 +366,14 @@ fn serve_refuses_to_start_twice() {
     );
 }
 
+/// The PID file, created and locked by the test process as a daemon locks it: the test then
+/// names in it whichever stand-in daemon it likes.
+fn lock_pid_file(place: &Place) -> std::fs::File {
+    let file = std::fs::File::create(&place.pid_file).unwrap();
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    file
+}
+
 /// A daemon that stopped, and whose PID file another daemon took at once (one a client's
 /// `--spawn` started, or a successor), has let go: `stop` says it stopped rather than wait
 /// for nobody to hold the file, report it "still running" and, with --force, SIGKILL a pid
@@ -364,18 +382,11 @@ fn serve_refuses_to_start_twice() {
 #[test]
 fn stop_sees_its_daemon_gone_when_another_takes_the_pid_file() {
     let place = Place::new();
-    let file = std::fs::File::create(&place.pid_file).unwrap();
-    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let file = lock_pid_file(&place);
     let mut first = Command::new("sleep").arg("600").spawn().unwrap();
     let mut second = Command::new("sleep").arg("600").spawn().unwrap();
     std::fs::write(&place.pid_file, first.id().to_string()).unwrap();
-    let stop = place
-        .khived("stop")
-        .args(["--timeout", "60", "--force"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let stop = place.stop_in_background(&["--timeout", "60", "--force"]);
     // SIGTERM ends it; the next daemon is in at once.
     let ended = common::wait_exit(&mut first, Duration::from_secs(60), String::new);
     std::fs::write(&place.pid_file, second.id().to_string()).unwrap();
@@ -405,8 +416,7 @@ fn stop_sees_its_daemon_gone_when_another_takes_the_pid_file() {
 #[test]
 fn stop_does_not_kill_a_pid_that_let_go_of_the_pid_file() {
     let place = Place::new();
-    let file = std::fs::File::create(&place.pid_file).unwrap();
-    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let file = lock_pid_file(&place);
     let termed = place.dir.path().join("termed");
     let mut first = Command::new("sh")
         .arg("-c")
@@ -416,13 +426,7 @@ fn stop_does_not_kill_a_pid_that_let_go_of_the_pid_file() {
         .unwrap();
     let mut second = Command::new("sleep").arg("600").spawn().unwrap();
     std::fs::write(&place.pid_file, first.id().to_string()).unwrap();
-    let stop = place
-        .khived("stop")
-        .args(["--timeout", "10", "--force"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let stop = place.stop_in_background(&["--timeout", "10", "--force"]);
     common::wait_until("stop's SIGTERM", || termed.exists());
     std::fs::write(&place.pid_file, second.id().to_string()).unwrap();
     let stop = stop.wait_with_output().unwrap();

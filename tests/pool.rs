@@ -339,25 +339,11 @@ fn queue_one_of(
     answers
 }
 
-/// Holds `poison` until the file `$GATE` exists, then dies; answers anything else.
-const POISONED_WORKER: &str = r#"
-import json, os, sys, time
-gate = os.environ["GATE"]
-for line in sys.stdin:
-    ops = json.loads(line)["ops"]
-    if ops == "poison":
-        open(gate + ".in", "w").close()
-        while not os.path.exists(gate):
-            time.sleep(0.01)
-        sys.exit(5)
-    print(json.dumps({"ok": True, "result": ops}), flush=True)
-"#;
-
 /// A fresh worker killed by its first request is not yet taken for one that cannot start:
 /// that request fails, and the request queued behind it goes to the next worker.
 #[test]
 fn a_request_queued_behind_one_that_kills_a_fresh_worker_is_served() {
-    let held = hold(options(&["python3", "-c", POISONED_WORKER]), "poison");
+    let held = hold(options(&["python3", "-c", GATED_WORKER]), "poison");
     let queued = queue_one_of(&held.daemon, 2);
     std::fs::write(&held.gate, "").unwrap();
     let killed = held.answer.join().unwrap().error.unwrap();
@@ -678,17 +664,20 @@ for line in sys.stdin:
     last = request.get("id")
 "#;
 
-/// Holds `gated` until the file `$GATE` exists, then answers it with a second, stray line in
-/// the same write; answers anything else with its ops.
+/// Holds `gated` (or `poison`) until the file `$GATE` exists, then answers it with a second,
+/// stray line in the same write (or dies, exit status 5); answers anything else with its ops.
 const GATED_WORKER: &str = r#"
 import json, os, sys, time
 gate = os.environ["GATE"]
 for line in sys.stdin:
     ops = json.loads(line)["ops"]
-    if ops == "gated":
+    if ops in ("gated", "poison"):
         open(gate + ".in", "w").close()
         while not os.path.exists(gate):
             time.sleep(0.01)
+    if ops == "poison":
+        sys.exit(5)
+    if ops == "gated":
         first = json.dumps({"ok": True, "result": "first"})
         stray = json.dumps({"ok": True, "result": "stray"})
         os.write(1, (first + "\n" + stray + "\n").encode())
