@@ -417,13 +417,19 @@ fn stop_sees_its_daemon_gone_when_another_takes_the_pid_file() {
 fn stop_does_not_kill_a_pid_that_let_go_of_the_pid_file() {
     let place = Place::new();
     let file = lock_pid_file(&place);
-    let termed = place.dir.path().join("termed");
+    let (ready, termed) = (
+        place.dir.path().join("ready"),
+        place.dir.path().join("termed"),
+    );
     let mut first = Command::new("sh")
         .arg("-c")
-        .arg(r#"trap 'echo >> "$TERMED"' TERM; while :; do sleep 0.05; done"#)
+        .arg(r#"trap 'echo >> "$TERMED"' TERM; echo > "$READY"; while :; do sleep 0.05; done"#)
+        .env("READY", &ready)
         .env("TERMED", &termed)
         .spawn()
         .unwrap();
+    // SIGTERM before the trap is set would end it.
+    common::wait_until("the stand-in to set its trap", || ready.exists());
     let mut second = Command::new("sleep").arg("600").spawn().unwrap();
     std::fs::write(&place.pid_file, first.id().to_string()).unwrap();
     let stop = place.stop_in_background(&["--timeout", "10", "--force"]);
