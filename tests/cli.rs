@@ -383,13 +383,13 @@ fn lock_pid_file(place: &Place) -> std::fs::File {
 fn stop_sees_its_daemon_gone_when_another_takes_the_pid_file() {
     let place = Place::new();
     let file = lock_pid_file(&place);
-    let mut first = Command::new("sleep").arg("600").spawn().unwrap();
-    let mut second = Command::new("sleep").arg("600").spawn().unwrap();
-    std::fs::write(&place.pid_file, first.id().to_string()).unwrap();
+    let mut first = Reaped(Command::new("sleep").arg("600").spawn().unwrap());
+    let second = Reaped(Command::new("sleep").arg("600").spawn().unwrap());
+    std::fs::write(&place.pid_file, first.0.id().to_string()).unwrap();
     let stop = place.stop_in_background(&["--timeout", "60", "--force"]);
     // SIGTERM ends it; the next daemon is in at once.
-    let ended = common::wait_exit(&mut first, Duration::from_secs(60), String::new);
-    std::fs::write(&place.pid_file, second.id().to_string()).unwrap();
+    let ended = common::wait_exit(&mut first.0, Duration::from_secs(60), String::new);
+    std::fs::write(&place.pid_file, second.0.id().to_string()).unwrap();
     let stop = stop.wait_with_output().unwrap();
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&ended),
@@ -399,14 +399,12 @@ fn stop_sees_its_daemon_gone_when_another_takes_the_pid_file() {
     assert_eq!(stop.status.code(), Some(0), "{}", stderr(&stop));
     assert_eq!(
         stdout(&stop).trim(),
-        format!("stopped khived (pid {})", first.id())
+        format!("stopped khived (pid {})", first.0.id())
     );
     assert!(
-        !common::process_exited(second.id()),
+        !common::process_exited(second.0.id()),
         "the next daemon was signalled"
     );
-    second.kill().unwrap();
-    let _ = second.wait();
     drop(file);
 }
 
@@ -421,33 +419,35 @@ fn stop_does_not_kill_a_pid_that_let_go_of_the_pid_file() {
         place.dir.path().join("ready"),
         place.dir.path().join("termed"),
     );
-    let mut first = Command::new("sh")
-        .arg("-c")
-        .arg(r#"trap 'echo >> "$TERMED"' TERM; echo > "$READY"; while :; do sleep 0.05; done"#)
-        .env("READY", &ready)
-        .env("TERMED", &termed)
-        .spawn()
-        .unwrap();
+    let mut first = Reaped(
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"trap 'echo >> "$TERMED"' TERM; echo > "$READY"; while :; do sleep 0.05; done"#)
+            .env("READY", &ready)
+            .env("TERMED", &termed)
+            .spawn()
+            .unwrap(),
+    );
     // SIGTERM before the trap is set would end it.
     common::wait_until("the stand-in to set its trap", || ready.exists());
-    let mut second = Command::new("sleep").arg("600").spawn().unwrap();
-    std::fs::write(&place.pid_file, first.id().to_string()).unwrap();
+    let second = Reaped(Command::new("sleep").arg("600").spawn().unwrap());
+    std::fs::write(&place.pid_file, first.0.id().to_string()).unwrap();
     let stop = place.stop_in_background(&["--timeout", "10", "--force"]);
     common::wait_until("stop's SIGTERM", || termed.exists());
-    std::fs::write(&place.pid_file, second.id().to_string()).unwrap();
+    std::fs::write(&place.pid_file, second.0.id().to_string()).unwrap();
     let stop = stop.wait_with_output().unwrap();
     let said = stderr(&stop);
     assert_eq!(stop.status.code(), Some(1), "{said}");
     assert!(
-        said.contains(&format!("pid {} has let go of", first.id())) && said.contains("not killed"),
+        said.contains(&format!("pid {} has let go of", first.0.id()))
+            && said.contains("not killed"),
         "{said}"
     );
-    assert!(first.try_wait().unwrap().is_none(), "the first was killed");
-    for child in [&mut first, &mut second] {
-        child.kill().unwrap();
-        let _ = child.wait();
-    }
-    drop(file);
+    assert!(
+        first.0.try_wait().unwrap().is_none(),
+        "the first was killed"
+    );
+    drop((file, second));
 }
 
 #[test]
