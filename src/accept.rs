@@ -31,7 +31,8 @@ const ADMIT_BATCH: u32 = 32;
 /// Descriptors kept free for the daemon's own use when the open-file limit caps connections.
 const FD_RESERVE: u64 = 32;
 
-/// How far the accept task has come in a stop: set in this order, each once.
+/// How far the accept task has come in a stop: each flag set once; `lent` before `asked`, and
+/// `closed` and `ended` in either order (see `accept_loop`).
 #[derive(Debug, Default)]
 pub(crate) struct Closing {
     /// Set by the shutdown when someone else (a successor in the middle of a handover) may

@@ -36,6 +36,8 @@ pub(crate) struct Instance {
     /// Device and inode of the socket we bound: a socket put there by anyone else survives.
     /// `None` for a socket inherited from a service manager, which it keeps across restarts.
     socket_id: Option<(u64, u64)>,
+    /// The files are not ours to remove: removed already, not yet ours (taken over, until our
+    /// PID is in), or handed over.
     cleaned: bool,
 }
 

@@ -161,7 +161,7 @@ impl Dispatch for Pool {
                 .options
                 .request_timeout
                 // A limit too far to count is none.
-                .and_then(|t| Instant::now().checked_add(t)),
+                .and_then(crate::connection::after),
             reply,
         };
         // Should this future be dropped (its client gone), `answer` goes with it and the
@@ -207,7 +207,7 @@ impl Dispatch for Pool {
         self.inner.jobs.close();
         let grace = self.inner.options.shutdown_grace;
         // A grace too long to count is waited out without end.
-        let deadline = Instant::now().checked_add(grace);
+        let deadline = crate::connection::after(grace);
         // All at once: each worker's stderr is read while it exits, so none waits on a full
         // pipe behind another.
         let mut ends: Vec<_> = (1..)

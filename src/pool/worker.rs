@@ -153,9 +153,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
             Err(e) => {
                 let why = format!("worker {id} cannot start: {e}");
                 log::warn!("{why}");
-                *lock(&inner.start_failure) = Some(why.clone());
-                requeue_carried(&inner, &mut carried, &why).await;
-                inner.fail_queued(&why).await;
+                cannot_serve(&inner, &mut carried, &why).await;
                 Ended::NotStarted
             }
         };
@@ -172,11 +170,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                 healthy = false;
                 let why = format!("worker {id} did not finish warming: {why} ({status})");
                 log::warn!("{why}");
-                // While no worker runs, requests fail at once with the reason rather than
-                // wait in the queue for a worker that may never warm up.
-                *lock(&inner.start_failure) = Some(why.clone());
-                requeue_carried(&inner, &mut carried, &why).await;
-                inner.fail_queued(&why).await;
+                cannot_serve(&inner, &mut carried, &why).await;
             }
             Ended::Failed { mut why, job } => {
                 // Its stdout ended before its exit was seen: if it was not killed by `reap`,
@@ -217,12 +211,8 @@ pub(super) async fn run(inner: Arc<Inner>, id: usize) {
                 if let Some(job) = job {
                     let _ = job.reply.send(Err(error.clone().into())).await;
                 }
-                // Like one that cannot start: while it is down, requests fail at once with
-                // the reason rather than each wait for a start that fails again.
                 if cannot_start {
-                    *lock(&inner.start_failure) = Some(error.clone());
-                    requeue_carried(&inner, &mut carried, &error).await;
-                    inner.fail_queued(&error).await;
+                    cannot_serve(&inner, &mut carried, &error).await;
                 }
             }
         }
@@ -387,6 +377,15 @@ pub(super) fn kill_group(leader: u32) {
         return;
     };
     let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+}
+
+/// Records `why` no worker can serve: while none runs, requests fail at once with it rather
+/// than wait in the queue for a worker that may never start or warm up. The request carried
+/// over to this one, and those queued, are answered with it now.
+async fn cannot_serve(inner: &Inner, carried: &mut Option<Job>, why: &str) {
+    *lock(&inner.start_failure) = Some(why.to_owned());
+    requeue_carried(inner, carried, why).await;
+    inner.fail_queued(why).await;
 }
 
 /// Puts a request carried over to this worker, which could not start or warm up, back in

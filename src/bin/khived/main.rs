@@ -659,15 +659,14 @@ fn stop(options: &Stop) -> Stopped {
         }
         Err(e) => return failed(None, e.to_string()),
     };
+    let stopped = || Stopped {
+        pid: Some(pid),
+        stopped: true,
+        forced: false,
+        message: format!("stopped khived (pid {pid})"),
+    };
     let e = match terminate(pid, pid_file, options.timeout) {
-        Ok(()) => {
-            return Stopped {
-                pid: Some(pid),
-                stopped: true,
-                forced: false,
-                message: format!("stopped khived (pid {pid})"),
-            }
-        }
+        Ok(()) => return stopped(),
         Err(e) => e,
     };
     if !options.force {
@@ -677,14 +676,7 @@ fn stop(options: &Stop) -> Stopped {
     // of the file may be gone, its number another process's by now.
     match holding(pid_file, pid) {
         Holding::Held => {}
-        Holding::Gone => {
-            return Stopped {
-                pid: Some(pid),
-                stopped: true,
-                forced: false,
-                message: format!("stopped khived (pid {pid})"),
-            }
-        }
+        Holding::Gone => return stopped(),
         Holding::LetGo => {
             return failed(
                 Some(pid),
