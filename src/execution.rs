@@ -654,6 +654,15 @@ mod tests {
     use super::*;
     use futures_lite::future;
 
+    /// More threads than a process could run are taken for the most, and none for one.
+    #[test]
+    fn the_thread_count_is_capped() {
+        assert_eq!(Execution::new(usize::MAX).threads(), MAX_THREADS);
+        assert_eq!(Execution::new(MAX_THREADS + 1).threads(), MAX_THREADS);
+        assert_eq!(Execution::new(0).threads(), 1);
+        assert_eq!(Execution::new(3).threads(), 3);
+    }
+
     #[test]
     fn opened_slots_go_to_waiters_and_closed_ones_come_back_only_when_released() {
         let slots = Slots::new(1, 3);

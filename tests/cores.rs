@@ -255,15 +255,14 @@ fn a_client_that_only_shuts_down_writing_is_still_answered() {
 }
 
 /// More threads than a process could run (`KHIVE_THREADS=18446744073709551615`, or the
-/// same in code) are taken for the most the daemon uses, 1,024: it starts and serves, where
-/// twice the count overflowed, a panic in debug builds and an allocation abort in release.
+/// same in code) are taken for the most the daemon uses, 1,024 (a unit test in
+/// `execution.rs` checks the cap): it starts and serves, where twice the count overflowed, a
+/// panic in debug builds and an allocation abort in release.
 #[test]
 fn a_thread_count_too_large_to_run_is_capped() {
     let daemon = common::InProcess::start(|config, _| config.threads = usize::MAX);
     let mut client = daemon.client();
     let response = client.request(&common::request("hello")).unwrap();
     assert!(response.ok, "{:?}", response.error);
-    let info = client.probe().unwrap();
-    assert!(info.threads <= 1024 + 1, "{info:?}");
     daemon.shutdown().unwrap();
 }
